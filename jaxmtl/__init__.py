@@ -1,0 +1,81 @@
+"""jaxmtl: Snorkel's multi-task classification workflow in JAX (Flax modules, optax).
+
+DictDataset -> Tasks of Operations over a shared module pool -> MultitaskClassifier ->
+Trainer -> score/predict. The pure functions behind the classes live in ``jaxmtl.model``
+and ``jaxmtl.training.step``.
+"""
+
+from .analysis import Scorer, metric_score, metrics_dict_to_dataframe
+from .classifier import MultitaskClassifier
+from .data import Batch, DictDataLoader, DictDataset
+from .losses import cross_entropy, cross_entropy_with_probs
+from .model import (
+    ModelGraph,
+    apply_ops,
+    build_graph,
+    init_variables,
+    task_loss_terms,
+    task_probs,
+    total_loss,
+)
+from .task import Operation, Task
+from .training import (
+    AdamaxConfig,
+    AdamConfig,
+    CheckpointerConfig,
+    LogManager,
+    LogManagerConfig,
+    LogWriter,
+    LogWriterConfig,
+    LRSchedulerConfig,
+    OptimizerConfig,
+    SGDConfig,
+    TensorBoardWriter,
+    Trainer,
+    TrainerConfig,
+    TrainState,
+    make_optimizer,
+    train_step,
+)
+from .utils import preds_to_probs, probs_to_preds
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdamConfig",
+    "AdamaxConfig",
+    "Batch",
+    "CheckpointerConfig",
+    "DictDataLoader",
+    "DictDataset",
+    "LRSchedulerConfig",
+    "LogManager",
+    "LogManagerConfig",
+    "LogWriter",
+    "LogWriterConfig",
+    "ModelGraph",
+    "MultitaskClassifier",
+    "Operation",
+    "OptimizerConfig",
+    "SGDConfig",
+    "Scorer",
+    "Task",
+    "TensorBoardWriter",
+    "TrainState",
+    "Trainer",
+    "TrainerConfig",
+    "apply_ops",
+    "build_graph",
+    "cross_entropy",
+    "cross_entropy_with_probs",
+    "init_variables",
+    "make_optimizer",
+    "metric_score",
+    "metrics_dict_to_dataframe",
+    "preds_to_probs",
+    "probs_to_preds",
+    "task_loss_terms",
+    "task_probs",
+    "total_loss",
+    "train_step",
+]

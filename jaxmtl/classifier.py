@@ -1,0 +1,323 @@
+"""MultitaskClassifier: a thin shell over the pure core in ``model.py``.
+
+It holds the task graph and the current variables, and caches one jitted function per
+task set; all math lives in ``model.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+from flax import serialization
+
+from .analysis.scorer import metrics_dict_to_dataframe
+from .data import DictDataLoader
+from .model import (
+    ModelGraph,
+    PyTree,
+    apply_ops,
+    build_graph,
+    init_variables,
+    task_loss_terms,
+    task_probs,
+)
+from .task import Operation, Task
+from .utils import probs_to_preds
+
+logger = logging.getLogger(__name__)
+
+SAVE_FORMAT = "jaxmtl.params"
+SAVE_VERSION = 1
+
+
+def _as_device_batch(tree: Mapping[str, Any]) -> dict[str, jax.Array]:
+    return {key: jnp.asarray(value) for key, value in tree.items()}
+
+
+class MultitaskClassifier:
+    """A multi-task classifier: tasks share modules (and weights) by module name.
+
+    Args:
+      tasks: the Tasks to model.
+      name: model name; defaults to the class name.
+      seed: seed of parameter initialisation (``init`` may override it).
+      dataparallel: use all local devices for data parallelism when there are several.
+
+    Attributes:
+      variables: ``{collection: {module_name: ...}}`` once initialised, else None.
+      params: ``variables["params"]``.
+    """
+
+    def __init__(self, tasks: Sequence[Task], name: str | None = None, seed: int = 0,
+                 dataparallel: bool = True) -> None:
+        self.name = name if name is not None else type(self).__name__
+        self.seed = seed
+        self.dataparallel = dataparallel
+        self._tasks: list[Task] = []
+        self.graph: ModelGraph = build_graph([])
+        self.variables: PyTree | None = None
+        for task in tasks:
+            self.add_task(task)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name}, tasks={self.task_names})"
+
+    # --- structure -------------------------------------------------------------------
+    @property
+    def task_names(self) -> list[str]:
+        """Task names, in the order they were added."""
+        return list(self.graph.task_names)
+
+    @property
+    def op_sequences(self) -> dict[str, list[Operation]]:
+        """Task name -> its op sequence."""
+        return {name: list(ops) for name, ops in self.graph.op_sequences.items()}
+
+    @property
+    def module_pool(self) -> dict[str, Any]:
+        """Module name -> module, merged over tasks."""
+        return dict(self.graph.module_pool)
+
+    @property
+    def scorers(self) -> dict[str, Any]:
+        """Task name -> its Scorer."""
+        return {task.name: task.scorer for task in self._tasks}
+
+    @property
+    def params(self) -> PyTree | None:
+        """Trainable parameters ``{module_name: ...}`` (None before initialisation)."""
+        return None if self.variables is None else self.variables["params"]
+
+    def add_task(self, task: Task) -> None:
+        """Adds a task; its modules join the pool (existing names keep their weights).
+
+        Raises:
+          ValueError: as ``build_graph`` (duplicate task, conflicting module or op).
+        """
+        if not isinstance(task, Task):
+            raise ValueError(f"add_task expects a Task, got {type(task).__name__}")
+        self.graph = build_graph([*self._tasks, task])
+        self._tasks.append(task)
+        self._jitted: dict[Any, Any] = {}
+        self._owning_modules: set[str] | None = None
+        if self.variables is not None:
+            logger.info("Task '%s' added to an initialised model; new modules are "
+                        "initialised on the next batch", task.name)
+
+    # --- parameters ------------------------------------------------------------------
+    def init(self, X_dict: Mapping[str, Any], seed: int | None = None) -> PyTree:
+        """Initialises every module's variables from a batch of inputs.
+
+        Modules already initialised keep their weights (so a task added later shares them).
+
+        Args:
+          X_dict: input name -> array [B, ...] (one batch is enough).
+          seed: initialisation seed; defaults to the model's ``seed``.
+
+        Returns:
+          The model's variables.
+        """
+        rng = jax.random.PRNGKey(self.seed if seed is None else seed)
+        fresh = init_variables(self.graph, _as_device_batch(X_dict), rng)
+        if self.variables is not None:
+            for col, tree in self.variables.items():
+                fresh.setdefault(col, {}).update(tree)
+        self.variables = fresh
+        return self.variables
+
+    def _ensure_variables(self, X_dict: Mapping[str, Any]) -> PyTree:
+        known = set() if self.variables is None else {
+            name for tree in self.variables.values() for name in tree
+        }
+        if self.variables is None or not known >= self._param_modules_needed(X_dict):
+            self.init(X_dict)
+        return self.variables
+
+    def _param_modules_needed(self, X_dict: Mapping[str, Any]) -> set[str]:
+        # Modules that own variables: those init would create (found without compute).
+        if self._owning_modules is None:
+            shapes = jax.eval_shape(
+                lambda x: init_variables(self.graph, x, jax.random.PRNGKey(0)),
+                _as_device_batch(X_dict),
+            )
+            self._owning_modules = {name for tree in shapes.values() for name in tree}
+        return self._owning_modules
+
+    # --- jitted entry points -----------------------------------------------------------
+    def _jit(self, kind: str, task_names: tuple[str, ...]) -> Any:
+        key = (kind, task_names)
+        if key not in self._jitted:
+            graph = self.graph
+            if kind == "probs":
+                fn = lambda v, x: task_probs(graph, v, x, task_names)  # noqa: E731
+            elif kind == "forward":
+                fn = lambda v, x: apply_ops(graph, v, x, task_names)[0]  # noqa: E731
+            else:
+                fn = lambda v, x, y: task_loss_terms(graph, v, x, y)[0]  # noqa: E731
+            self._jitted[key] = jax.jit(fn)
+        return self._jitted[key]
+
+    def forward(self, X_dict: Mapping[str, Any], task_names: Sequence[str]) -> dict[str, Any]:
+        """Evaluation-mode outputs of every op the tasks need, plus "_input_" -> X_dict."""
+        variables = self._ensure_variables(X_dict)
+        return self._jit("forward", tuple(task_names))(variables, _as_device_batch(X_dict))
+
+    def calculate_loss(
+        self, X_dict: Mapping[str, Any], Y_dict: Mapping[str, Any]
+    ) -> tuple[dict[str, jax.Array], dict[str, int]]:
+        """Per-task mean loss and active-row count, for tasks with active rows (Snorkel's).
+
+        Rows whose label is -1 are ignored; label names that are not tasks are skipped.
+        """
+        variables = self._ensure_variables(X_dict)
+        tasks = tuple(name for name in Y_dict if name in self.graph.op_sequences)
+        terms = self._jit("loss", tasks)(
+            variables, _as_device_batch(X_dict), _as_device_batch({t: Y_dict[t] for t in tasks})
+        )
+        loss_dict, count_dict = {}, {}
+        for task_name, (loss_sum, count) in terms.items():
+            count = int(count)
+            if count > 0:
+                loss_dict[task_name] = loss_sum / count
+                count_dict[task_name] = count
+        return loss_dict, count_dict
+
+    def _labels_to_tasks(self, label_names: Sequence[str],
+                         remap_labels: Mapping[str, str | None]) -> dict[str, str]:
+        mapping = {}
+        for label in label_names:
+            task = remap_labels.get(label, label)
+            if task is not None and task in self.graph.op_sequences:
+                mapping[label] = task
+        return mapping
+
+    def predict(
+        self,
+        dataloader: DictDataLoader,
+        return_preds: bool = False,
+        remap_labels: Mapping[str, str | None] | None = None,
+    ) -> dict[str, dict[str, np.ndarray]]:
+        """Golds and probabilities (and predictions) of every label set the model can read.
+
+        Args:
+          dataloader: a DictDataLoader; padded rows are dropped.
+          return_preds: also return argmax predictions (``probs_to_preds``).
+          remap_labels: label name -> task name whose head predicts it (None drops it).
+
+        Returns:
+          {"golds": {label: [N] or [N, K]}, "probs": {label: [N, K]}[, "preds": {label: [N]}]}
+        """
+        labels_to_tasks = self._labels_to_tasks(list(dataloader.dataset.Y_dict),
+                                                remap_labels or {})
+        tasks = tuple(dict.fromkeys(labels_to_tasks.values()))
+        golds: dict[str, list] = {label: [] for label in labels_to_tasks}
+        probs: dict[str, list] = {label: [] for label in labels_to_tasks}
+        if tasks:
+            for batch in dataloader:
+                X_dict, Y_dict = batch
+                variables = self._ensure_variables(X_dict)
+                batch_probs = self._jit("probs", tasks)(variables, _as_device_batch(X_dict))
+                num_valid = getattr(batch, "num_valid", len(next(iter(X_dict.values()))))
+                for label, task in labels_to_tasks.items():
+                    probs[label].append(batch_probs[task][:num_valid])
+                    golds[label].append(np.asarray(Y_dict[label])[:num_valid])
+        results: dict[str, dict[str, np.ndarray]] = {
+            "golds": {label: np.concatenate(v) for label, v in golds.items() if v},
+            "probs": {label: np.asarray(jnp.concatenate(v)) for label, v in probs.items() if v},
+        }
+        if return_preds:
+            results["preds"] = {label: probs_to_preds(p) for label, p in results["probs"].items()}
+        return results
+
+    def score(
+        self,
+        dataloaders: Sequence[DictDataLoader],
+        remap_labels: Mapping[str, str | None] | None = None,
+        as_dataframe: bool = False,
+    ) -> dict[str, float] | pd.DataFrame:
+        """Scores every label set with its task's Scorer, per dataloader.
+
+        Returns:
+          ``{"label/dataset/split/metric": value}``, or with ``as_dataframe`` a DataFrame
+          with columns label, dataset, split, metric, score.
+        """
+        scores: dict[str, float] = {}
+        for dataloader in dataloaders:
+            dataset = dataloader.dataset
+            labels_to_tasks = self._labels_to_tasks(list(dataset.Y_dict), remap_labels or {})
+            extra = set(dataset.Y_dict) - set(labels_to_tasks)
+            if extra:
+                logger.info("Ignoring extra labels in dataloader (%s): %s", dataset.split,
+                            sorted(extra))
+            results = self.predict(dataloader, return_preds=True, remap_labels=remap_labels)
+            for label, task in labels_to_tasks.items():
+                task_scores = self.scorers[task].score(
+                    golds=results["golds"][label],
+                    preds=results["preds"][label],
+                    probs=results["probs"][label],
+                )
+                for metric, value in task_scores.items():
+                    scores["/".join([label, dataset.name, dataset.split, metric])] = value
+        return metrics_dict_to_dataframe(scores) if as_dataframe else scores
+
+    # --- persistence -----------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """Saves the variables to ``path``: a msgpack file (``flax.serialization``).
+
+        Layout: ``{"format": "jaxmtl.params", "version": 1, "model": name,
+        "task_names": [...], "variables": {collection: {module: {...: ndarray}}}}``.
+        """
+        if self.variables is None:
+            raise ValueError("Cannot save an uninitialised model: call init or train it first")
+        payload = {
+            "format": SAVE_FORMAT,
+            "version": SAVE_VERSION,
+            "model": self.name,
+            "task_names": self.task_names,
+            "variables": jax.tree.map(np.asarray, self.variables),
+        }
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = f"{path}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(serialization.msgpack_serialize(payload))
+        os.replace(tmp, path)  # atomic: a crash never leaves half a file at ``path``
+
+    def load(self, path: str | os.PathLike) -> None:
+        """Loads variables saved by ``save``; works on an uninitialised model.
+
+        Raises:
+          ValueError: if the file is not a jaxmtl params file, names modules this model does
+            not have, or (for an initialised model) differs in structure or shapes. The
+            model is unchanged when loading fails.
+        """
+        with open(path, "rb") as f:
+            try:
+                payload = serialization.msgpack_restore(f.read())
+            except Exception as error:
+                raise ValueError(f"{path}: not a jaxmtl params file ({error})") from error
+        if not isinstance(payload, dict) or payload.get("format") != SAVE_FORMAT:
+            raise ValueError(f"{path}: not a jaxmtl params file (format tag missing)")
+        variables = payload["variables"]
+        unknown = sorted({name for tree in variables.values() for name in tree}
+                         - set(self.graph.module_pool))
+        if unknown:
+            raise ValueError(
+                f"{path}: saved modules {unknown} are not in this model's module pool "
+                f"{sorted(self.graph.module_pool)}"
+            )
+        if self.variables is not None:
+            expected = jax.tree.map(np.shape, self.variables)
+            found = jax.tree.map(np.shape, variables)
+            if expected != found:
+                raise ValueError(
+                    f"{path}: saved variables do not match the model's: expected "
+                    f"{expected}, found {found}"
+                )
+        self.variables = jax.tree.map(jnp.asarray, variables)

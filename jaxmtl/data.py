@@ -1,0 +1,278 @@
+"""Datasets and loaders: numpy-backed dicts of inputs and labels, fixed-shape batches.
+
+A jitted step compiles once per (task set, batch shape), so every batch a loader yields has
+the same shape: the last partial batch is padded (with repeats of its own rows, which keeps
+batch statistics in-distribution) and carries a mask; padded label rows are set to -1, the
+"no label" value, so even a hand-written loop ignores them in the loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+INPUT_KEY = "_input_"
+SOFT_LABEL_TOLERANCE = 1e-3
+
+
+def _pad_ragged(key: str, rows: Sequence[Any]) -> np.ndarray:
+    """Stacks variable-length 1-D rows into [N, max_len], padding with zeros on the right."""
+    arrays = [np.asarray(row) for row in rows]
+    for i, row in enumerate(arrays):
+        if row.ndim != 1:
+            raise ValueError(
+                f"X_dict['{key}']: element {i} has shape {row.shape}; a list input must hold "
+                f"1-D arrays (padded to the longest), or pass one stacked array"
+            )
+    max_len = max(len(row) for row in arrays)
+    dtype = np.result_type(*arrays)
+    out = np.zeros((len(arrays), max_len), dtype=dtype)
+    for i, row in enumerate(arrays):
+        out[i, : len(row)] = row
+    return out
+
+
+def _as_input_array(key: str, value: Any) -> np.ndarray:
+    if isinstance(value, np.ndarray):
+        array = value
+    elif isinstance(value, (list, tuple)) and value and np.ndim(value[0]) == 1 and (
+        len({len(v) for v in value}) > 1
+    ):
+        array = _pad_ragged(key, value)
+    else:
+        array = np.asarray(value)
+    if array.dtype == object or not (
+        np.issubdtype(array.dtype, np.number) or array.dtype == bool
+    ):
+        raise ValueError(
+            f"X_dict['{key}']: dtype {array.dtype} is not numeric; jaxmtl inputs must be "
+            f"numeric arrays (encode text or ids as integers first)"
+        )
+    if array.ndim == 0:
+        raise ValueError(f"X_dict['{key}']: expected an array with a leading [N] axis, got a scalar")
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.all(np.isfinite(array)):
+            bad = int(np.argwhere(~np.isfinite(array))[0][0])
+            raise ValueError(f"X_dict['{key}']: non-finite value (nan or inf) at row {bad}")
+        array = array.astype(np.float32, copy=False)
+    elif np.issubdtype(array.dtype, np.integer) and array.dtype.itemsize > 4:
+        array = array.astype(np.int32)
+    return array
+
+
+def _as_label_array(key: str, value: Any) -> np.ndarray:
+    array = np.asarray(value)
+    if array.ndim == 1:
+        if np.issubdtype(array.dtype, np.floating):
+            if not np.all(np.isfinite(array)) or np.any(array != np.round(array)):
+                raise ValueError(
+                    f"Y_dict['{key}']: hard labels [N] must be integers (-1 = no label); "
+                    f"got non-integral values"
+                )
+        elif not np.issubdtype(array.dtype, np.integer):
+            raise ValueError(f"Y_dict['{key}']: labels of dtype {array.dtype} are not numeric")
+        array = array.astype(np.int32)
+        if np.any(array < -1):
+            raise ValueError(
+                f"Y_dict['{key}']: hard labels must be >= -1 (-1 = no label), got {array.min()}"
+            )
+        return array
+    if array.ndim == 2:
+        array = array.astype(np.float32)
+        if not np.all(np.isfinite(array)):
+            bad = int(np.argwhere(~np.isfinite(array))[0][0])
+            raise ValueError(f"Y_dict['{key}']: non-finite soft label at row {bad}")
+        unlabelled = np.all(array == -1, axis=1)
+        labelled = array[~unlabelled]
+        if np.any(labelled < 0) or np.any(labelled > 1):
+            raise ValueError(
+                f"Y_dict['{key}']: soft labels must be probabilities in [0, 1] "
+                f"(or a row of all -1 for no label)"
+            )
+        sums = labelled.sum(axis=1)
+        off = np.abs(sums - 1.0) > SOFT_LABEL_TOLERANCE
+        if np.any(off):
+            row = int(np.flatnonzero(~unlabelled)[np.argmax(off)])
+            raise ValueError(
+                f"Y_dict['{key}']: soft-label row {row} sums to {float(array[row].sum()):.6f}, "
+                f"expected 1 (tolerance {SOFT_LABEL_TOLERANCE})"
+            )
+        return array
+    raise ValueError(
+        f"Y_dict['{key}']: labels have shape {array.shape}, expected [N] ints or "
+        f"[N, K] probabilities"
+    )
+
+
+def is_active(labels: np.ndarray) -> np.ndarray:
+    """Rows that carry a label: hard label != -1, or a soft row that is not all -1. [N] bool."""
+    if labels.ndim == 1:
+        return labels != -1
+    return np.any(labels != -1, axis=1)
+
+
+class DictDataset:
+    """A named split of inputs and labels, each a dict of arrays with a leading [N] axis.
+
+    Args:
+      name: dataset name; appears in metric keys ``task/dataset/split/metric``.
+      split: split name, e.g. "train", "valid", "test".
+      X_dict: input name -> array [N, ...] (float inputs become float32), or a list of
+        variable-length 1-D arrays, padded with zeros to the longest.
+      Y_dict: label name (usually a task name) -> hard labels int [N] (-1 = no label) or
+        soft labels float [N, K] (rows sum to 1; a row of all -1 = no label).
+
+    Raises:
+      ValueError: on mismatched lengths, non-finite values, soft-label rows that do not
+        sum to 1 (tolerance 1e-3), non-numeric inputs or an empty dataset.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        split: str,
+        X_dict: Mapping[str, Any],
+        Y_dict: Mapping[str, Any],
+    ) -> None:
+        self.name = name
+        self.split = split
+        if not X_dict:
+            raise ValueError(f"DictDataset '{name}' ({split}): X_dict is empty")
+        self.X_dict = {key: _as_input_array(key, value) for key, value in X_dict.items()}
+        self.Y_dict = {key: _as_label_array(key, value) for key, value in (Y_dict or {}).items()}
+        lengths = {f"X_dict['{k}']": len(v) for k, v in self.X_dict.items()}
+        lengths.update({f"Y_dict['{k}']": len(v) for k, v in self.Y_dict.items()})
+        if len(set(lengths.values())) > 1:
+            raise ValueError(
+                f"DictDataset '{name}' ({split}): arrays have different lengths: {lengths}"
+            )
+        if next(iter(lengths.values())) == 0:
+            raise ValueError(f"DictDataset '{name}' ({split}): the dataset is empty (N = 0)")
+
+    def __len__(self) -> int:
+        return len(next(iter(self.X_dict.values())))
+
+    def __getitem__(self, index: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        return (
+            {key: value[index] for key, value in self.X_dict.items()},
+            {key: value[index] for key, value in self.Y_dict.items()},
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(name={self.name}, X_keys={list(self.X_dict)}, "
+            f"Y_keys={list(self.Y_dict)})"
+        )
+
+    @classmethod
+    def from_tensors(
+        cls,
+        X_tensor: Any,
+        Y_tensor: Any,
+        split: str,
+        input_data_key: str = "input_data",
+        task_name: str = "task",
+        dataset_name: str = "default_dataset",
+    ) -> DictDataset:
+        """Builds a one-input, one-task dataset from an input array and a label array."""
+        return cls(
+            name=dataset_name,
+            split=split,
+            X_dict={input_data_key: X_tensor},
+            Y_dict={task_name: Y_tensor},
+        )
+
+
+class Batch(tuple):
+    """A ``(X_dict, Y_dict)`` pair that also carries ``mask``: [B] bool, False on padding.
+
+    It unpacks like Snorkel's batches (``X, Y = batch``); ``batch.mask`` and
+    ``batch.num_valid`` tell real rows from padding.
+    """
+
+    mask: np.ndarray
+
+    def __new__(cls, X_dict: dict, Y_dict: dict, mask: np.ndarray) -> Batch:
+        batch = super().__new__(cls, (X_dict, Y_dict))
+        batch.mask = mask
+        return batch
+
+    @property
+    def num_valid(self) -> int:
+        """Number of real (unpadded) rows."""
+        return int(self.mask.sum())
+
+
+class DictDataLoader:
+    """Yields fixed-shape batches of a DictDataset as dicts of numpy arrays.
+
+    Args:
+      dataset: the DictDataset to load.
+      batch_size: rows per batch; the last partial batch is padded to it and masked.
+      shuffle: draw a new permutation of the rows each epoch.
+      seed: seed of the permutations; epoch ``e`` uses ``default_rng((seed, e))``, so the
+        order is a pure function of (seed, epoch). None draws a seed once, at construction
+        (recorded in ``self.seed``).
+      drop_last: drop the last partial batch instead of padding it.
+    """
+
+    def __init__(
+        self,
+        dataset: DictDataset,
+        batch_size: int = 32,
+        shuffle: bool = False,
+        seed: int | None = None,
+        drop_last: bool = False,
+    ) -> None:
+        if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"DictDataLoader: batch_size must be an int >= 1, got {batch_size!r}")
+        if drop_last and len(dataset) < batch_size:
+            raise ValueError(
+                f"DictDataLoader: drop_last=True with batch_size={batch_size} > "
+                f"len(dataset)={len(dataset)} would yield no batch"
+            )
+        self.dataset = dataset
+        self.batch_size = int(batch_size)
+        self.shuffle = shuffle
+        self.seed = int(np.random.SeedSequence().entropy % 2**32) if seed is None else int(seed)
+        self.drop_last = drop_last
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        n = len(self.dataset)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Sets the epoch whose permutation the next iteration uses."""
+        self.epoch = int(epoch)
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The row order of ``epoch``: [N] int indices."""
+        n = len(self.dataset)
+        if not self.shuffle:
+            return np.arange(n)
+        return np.random.default_rng((self.seed, epoch)).permutation(n)
+
+    def batch_at(self, order: np.ndarray, index: int) -> Batch:
+        """Batch number ``index`` of the given row order, padded to ``batch_size``."""
+        rows = order[index * self.batch_size : (index + 1) * self.batch_size]
+        num_valid = len(rows)
+        if num_valid < self.batch_size:
+            rows = np.resize(rows, self.batch_size)  # repeats the batch's own rows
+        mask = np.arange(self.batch_size) < num_valid
+        X = {key: value[rows] for key, value in self.dataset.X_dict.items()}
+        Y = {}
+        for key, value in self.dataset.Y_dict.items():
+            labels = value[rows]
+            if num_valid < self.batch_size:
+                labels[num_valid:] = -1
+            Y[key] = labels
+        return Batch(X, Y, mask)
+
+    def __iter__(self) -> Iterator[Batch]:
+        order = self.order(self.epoch)
+        self.epoch += 1
+        for index in range(len(self)):
+            yield self.batch_at(order, index)

@@ -1,0 +1,165 @@
+"""Operations and Tasks: a task is a sequence of operations over a pool of named modules."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+
+from .analysis.scorer import Scorer
+from .data import INPUT_KEY
+from .losses import default_loss
+from .utils import softmax_output
+
+OpInput = str | tuple[str, str | int]
+
+
+def _normalize_input(module_name: str, op_input: Any) -> OpInput:
+    if isinstance(op_input, str):
+        return op_input
+    if isinstance(op_input, (tuple, list)) and len(op_input) == 2 and isinstance(op_input[0], str):
+        source, field = op_input
+        if isinstance(field, (str, int)) and not isinstance(field, bool):
+            return (source, field)
+    raise ValueError(
+        f"Operation '{module_name}': input {op_input!r} must be an op name, "
+        f"('{INPUT_KEY}', key) or (op_name, index_or_key)"
+    )
+
+
+class Operation:
+    """One step of a task: apply module ``module_name`` to the outputs of earlier steps.
+
+    Args:
+      module_name: key of the module in the task's module pool.
+      inputs: what the module is called with, in order. Each entry is an op name (that
+        op's whole output), ``("_input_", key)`` (an input array of the batch) or
+        ``(op_name, index_or_key)`` (an element of a tuple/dict output). An empty list
+        passes the whole outputs dict (op name -> output, plus "_input_" -> X_dict).
+      name: the op's name, which later ops refer to; defaults to ``module_name``.
+    """
+
+    def __init__(self, module_name: str, inputs: Sequence[Any], name: str | None = None) -> None:
+        if not isinstance(module_name, str) or not module_name:
+            raise ValueError(f"Operation: module_name must be a non-empty str, got {module_name!r}")
+        if isinstance(inputs, (str, tuple)):
+            raise ValueError(
+                f"Operation '{module_name}': inputs must be a list, got {inputs!r} "
+                f"(wrap a single input in a list)"
+            )
+        self.module_name = module_name
+        self.inputs: tuple[OpInput, ...] = tuple(_normalize_input(module_name, i) for i in inputs)
+        self.name = name if name is not None else module_name
+        if self.name == INPUT_KEY:
+            raise ValueError(f"Operation name '{INPUT_KEY}' is reserved for the batch inputs")
+
+    def _key(self) -> tuple:
+        return (self.name, self.module_name, self.inputs)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Operation) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return (
+            f"Operation(name={self.name}, module_name={self.module_name}, "
+            f"inputs={list(self.inputs)})"
+        )
+
+    def sources(self) -> list[str]:
+        """Names of the ops (or "_input_") this op reads from."""
+        return [i if isinstance(i, str) else i[0] for i in self.inputs]
+
+
+def is_flax_module(module: Any) -> bool:
+    """True for Flax Linen modules (which own parameters); other callables are param-free."""
+    return isinstance(module, nn.Module)
+
+
+def validate_op_sequence(
+    task_name: str, module_pool: Mapping[str, Any], op_sequence: Sequence[Operation]
+) -> None:
+    """Checks that every op names a pooled module and reads only earlier ops or inputs."""
+    seen: dict[str, Operation] = {}
+    for position, op in enumerate(op_sequence):
+        if not isinstance(op, Operation):
+            raise ValueError(
+                f"Task '{task_name}': op_sequence[{position}] is {type(op).__name__}, "
+                f"expected Operation"
+            )
+        if op.module_name not in module_pool:
+            raise ValueError(
+                f"Task '{task_name}': op '{op.name}' uses module '{op.module_name}', which is "
+                f"not in the module_pool (modules: {sorted(module_pool)})"
+            )
+        for source in op.sources():
+            if source == INPUT_KEY:
+                continue
+            if source not in seen:
+                later = any(o.name == source for o in op_sequence[position + 1 :])
+                where = "is defined later in the sequence" if later else "is not defined"
+                raise ValueError(
+                    f"Task '{task_name}': op '{op.name}' reads from op '{source}', which {where}"
+                )
+        if op.name in seen and seen[op.name] != op:
+            raise ValueError(
+                f"Task '{task_name}': two different ops are named '{op.name}': "
+                f"{seen[op.name]} and {op}"
+            )
+        seen[op.name] = op
+
+
+class Task:
+    """A named prediction problem: ops over a module pool, with loss, output and scorer.
+
+    Args:
+      name: task name; also the label key in ``Y_dict`` the task trains on.
+      module_pool: module name -> Flax Linen module, or a parameter-free callable (e.g.
+        ``jax.nn.relu``). Modules with the same name across tasks share one set of
+        weights. A module whose ``__call__`` takes ``train`` gets ``train=True`` in
+        training steps and ``train=False`` elsewhere.
+      op_sequence: the ops to run; the last op's output is the task's logits [B, K].
+      loss_func: ``loss_func(outputs [B, K], labels [B] int or [B, K] probs) -> [B]``
+        per-example losses; jittable; sees every row (padding and -1 rows included, with
+        labels replaced by a safe value) and is masked afterwards. Defaults to cross
+        entropy, hard or soft by label rank.
+      output_func: ``output_func(outputs [B, K]) -> probs [B, K]``; defaults to softmax.
+      scorer: the Scorer for ``score``; defaults to ``Scorer(metrics=["accuracy"])``.
+      loss_weight: multiplies this task's loss in the summed training loss.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        module_pool: Mapping[str, Any],
+        op_sequence: Sequence[Operation],
+        loss_func: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+        output_func: Callable[[jax.Array], jax.Array] | None = None,
+        scorer: Scorer | None = None,
+        loss_weight: float = 1.0,
+    ) -> None:
+        if not isinstance(name, str) or not name or "/" in name:
+            raise ValueError(f"Task name must be a non-empty str without '/', got {name!r}")
+        if not op_sequence:
+            raise ValueError(f"Task '{name}': op_sequence is empty")
+        for module_name, module in module_pool.items():
+            if not callable(module):
+                raise ValueError(
+                    f"Task '{name}': module_pool['{module_name}'] is {type(module).__name__}, "
+                    f"expected a Flax module or a callable"
+                )
+        validate_op_sequence(name, module_pool, op_sequence)
+        self.name = name
+        self.module_pool = dict(module_pool)
+        self.op_sequence = list(op_sequence)
+        self.loss_func = loss_func if loss_func is not None else default_loss
+        self.output_func = output_func if output_func is not None else softmax_output
+        self.scorer = scorer if scorer is not None else Scorer(metrics=["accuracy"])
+        self.loss_weight = float(loss_weight)
+
+    def __repr__(self) -> str:
+        return f"Task(name={self.name}, ops={[op.name for op in self.op_sequence]})"

@@ -1,0 +1,36 @@
+"""Training: configuration, the pure train step, the Trainer shell and its services."""
+
+from .config import (
+    AdamaxConfig,
+    AdamConfig,
+    CheckpointerConfig,
+    LogManagerConfig,
+    LogWriterConfig,
+    LRSchedulerConfig,
+    OptimizerConfig,
+    SGDConfig,
+    TrainerConfig,
+)
+from .log_manager import LogManager
+from .step import TrainState, make_optimizer, train_step
+from .trainer import Trainer
+from .writers import LogWriter, TensorBoardWriter
+
+__all__ = [
+    "AdamConfig",
+    "AdamaxConfig",
+    "CheckpointerConfig",
+    "LRSchedulerConfig",
+    "LogManager",
+    "LogManagerConfig",
+    "LogWriter",
+    "LogWriterConfig",
+    "OptimizerConfig",
+    "SGDConfig",
+    "TensorBoardWriter",
+    "TrainState",
+    "Trainer",
+    "TrainerConfig",
+    "make_optimizer",
+    "train_step",
+]

@@ -1,0 +1,46 @@
+"""Shared fixtures: small synthetic data and task builders (compiles are the cost)."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import numpy as np
+import pytest
+
+import jaxmtl
+
+
+def make_task(name: str, suffixes: tuple[str, str] = ("A", "B"), n_classes: int = 2,
+              input_key: str = "data", hidden: int = 10, **task_kwargs) -> jaxmtl.Task:
+    """Two-layer task: linear1{s0} -> relu -> linear2{s1}, as Snorkel's test tasks."""
+    first, second = f"linear1{suffixes[0]}", f"linear2{suffixes[1]}"
+    module_pool = {first: nn.Dense(hidden), "relu": nn.relu, second: nn.Dense(n_classes)}
+    op_sequence = [
+        jaxmtl.Operation(first, [("_input_", input_key)], name=f"op1{suffixes[0]}"),
+        jaxmtl.Operation("relu", [f"op1{suffixes[0]}"], name=f"relu{suffixes[0]}"),
+        jaxmtl.Operation(second, [f"relu{suffixes[0]}"], name=f"op2{name}"),
+    ]
+    return jaxmtl.Task(name=name, module_pool=module_pool, op_sequence=op_sequence,
+                       **task_kwargs)
+
+
+def linear_data(n: int, seed: int, dim: int = 2, bias: float = 0.0):
+    """Linearly separable 2-class data: label = x0 + x1 > bias."""
+    rng = np.random.default_rng(seed)
+    X = rng.uniform(-1, 1, size=(n, dim)).astype(np.float32)
+    Y = (X[:, 0] + X[:, 1] > bias).astype(np.int64)
+    return X, Y
+
+
+@pytest.fixture(scope="session")
+def two_task_loaders():
+    """Train/valid loaders for tasks 'task1' (hard labels) and 'task2' (soft labels)."""
+    loaders = []
+    for split, seed, n in [("train", 0, 600), ("valid", 1, 200)]:
+        X1, Y1 = linear_data(n, seed)
+        X2, Y2 = linear_data(n, seed + 10, bias=0.3)
+        soft = np.stack([1.0 - Y2, Y2], axis=1) * 0.9 + 0.05
+        ds1 = jaxmtl.DictDataset("d1", split, {"data": X1}, {"task1": Y1})
+        ds2 = jaxmtl.DictDataset("d2", split, {"data": X2}, {"task2": soft})
+        loaders += [jaxmtl.DictDataLoader(ds1, batch_size=32, shuffle=split == "train", seed=3),
+                    jaxmtl.DictDataLoader(ds2, batch_size=32, shuffle=split == "train", seed=4)]
+    return loaders

@@ -1,0 +1,168 @@
+"""Trainer: convergence, determinism, compile count, optimizer maths, config errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import make_task
+
+from jaxmtl import (
+    DictDataLoader,
+    DictDataset,
+    MultitaskClassifier,
+    Trainer,
+    TrainerConfig,
+    TrainState,
+    build_graph,
+    init_variables,
+    make_optimizer,
+    train_step,
+)
+
+
+def two_task_model(seed=0):
+    return MultitaskClassifier([make_task("task1"), make_task("task2", ("A", "C"))], seed=seed)
+
+
+def test_two_tasks_converge(two_task_loaders):
+    model = two_task_model()
+    trainer = Trainer(n_epochs=10, lr=0.05, seed=1, progress_bar=False)
+    trainer.fit(model, two_task_loaders)
+    scores = model.score([dl for dl in two_task_loaders if dl.dataset.split == "valid"])
+    assert scores["task1/d1/valid/accuracy"] > 0.95
+    assert scores["task2/d2/valid/accuracy"] > 0.95
+    # Evaluation runs once per epoch (Snorkel's default cadence) and fills trainer.metrics.
+    assert trainer.metrics["task1/d1/valid/accuracy"] == pytest.approx(scores["task1/d1/valid/accuracy"])
+    assert trainer.metrics["model/all/train/lr"] == pytest.approx(0.05)
+    assert 0 < trainer.metrics["task2/d2/train/loss"] < 0.69
+    assert int(trainer.state.step) == 10 * 38
+
+
+def train_params(loaders, seed, **overrides):
+    model = two_task_model()
+    config = dict(n_epochs=2, lr=0.02, seed=seed, progress_bar=False)
+    config.update(overrides)
+    Trainer(**config).fit(model, loaders)
+    return model.params
+
+
+def test_same_seed_same_params(two_task_loaders):
+    first = train_params(two_task_loaders, seed=5)
+    second = train_params(two_task_loaders, seed=5)
+    other = train_params(two_task_loaders, seed=6)
+    for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert any(not np.array_equal(a, b)
+               for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(other), strict=True))
+
+
+def count_compiles(fn):
+    events = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            events.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        fn()
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    return len(events)
+
+
+def test_no_recompilation_after_first_epoch(two_task_loaders):
+    # Loaders' last batches are partial (600 = 18*32 + 24): padded, so shapes never change.
+    one_epoch = count_compiles(lambda: train_params(two_task_loaders, seed=0, n_epochs=1))
+    three_epochs = count_compiles(lambda: train_params(two_task_loaders, seed=0, n_epochs=3))
+    assert one_epoch > 0
+    assert three_epochs == one_epoch
+
+
+def test_adam_step_with_l2_and_clipping_matches_numpy():
+    graph = build_graph([make_task("t")])
+    X = {"data": jnp.asarray(np.random.default_rng(0).normal(size=(4, 2)), jnp.float32)}
+    Y = {"t": jnp.array([0, 1, 1, -1])}
+    mask = jnp.array([True, True, True, True])
+    variables = init_variables(graph, X, jax.random.PRNGKey(0))
+    config = TrainerConfig(lr=0.1, l2=0.01, grad_clip=0.05)
+    state = TrainState.create(variables, make_optimizer(config, config.lr), jax.random.PRNGKey(0))
+
+    def loss(params):
+        from jaxmtl import task_loss_terms, total_loss
+        terms, _ = task_loss_terms(graph, {"params": params}, X, Y, mask)
+        return total_loss(graph, terms)
+
+    grads = jax.grad(loss)(state.params)
+    new_state, metrics = train_step(graph, state, X, Y, mask)
+    leaves = [np.asarray(g, np.float64) for g in jax.tree.leaves(grads)]
+    norm = np.sqrt(sum((g**2).sum() for g in leaves))
+    scale = min(1.0, 0.05 / norm)
+    for g, p, new_p in zip(leaves, jax.tree.leaves(state.params), jax.tree.leaves(new_state.params), strict=True):
+        d = g * scale + 0.01 * np.asarray(p, np.float64)  # torch Adam weight_decay
+        m, v = 0.1 * d, 0.001 * d**2
+        m_hat, v_hat = m / 0.1, v / 0.001
+        expected = np.asarray(p, np.float64) - 0.1 * m_hat / (np.sqrt(v_hat) + 1e-8)
+        np.testing.assert_allclose(new_p, expected, rtol=1e-4, atol=1e-6)
+    assert int(new_state.step) == 1
+    np.testing.assert_allclose(metrics["terms"]["t"][1], 3.0)
+
+
+def test_batch_without_labels_leaves_state_unchanged():
+    graph = build_graph([make_task("t")])
+    X = {"data": jnp.ones((2, 2))}
+    variables = init_variables(graph, X, jax.random.PRNGKey(0))
+    tx = make_optimizer(TrainerConfig(), 0.1)
+    state = TrainState.create(variables, tx, jax.random.PRNGKey(0))
+    new_state, _ = train_step(graph, state, X, {"t": jnp.array([-1, -1])}, jnp.array([True, True]))
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(new_state), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamax", optax.adam(1e-2)])
+def test_other_optimizers_reduce_loss(two_task_loaders, optimizer):
+    model = two_task_model()
+    train = [dl for dl in two_task_loaders if dl.dataset.split == "train"]
+    X, Y = train[0].batch_at(train[0].order(0), 0)
+    model.init(X)
+    before = model.calculate_loss(X, Y)[0]["task1"]
+    Trainer(n_epochs=2, lr=0.05, seed=0, optimizer=optimizer, progress_bar=False).fit(model, train)
+    after = model.calculate_loss(X, Y)[0]["task1"]
+    assert float(after) < 0.8 * float(before)
+
+
+def test_config_accepts_nested_dicts_and_config_object():
+    trainer = Trainer(config={"n_epochs": 3}, optimizer_config={"adam_config": {"eps": 1e-6}})
+    assert trainer.config.n_epochs == 3
+    assert trainer.config.optimizer_config.adam_config.eps == 1e-6
+    assert Trainer(config=TrainerConfig(lr=0.5)).config.lr == 0.5
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"optimizer": "rmsprop"}, "Unrecognized optimizer option 'rmsprop'"),
+        ({"lr_scheduler": "bad"}, "Unrecognized lr scheduler option 'bad'"),
+        ({"batch_scheduler": "bad"}, "Unrecognized batch scheduler option 'bad'"),
+        ({"log_writer": "bad"}, "Unrecognized writer option 'bad'"),
+        ({"not_a_field": 1}, r"unknown config key\(s\) \['not_a_field'\]"),
+        ({"lr_scheduler_config": {"warmup_unit": "days"}}, "Unrecognized warmup_unit 'days'"),
+        ({"log_manager_config": {"counter_unit": "bad"}}, "Unrecognized counter_unit 'bad'"),
+        ({"lr": -1.0}, "TrainerConfig.lr must be >= 0"),
+    ],
+)
+def test_bad_config_raises_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Trainer(**kwargs)
+
+
+def test_dataloader_split_errors():
+    X = np.zeros((4, 2), np.float32)
+    valid = DictDataLoader(DictDataset("d", "valid", {"data": X}, {"task1": np.zeros(4, int)}))
+    odd = DictDataLoader(DictDataset("d", "dev", {"data": X}, {"task1": np.zeros(4, int)}))
+    trainer = Trainer(progress_bar=False)
+    with pytest.raises(ValueError, match="Cannot find any dataloaders with split matching train split: train"):
+        trainer.fit(two_task_model(), [valid])
+    with pytest.raises(ValueError, match="Dataloader splits must be one of"):
+        trainer.fit(two_task_model(), [odd])

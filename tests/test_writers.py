@@ -1,0 +1,180 @@
+"""Log writers: JSON log/config files and TensorBoard event files read back from disk."""
+
+import glob
+import json
+import os
+import struct
+from dataclasses import dataclass
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from tensorboardX.crc32c import crc32c
+from tensorboardX.proto import event_pb2
+
+from jaxmtl.training.config import LogWriterConfig, TrainerConfig
+from jaxmtl.training.writers import LogWriter, TensorBoardWriter, make_log_writer
+
+
+def _masked_crc(data: bytes) -> int:
+    """TFRecord's masked CRC-32C."""
+    crc = crc32c(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def read_events(path: str) -> list[event_pb2.Event]:
+    """Parses a TFRecord event file: [len u64][crc(len) u32][data][crc(data) u32]..."""
+    events = []
+    with open(path, "rb") as f:
+        while header := f.read(12):
+            (length,) = struct.unpack("<Q", header[:8])
+            assert struct.unpack("<I", header[8:])[0] == _masked_crc(header[:8])
+            data = f.read(length)
+            assert struct.unpack("<I", f.read(4))[0] == _masked_crc(data)
+            events.append(event_pb2.Event.FromString(data))
+    return events
+
+
+def _scalars(log_dir: str) -> dict[str, list[tuple[int, float]]]:
+    (path,) = glob.glob(os.path.join(log_dir, "events.out.tfevents.*"))
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for event in read_events(path):
+        for value in event.summary.value:
+            if value.HasField("simple_value"):
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
+
+
+def _text(log_dir: str, tag: str) -> str:
+    (path,) = glob.glob(os.path.join(log_dir, "events.out.tfevents.*"))
+    for event in read_events(path):
+        for value in event.summary.value:
+            if value.tag.startswith(tag) and value.HasField("tensor"):
+                return value.tensor.string_val[0].decode()
+    raise AssertionError(f"no text summary {tag!r}")
+
+
+def _read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
+def test_log_writer(tmp_path) -> None:
+    writer = LogWriter(log_dir=str(tmp_path), run_name="my_run")
+    writer.add_scalar("my_value", value=0.5, step=2)
+    writer.add_scalar("my_value", value=np.float32(0.25), step=4)
+    writer.add_scalar("other", value=jnp.asarray(1.5), step=np.int64(4))
+    writer.write_log("my_log.json")
+    log = _read_json(tmp_path / "my_run" / "my_log.json")
+    assert log == {"my_value": [[2, 0.5], [4, 0.25]], "other": [[4, 1.5]]}
+
+
+def test_cleanup_writes_log_json(tmp_path) -> None:
+    writer = LogWriter(config=LogWriterConfig(log_dir=str(tmp_path), run_name="r"))
+    writer.add_scalar("a", 1.0, 1)
+    writer.cleanup()
+    assert _read_json(tmp_path / "r" / "log.json") == {"a": [[1, 1.0]]}
+
+
+def test_write_text(tmp_path) -> None:
+    writer = LogWriter(log_dir=str(tmp_path), run_name="my_run")
+    writer.write_text("my log text", "my_text.txt")
+    assert (tmp_path / "my_run" / "my_text.txt").read_text() == "my log text"
+
+
+def test_write_config_dict(tmp_path) -> None:
+    config = {"a": 8, "b": "my text"}
+    writer = LogWriter(log_dir=str(tmp_path), run_name="my_run")
+    writer.write_config(config)
+    assert _read_json(tmp_path / "my_run" / "config.json") == config
+
+
+@dataclass(frozen=True)
+class _Inner:
+    pair: tuple[int, int] = (1, 2)
+    array: object = None
+
+
+@dataclass(frozen=True)
+class _Outer:
+    inner: _Inner
+    name: str = "x"
+
+
+def test_write_config_dataclasses_and_optax(tmp_path) -> None:
+    writer = LogWriter(log_dir=str(tmp_path), run_name="r")
+    writer.write_config(_Outer(_Inner(array=np.arange(3))), "nested.json")
+    assert _read_json(tmp_path / "r" / "nested.json") == {
+        "inner": {"pair": [1, 2], "array": [0, 1, 2]}, "name": "x"}
+
+    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.1))
+    config = TrainerConfig(optimizer=optimizer, lr_scheduler_config={"warmup_steps": 2})
+    writer.write_config(config)
+    written = _read_json(tmp_path / "r" / "config.json")
+    assert written["optimizer"] == repr(optimizer)
+    assert written["lr_scheduler_config"]["warmup_steps"] == 2
+    assert written["optimizer_config"]["adam_config"]["betas"] == [0.9, 0.999]
+    assert written["checkpointer_config"]["checkpoint_dir"] is None
+
+
+def test_default_run_name_is_timestamp(tmp_path) -> None:
+    writer = LogWriter(log_dir=str(tmp_path))
+    date, time, rest = writer.run_name.split("/")
+    assert (len(date), len(time), rest) == (10, 8, "")
+    assert os.path.isdir(writer.log_dir)
+    assert writer.log_dir.startswith(str(tmp_path))
+
+
+def test_context_manager_writes_log_on_error(tmp_path) -> None:
+    with pytest.raises(RuntimeError, match="boom"):
+        with LogWriter(log_dir=str(tmp_path), run_name="r") as writer:
+            writer.add_scalar("loss", 0.5, 3)
+            raise RuntimeError("boom")
+    assert _read_json(tmp_path / "r" / "log.json") == {"loss": [[3, 0.5]]}
+
+
+def test_tensorboard_writer(tmp_path) -> None:
+    config = {"a": 8, "b": "my text"}
+    writer = TensorBoardWriter(run_name="my_run", log_dir=str(tmp_path))
+    writer.add_scalar("my_value", value=0.5, step=2)
+    writer.add_scalar("my_value", value=jnp.float32(0.25), step=4.0)
+    writer.add_scalar("model/all/train/lr", value=np.float64(1e-3), step=4)
+    writer.write_config(config)
+    writer.cleanup()
+    writer.cleanup()  # closing twice is harmless
+
+    run_dir = str(tmp_path / "my_run")
+    assert _read_json(os.path.join(run_dir, "config.json")) == config
+    scalars = _scalars(run_dir)
+    assert scalars["my_value"] == [(2, 0.5), (4, 0.25)]
+    ((step, lr),) = scalars["model/all/train/lr"]
+    assert step == 4
+    np.testing.assert_allclose(lr, 1e-3, rtol=1e-6)  # simple_value is float32
+    assert json.loads(_text(run_dir, "config")) == config
+    assert not os.path.exists(os.path.join(run_dir, "log.json"))
+
+
+def test_tensorboard_context_manager_flushes_on_error(tmp_path) -> None:
+    with pytest.raises(RuntimeError):
+        with TensorBoardWriter(log_dir=str(tmp_path), run_name="r") as writer:
+            writer.add_scalar("loss", 2.0, 7)
+            raise RuntimeError("boom")
+    assert _scalars(str(tmp_path / "r")) == {"loss": [(7, 2.0)]}
+
+
+def test_tensorboard_rejects_fractional_step(tmp_path) -> None:
+    with TensorBoardWriter(log_dir=str(tmp_path), run_name="r") as writer:
+        with pytest.raises(ValueError, match="step must be an integer"):
+            writer.add_scalar("loss", 1.0, 0.5)
+
+
+def test_make_log_writer(tmp_path) -> None:
+    config = {"log_dir": str(tmp_path), "run_name": "r"}
+    json_writer = make_log_writer("json", config)
+    assert type(json_writer) is LogWriter
+    tb_writer = make_log_writer("tensorboard", LogWriterConfig(**config))
+    assert isinstance(tb_writer, TensorBoardWriter)
+    tb_writer.cleanup()
+    with pytest.raises(ValueError, match="Unrecognized writer option 'foo'"):
+        make_log_writer("foo", config)
