@@ -30,11 +30,8 @@ def make_split(split: str, n: int, rng: np.random.Generator, weights: np.ndarray
     ]
 
 
-def main() -> dict[str, float]:
-    rng = np.random.default_rng(0)
-    weights = rng.normal(size=(8, 4))
-    dataloaders = make_split("train", 4000, rng, weights) + make_split("valid", 1000, rng, weights)
-
+def make_tasks() -> list[jaxmtl.Task]:
+    """task_a (2 classes) and task_b (3 classes) over one shared body."""
     body = nn.Sequential([nn.Dense(32), nn.relu])
     task_a = jaxmtl.Task(
         name="task_a",
@@ -54,8 +51,15 @@ def main() -> dict[str, float]:
         ],
         scorer=jaxmtl.Scorer(metrics=["accuracy"]),
     )
+    return [task_a, task_b]
 
-    model = jaxmtl.MultitaskClassifier([task_a, task_b])
+
+def main() -> dict[str, float]:
+    rng = np.random.default_rng(0)
+    weights = rng.normal(size=(8, 4))
+    dataloaders = make_split("train", 4000, rng, weights) + make_split("valid", 1000, rng, weights)
+
+    model = jaxmtl.MultitaskClassifier(make_tasks())
     trainer = jaxmtl.Trainer(n_epochs=5, lr=3e-3, seed=0, progress_bar=False)
     trainer.fit(model, dataloaders)
     scores = model.score(dataloaders[2:])

@@ -41,6 +41,22 @@ def _as_device_batch(tree: Mapping[str, Any]) -> dict[str, jax.Array]:
     return {key: jnp.asarray(value) for key, value in tree.items()}
 
 
+def _macro_averages(scores: Mapping[str, float]) -> dict[str, float]:
+    """``model/all/{split}/{metric}``: the mean over label sets (tasks x datasets) of a split.
+
+    NaN scores (e.g. roc_auc with one class present) are left out of the mean.
+    """
+    grouped: dict[tuple[str, str], list[float]] = {}
+    for key, value in scores.items():
+        _, _, split, metric = key.split("/", 3)
+        grouped.setdefault((split, metric), []).append(float(value))
+    averages = {}
+    for (split, metric), values in grouped.items():
+        finite = [v for v in values if not np.isnan(v)]
+        averages[f"model/all/{split}/{metric}"] = float(np.mean(finite)) if finite else float("nan")
+    return averages
+
+
 class MultitaskClassifier:
     """A multi-task classifier: tasks share modules (and weights) by module name.
 
@@ -245,8 +261,10 @@ class MultitaskClassifier:
         """Scores every label set with its task's Scorer, per dataloader.
 
         Returns:
-          ``{"label/dataset/split/metric": value}``, or with ``as_dataframe`` a DataFrame
-          with columns label, dataset, split, metric, score.
+          ``{"label/dataset/split/metric": value}`` plus, per split and metric, the macro
+          average over label sets as ``"model/all/{split}/{metric}"`` (a target for
+          checkpointing); with ``as_dataframe`` a DataFrame with columns label, dataset,
+          split, metric, score.
         """
         scores: dict[str, float] = {}
         for dataloader in dataloaders:
@@ -265,6 +283,7 @@ class MultitaskClassifier:
                 )
                 for metric, value in task_scores.items():
                     scores["/".join([label, dataset.name, dataset.split, metric])] = value
+        scores.update(_macro_averages(scores))
         return metrics_dict_to_dataframe(scores) if as_dataframe else scores
 
     # --- persistence -----------------------------------------------------------------

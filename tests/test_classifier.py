@@ -65,11 +65,15 @@ def test_score_matches_sklearn(model):
     dl = loader(n=10, batch_size=4)
     results = model.predict(dl, return_preds=True)
     expected = accuracy_score(results["golds"]["task1"], results["preds"]["task1"])
-    assert model.score([dl]) == {"task1/ds/valid/accuracy": pytest.approx(expected)}
+    assert model.score([dl]) == {
+        "task1/ds/valid/accuracy": pytest.approx(expected),
+        "model/all/valid/accuracy": pytest.approx(expected),
+    }
     frame = model.score([dl], as_dataframe=True)
     assert isinstance(frame, pd.DataFrame)
     assert list(frame.columns) == ["label", "dataset", "split", "metric", "score"]
-    assert frame.iloc[0].tolist()[:4] == ["task1", "ds", "valid", "accuracy"]
+    assert frame.iloc[0].tolist() == ["task1", "ds", "valid", "accuracy", pytest.approx(expected)]
+    assert frame.iloc[1].tolist()[:4] == ["model", "all", "valid", "accuracy"]
 
 
 def test_score_ignores_unlabelled_rows_and_soft_golds(model):
@@ -88,9 +92,13 @@ def test_score_ignores_unlabelled_rows_and_soft_golds(model):
 
 def test_remap_labels(model):
     dl = loader(n=8, labels={"task1": np.arange(8) % 2, "other": np.ones(8, int)})
-    assert set(model.score([dl])) == {"task1/ds/valid/accuracy"}
+    assert set(model.score([dl])) == {"task1/ds/valid/accuracy", "model/all/valid/accuracy"}
     remapped = model.score([dl], remap_labels={"other": "task2"})
-    assert set(remapped) == {"task1/ds/valid/accuracy", "other/ds/valid/accuracy"}
+    assert set(remapped) == {"task1/ds/valid/accuracy", "other/ds/valid/accuracy",
+                             "model/all/valid/accuracy"}
+    np.testing.assert_allclose(
+        remapped["model/all/valid/accuracy"],
+        (remapped["task1/ds/valid/accuracy"] + remapped["other/ds/valid/accuracy"]) / 2)
     probs = model.predict(dl, remap_labels={"other": "task2"})["probs"]
     task2_probs = model.predict(loader(n=8, labels={"task2": np.ones(8, int)}))["probs"]["task2"]
     np.testing.assert_allclose(probs["other"], task2_probs)

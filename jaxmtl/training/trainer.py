@@ -133,7 +133,7 @@ class Trainer:
                 progress = tqdm(
                     batch_scheduler.get_batches(train_loaders, epoch),
                     total=n_batches_per_epoch, disable=not config.progress_bar,
-                    desc=f"Epoch {epoch}:",
+                    desc=f"Epoch {epoch}",
                 )
                 points, started, refreshed = 0, time.perf_counter(), time.perf_counter()
                 for batch, dataloader in progress:
@@ -153,12 +153,12 @@ class Trainer:
                     now = time.perf_counter()
                     if config.progress_bar and now - refreshed > PROGRESS_REFRESH_SECONDS:
                         refreshed = now
-                        running = self._aggregate_losses(
-                            accumulator, train_loaders, model.task_names, state)
-                        progress.set_postfix(
-                            loss=running.get("model/all/train/loss", float("nan")),
-                            points_per_s=round(points / (now - started)),
-                        )
+                        self._show_progress(progress, accumulator, train_loaders, model,
+                                            state, points / (now - started))
+                if config.progress_bar:
+                    self._show_progress(progress, accumulator, train_loaders, model, state,
+                                        points / (time.perf_counter() - started))
+                    progress.close()
         finally:
             model.variables = state.variables
             self.state = state
@@ -206,6 +206,15 @@ class Trainer:
             metrics["model/all/train/loss"] = float(loss_sum.sum() / count.sum())
         metrics["model/all/train/lr"] = float(self.lr_schedule(int(state.step)))
         return metrics
+
+    def _show_progress(self, progress: tqdm, accumulator: dict[str, jax.Array],
+                       train_loaders: Sequence[DictDataLoader], model: MultitaskClassifier,
+                       state: TrainState, points_per_second: float) -> None:
+        # Reading the running loss waits for the queued steps, so it runs at most once a
+        # second (and at the end of each epoch), never per step.
+        running = self._aggregate_losses(accumulator, train_loaders, model.task_names, state)
+        progress.set_postfix(loss=running.get("model/all/train/loss", float("nan")),
+                             points_per_s=round(points_per_second))
 
     def _log_metrics(self, log_writer: Any, log_manager: LogManager, metrics: Metrics) -> None:
         if log_writer is not None:

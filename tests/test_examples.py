@@ -1,0 +1,25 @@
+"""The examples run and reach their stated quality."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+
+import quickstart  # noqa: E402
+import tensorboard_run  # noqa: E402
+
+
+def test_quickstart_scores():
+    scores = quickstart.main()
+    assert scores["task_a/synthetic_a/valid/accuracy"] > 0.95
+    assert scores["task_b/synthetic_b/valid/accuracy"] > 0.95
+    assert scores["model/all/valid/accuracy"] == pytest.approx(
+        (scores["task_a/synthetic_a/valid/accuracy"] + scores["task_b/synthetic_b/valid/accuracy"]) / 2)
+
+
+def test_tensorboard_example_writes_events(tmp_path):
+    run_dir = Path(tensorboard_run.main(str(tmp_path), "run"))
+    assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1
+    assert (run_dir / "config.json").exists()
