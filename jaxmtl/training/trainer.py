@@ -8,7 +8,9 @@ Training losses accumulate on the device and are read back only when logged.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
+import os
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -16,17 +18,19 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 from tqdm import tqdm
 
 from ..classifier import MultitaskClassifier
 from ..data import DictDataLoader
 from ..model import ModelGraph
 from .batch_schedulers import make_batch_scheduler
+from .checkpoint import CHECKPOINTS_SUBDIR, DEFAULT_CHECKPOINT_DIR, Checkpointer, restore_checkpoint
 from .config import TrainerConfig, from_dict, merge_config
 from .log_manager import LogManager
 from .lr_schedules import make_lr_schedule
 from .step import TrainState, make_optimizer, train_step
-from .writers import make_log_writer
+from .writers import make_log_writer, to_jsonable
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +67,15 @@ def fit_step(
     return state, {"loss_sum": loss_sum, "count": count}
 
 
+def _tuples(value: Any) -> Any:
+    """JSON turns tuples into lists; config tuples (e.g. Adam's betas) come back as tuples."""
+    if isinstance(value, dict):
+        return {key: _tuples(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return tuple(_tuples(item) for item in value)
+    return value
+
+
 class Trainer:
     """Trains a MultitaskClassifier, with Snorkel's configuration and loop semantics.
 
@@ -90,13 +103,19 @@ class Trainer:
         self.state: TrainState | None = None
         self.metrics: Metrics = {}
 
-    def fit(self, model: MultitaskClassifier, dataloaders: Sequence[DictDataLoader]) -> None:
+    def fit(self, model: MultitaskClassifier, dataloaders: Sequence[DictDataLoader],
+            resume_from: str | None = None) -> None:
         """Trains ``model`` on the loaders of the train split; evaluates on the valid split.
 
         Args:
           model: the classifier; initialised from the first train batch if needed.
           dataloaders: DictDataLoaders whose ``dataset.split`` is the train, valid or
             test split.
+          resume_from: a checkpoint directory (the ``checkpoint_dir`` of an earlier run),
+            or "latest" for the configured one: training continues from the batch after
+            its latest checkpoint, with the same parameters, optimizer state, PRNG key,
+            batch order, counters and best-metric tracking, so the result equals an
+            uninterrupted run's.
         """
         config = self.config
         train_loaders = self._check_dataloaders(dataloaders)
@@ -111,45 +130,56 @@ class Trainer:
         tx = make_optimizer(config, self.lr_schedule)
         first_X, _ = train_loaders[0].batch_at(train_loaders[0].order(0), 0)
         variables = model._ensure_variables(first_X)
-        state = TrainState.create(variables, tx, jax.random.PRNGKey(self.seed))
+        state = self._continue_optimizer(TrainState.create(variables, tx,
+                                                           jax.random.PRNGKey(self.seed)))
+        accumulator = _zero_loss_accumulator(len(train_loaders), len(model.task_names))
 
         log_writer = make_log_writer(config.log_writer, config.log_writer_config) \
             if config.logging else None
+        checkpointer = self._make_checkpointer(log_writer) if config.checkpointing else None
+        log_manager = LogManager(n_batches_per_epoch, log_writer=log_writer,
+                                 checkpointer=checkpointer, config=config.log_manager_config)
+        start_epoch, start_batch = 0, 0
+        self.metrics = {}
+        if resume_from is not None:
+            state, accumulator, (start_epoch, start_batch) = self._resume(
+                resume_from, model, train_loaders, state, accumulator, log_manager, checkpointer)
         if log_writer is not None:
             log_writer.write_config(config)
-        log_manager = LogManager(n_batches_per_epoch, log_writer=log_writer,
-                                 checkpointer=None, config=config.log_manager_config)
         batch_scheduler = make_batch_scheduler(config.batch_scheduler, self.seed)
         step = jax.jit(functools.partial(fit_step, model.graph), donate_argnums=(0, 1))
         loader_index = {id(dl): np.int32(i) for i, dl in enumerate(train_loaders)}
         task_names = set(model.task_names)
-        accumulator = _zero_loss_accumulator(len(train_loaders), len(model.task_names))
 
-        self.metrics = {}
         try:
-            for epoch in range(config.n_epochs):
+            for epoch in range(start_epoch, config.n_epochs):
                 for dl in train_loaders:
                     dl.set_epoch(epoch)
-                progress = tqdm(
-                    batch_scheduler.get_batches(train_loaders, epoch),
-                    total=n_batches_per_epoch, disable=not config.progress_bar,
-                    desc=f"Epoch {epoch}",
-                )
+                first = start_batch if epoch == start_epoch else 0
+                batches = itertools.islice(batch_scheduler.get_batches(train_loaders, epoch),
+                                           first, None)
+                progress = tqdm(batches, total=n_batches_per_epoch, initial=first,
+                                disable=not config.progress_bar, desc=f"Epoch {epoch}")
                 points, started, refreshed = 0, time.perf_counter(), time.perf_counter()
-                for batch, dataloader in progress:
+                for batch_index, (batch, dataloader) in enumerate(progress, start=first):
                     X_dict, Y_dict = batch
                     Y_dict = {k: v for k, v in Y_dict.items() if k in task_names}
                     state, accumulator = step(state, accumulator, X_dict, Y_dict, batch.mask,
                                               loader_index[id(dataloader)])
                     log_manager.update(batch.num_valid)
                     points += batch.num_valid
-                    if log_manager.trigger_evaluation():
+                    evaluate = log_manager.trigger_evaluation()
+                    if evaluate:
                         model.variables = state.variables
                         self.metrics = self._aggregate_losses(
                             accumulator, train_loaders, model.task_names, state)
                         self.metrics.update(self._evaluate(model, dataloaders))
                         self._log_metrics(log_writer, log_manager, self.metrics)
                         accumulator = _zero_loss_accumulator(*accumulator["count"].shape)
+                    if evaluate and log_manager.trigger_checkpointing():
+                        position = (epoch, batch_index + 1)
+                        self._checkpoint(checkpointer, model, state, accumulator, log_manager,
+                                         train_loaders, position)
                     now = time.perf_counter()
                     if config.progress_bar and now - refreshed > PROGRESS_REFRESH_SECONDS:
                         refreshed = now
@@ -159,12 +189,161 @@ class Trainer:
                     self._show_progress(progress, accumulator, train_loaders, model, state,
                                         points / (time.perf_counter() - started))
                     progress.close()
+        except BaseException:
+            # Flush what was logged and finish pending checkpoint writes before failing.
+            if log_writer is not None:
+                log_writer.cleanup()
+            if checkpointer is not None:
+                checkpointer.close()
+            raise
         finally:
             model.variables = state.variables
             self.state = state
-            if log_writer is not None:
-                log_writer.cleanup()
         log_manager.cleanup(model)
+        if checkpointer is not None:
+            checkpointer.close()
+
+    # --- checkpoints and resume ---------------------------------------------------------
+    def _make_checkpointer(self, log_writer: Any) -> Checkpointer:
+        checkpoint_dir = self.config.checkpointer_config.checkpoint_dir
+        if checkpoint_dir is None:  # Snorkel's default: beside the logs, if any
+            checkpoint_dir = log_writer.log_dir if log_writer is not None \
+                else DEFAULT_CHECKPOINT_DIR
+        manager_config = self.config.log_manager_config
+        return Checkpointer(manager_config.counter_unit, manager_config.evaluation_freq,
+                            config=self.config.checkpointer_config,
+                            checkpoint_dir=checkpoint_dir)
+
+    @staticmethod
+    def _train_tree(state: TrainState, accumulator: dict[str, jax.Array]) -> dict[str, Any]:
+        return {"step": state.step, "params": state.params, "model_state": state.model_state,
+                "opt_state": state.opt_state, "rng": state.rng, "accumulator": accumulator}
+
+    def _checkpoint(self, checkpointer: Checkpointer, model: MultitaskClassifier,
+                    state: TrainState, accumulator: dict[str, jax.Array],
+                    log_manager: LogManager, train_loaders: Sequence[DictDataLoader],
+                    position: tuple[int, int]) -> None:
+        epoch, next_batch = position
+        if next_batch == log_manager.n_batches_per_epoch:
+            epoch, next_batch = epoch + 1, 0
+        trainer_meta = {
+            "seed": self.seed,
+            "epoch": epoch,
+            "batch_in_epoch": next_batch,
+            "task_names": model.task_names,
+            "loader_seeds": [dl.seed for dl in train_loaders],
+            "log_manager": log_manager.state_dict(),
+            "metrics": self.metrics,
+        }
+        model.variables = state.variables
+        checkpointer.checkpoint(log_manager.unit_total, model, self.metrics,
+                                train_state=self._train_tree(state, accumulator),
+                                trainer_meta=trainer_meta)
+
+    def _resume(self, resume_from: str, model: MultitaskClassifier,
+                train_loaders: Sequence[DictDataLoader], state: TrainState,
+                accumulator: dict[str, jax.Array], log_manager: LogManager,
+                checkpointer: Checkpointer | None
+                ) -> tuple[TrainState, dict[str, jax.Array], tuple[int, int]]:
+        root = resume_from
+        if resume_from == "latest":
+            root = checkpointer.checkpoint_dir if checkpointer is not None else (
+                self.config.checkpointer_config.checkpoint_dir or DEFAULT_CHECKPOINT_DIR)
+        directory = os.path.join(root, CHECKPOINTS_SUBDIR)
+        items, meta = restore_checkpoint(directory, None,
+                                         {"train": self._train_tree(state, accumulator)})
+        trainer_meta = meta["trainer"]
+        if trainer_meta.get("task_names") != model.task_names:
+            raise ValueError(
+                f"{root}: checkpoint of tasks {trainer_meta.get('task_names')}, but the model "
+                f"has tasks {model.task_names}"
+            )
+        if len(trainer_meta["loader_seeds"]) != len(train_loaders):
+            raise ValueError(
+                f"{root}: checkpoint was trained on {len(trainer_meta['loader_seeds'])} train "
+                f"loaders, got {len(train_loaders)}"
+            )
+        tree = items["train"]
+        state = state.replace(step=tree["step"], params=tree["params"],
+                              model_state=tree["model_state"], opt_state=tree["opt_state"],
+                              rng=tree["rng"])
+        self.seed = int(trainer_meta["seed"])
+        for dl, seed in zip(train_loaders, trainer_meta["loader_seeds"], strict=True):
+            dl.seed = int(seed)  # a loader built with seed=None drew another one
+        log_manager.load_state_dict(trainer_meta["log_manager"])
+        if checkpointer is not None:
+            checkpointer.load_state_dict(meta)
+        self.metrics = dict(trainer_meta.get("metrics", {}))
+        model.variables = state.variables
+        logger.info("Resumed from %s at epoch %s, batch %s", directory, trainer_meta["epoch"],
+                    trainer_meta["batch_in_epoch"])
+        return state, tree["accumulator"], (int(trainer_meta["epoch"]),
+                                            int(trainer_meta["batch_in_epoch"]))
+
+    def _continue_optimizer(self, state: TrainState) -> TrainState:
+        """Uses the optimizer state from ``load`` (if any) in place of a fresh one."""
+        loaded, self._loaded_optimizer = getattr(self, "_loaded_optimizer", None), None
+        if loaded is None:
+            return state
+        expected = jax.tree.map(np.shape, state.opt_state)
+        if jax.tree.map(np.shape, loaded["opt_state"]) != expected:
+            logger.warning("The loaded optimizer state does not match this model's "
+                           "parameters; starting a fresh optimizer.")
+            return state
+        return state.replace(opt_state=loaded["opt_state"], step=loaded["step"])
+
+    def save(self, trainer_path: str) -> None:
+        """Saves the config and the optimizer state (Orbax directory ``trainer_path``).
+
+        Raises:
+          ValueError: before any ``fit`` (there is no optimizer state yet).
+        """
+        if self.state is None:
+            raise ValueError("Trainer.save: nothing to save before fit() has run")
+        tree = {"opt_state": self.state.opt_state, "step": self.state.step}
+        manager = ocp.CheckpointManager(os.path.abspath(trainer_path),
+                                        options=ocp.CheckpointManagerOptions(create=True))
+        try:
+            step = (manager.latest_step() or 0) + 1
+            manager.save(step, args=ocp.args.Composite(
+                train=ocp.args.StandardSave(jax.device_get(tree)),
+                meta=ocp.args.JsonSave({"trainer_config": to_jsonable(self.config)}),
+            ))
+            manager.wait_until_finished()
+        finally:
+            manager.close()
+
+    def load(self, trainer_path: str, model: MultitaskClassifier | None) -> None:
+        """Restores the config and, when it fits ``model``, the optimizer state.
+
+        The next ``fit`` continues from the loaded optimizer state (moments and update
+        count) instead of a fresh optimizer. If ``model`` is None, uninitialised or its
+        parameters do not match the saved optimizer state, only the config is restored and
+        a warning says so.
+        """
+        manager = ocp.CheckpointManager(os.path.abspath(trainer_path))
+        try:
+            step = manager.latest_step()
+            if step is None:
+                raise ValueError(f"{trainer_path}: not a jaxmtl trainer checkpoint")
+            meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        finally:
+            manager.close()
+        saved = dict(meta["meta"]["trainer_config"])
+        if not isinstance(self.config.optimizer, str):
+            saved["optimizer"] = self.config.optimizer  # a custom optax object is not JSON
+        self.config = from_dict(TrainerConfig, _tuples(saved))
+        if model is None or model.params is None:
+            logger.warning("Trainer.load: model is not initialised; restored the config only")
+            return
+        tx = make_optimizer(self.config, lambda count: self.config.lr)
+        target = {"opt_state": tx.init(model.params), "step": jnp.zeros((), jnp.int32)}
+        try:
+            items, _ = restore_checkpoint(trainer_path, step, {"train": target})
+        except ValueError as error:
+            logger.warning("Trainer.load: %s; restored the config only", error)
+            return
+        self._loaded_optimizer = items["train"]
 
     def _check_dataloaders(self, dataloaders: Sequence[DictDataLoader]) -> list[DictDataLoader]:
         config = self.config

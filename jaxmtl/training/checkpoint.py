@@ -1,0 +1,337 @@
+"""Checkpoints on Orbax: Snorkel's best-model-by-metric, plus exact resume.
+
+Layout of ``checkpoint_dir``::
+
+    checkpoints/<n>/        the latest ``max_to_keep`` checkpoints, n = 0, 1, 2, ...
+        model/              the model's variables {collection: {module: ...}}
+        train/              (from the Trainer) params, model_state, opt_state, step, rng,
+                            loss accumulator: everything an exact resume needs
+        meta/               JSON: iteration, unit, metrics, best metrics, trainer position
+    best_model_<metric>/<n>/    the best checkpoint for each tracked metric ("/" -> "_"):
+        model/, meta/
+
+Each checkpoint is written by ``orbax.checkpoint.CheckpointManager``: into a temporary
+directory that is renamed when complete, so a crash mid-save never leaves a checkpoint that
+loads half-written. Arrays are copied to the host before an (asynchronous) save returns, so
+training goes on while the files are written.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from .config import CheckpointerConfig, from_dict, merge_config
+from .writers import to_jsonable
+
+logger = logging.getLogger(__name__)
+
+PyTree = Any
+Metrics = Mapping[str, float]
+CHECKPOINTS_SUBDIR = "checkpoints"
+DEFAULT_CHECKPOINT_DIR = "checkpoints"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable or does not match the model."""
+
+
+def _metric_modes(metric_modes: Iterable[str] | None) -> dict[str, str]:
+    modes: dict[str, str] = {}
+    for metric_mode in metric_modes or ():
+        parts = str(metric_mode).split(":")
+        if len(parts) != 2:
+            raise ValueError(
+                f"Metric must be of the form 'metric_name:mode' where mode is 'max' or "
+                f"'min'. Instead, got {metric_mode}"
+            )
+        metric, mode = parts
+        if mode not in ("min", "max"):
+            raise ValueError(
+                f"Unrecognized checkpoint metric mode {mode} for metric {metric}, must be "
+                f"'min' or 'max'."
+            )
+        if len(metric.split("/")) != 4:
+            raise ValueError(
+                f"checkpoint_metric must be formatted 'task/dataset/split/metric:mode', "
+                f"got {metric_mode}"
+            )
+        modes[metric] = mode
+    return modes
+
+
+def _is_better(value: float, best: float, mode: str) -> bool:
+    return value > best if mode == "max" else value < best
+
+
+def _manager(directory: str, max_to_keep: int | None, async_save: bool) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save
+    )
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+def _abstract(tree: PyTree) -> PyTree:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), tree)
+
+
+def _path_name(entry: Any) -> str:
+    for attribute in ("key", "name", "idx"):
+        if hasattr(entry, attribute):
+            return str(getattr(entry, attribute))
+    return str(entry)
+
+
+def leaf_shapes(tree: PyTree, shape_of: Any = np.shape) -> dict[str, tuple[int, ...]]:
+    """``{"params/linear/kernel": shape}`` for every leaf; tuples, dicts and NamedTuples
+    all give plain names, so a saved tree and a live one compare equal."""
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None)[0]
+    return {"/".join(_path_name(e) for e in path): tuple(shape_of(leaf))
+            for path, leaf in flat if leaf is not None}
+
+
+def describe_mismatch(expected: dict[str, tuple], found: dict[str, tuple]) -> str:
+    """Names the leaves missing or extra and the shapes that differ between two trees."""
+    missing = sorted(set(expected) - set(found))
+    extra = sorted(set(found) - set(expected))
+    differ = [f"{k}: expected {expected[k]}, found {found[k]}"
+              for k in sorted(set(expected) & set(found)) if expected[k] != found[k]]
+    parts = []
+    if missing:
+        parts.append(f"missing {missing}")
+    if extra:
+        parts.append(f"unexpected {extra}")
+    if differ:
+        parts.append(f"shape mismatch {differ}")
+    return "; ".join(parts)
+
+
+def restore_checkpoint(directory: str, step: int | None, target: Mapping[str, PyTree]
+                       ) -> tuple[dict[str, PyTree], dict[str, Any]]:
+    """Restores items of a checkpoint written by ``Checkpointer``.
+
+    Args:
+      directory: a checkpoint manager directory (e.g. ``<checkpoint_dir>/checkpoints``).
+      step: the checkpoint number; None takes the latest.
+      target: item name -> a tree with the expected structure, shapes and dtypes.
+
+    Returns:
+      (items, meta): the restored trees (as jax arrays) and the JSON metadata.
+
+    Raises:
+      ValueError: if ``directory`` holds no checkpoint, the checkpoint is corrupt or
+        truncated, or its trees do not match ``target`` (naming what differs).
+    """
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"{directory}: not a jaxmtl checkpoint directory (it does not exist)")
+    handlers = {name: ocp.StandardCheckpointHandler() for name in target}
+    handlers["meta"] = ocp.JsonCheckpointHandler()
+    manager = ocp.CheckpointManager(os.path.abspath(directory), item_handlers=handlers)
+    try:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"{directory}: not a jaxmtl checkpoint directory (no checkpoint)")
+        meta = dict(manager.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore()))["meta"])
+        items: dict[str, PyTree] = {}
+        for name, tree in target.items():
+            saved = manager.item_metadata(step)[name]
+            if saved is None:
+                raise CheckpointError(f"{directory}/{step}: the checkpoint has no '{name}' item")
+            saved_shapes = leaf_shapes(getattr(saved, "tree", saved), lambda m: m.shape)
+            mismatch = describe_mismatch(leaf_shapes(tree), saved_shapes)
+            if mismatch:
+                raise CheckpointError(
+                    f"{directory}/{step}: saved '{name}' does not match the model: {mismatch}"
+                )
+            restored = manager.restore(
+                step, args=ocp.args.Composite(**{name: ocp.args.StandardRestore(_abstract(tree))})
+            )
+            items[name] = jax.tree.map(jnp.asarray, restored[name])
+        return items, meta
+    except CheckpointError:
+        raise
+    except Exception as error:  # orbax raises many types for corrupt or truncated files
+        raise CheckpointError(
+            f"{directory}: cannot read checkpoint {step} (corrupt or truncated?): {error}"
+        ) from error
+    finally:
+        manager.close()
+
+
+class Checkpointer:
+    """Saves checkpoints and keeps the best model per metric (Snorkel's Checkpointer).
+
+    Args:
+      counter_unit: the LogManager's unit (points, batches or epochs).
+      evaluation_freq: evaluations happen every this many units; checkpoints every
+        ``evaluation_freq * checkpoint_factor``.
+      checkpoint_dir, checkpoint_factor, checkpoint_metric, checkpoint_task_metrics,
+        checkpoint_runway, checkpoint_clear: as ``CheckpointerConfig`` (Snorkel's).
+        ``checkpoint_runway`` delays best-model tracking only: resume checkpoints are
+        written from the start.
+      config: a CheckpointerConfig or dict; explicit arguments override its fields.
+      max_to_keep: number of resume checkpoints kept.
+      async_save: write checkpoints in the background (Orbax async checkpointing).
+
+    Raises:
+      ValueError: for a negative runway, a non-positive checkpoint frequency, or a
+        malformed metric ("task/dataset/split/metric:mode", mode "min" or "max").
+    """
+
+    def __init__(self, counter_unit: str = "epochs", evaluation_freq: float = 1.0,
+                 config: CheckpointerConfig | dict | None = None, max_to_keep: int = 2,
+                 async_save: bool = True, **kwargs: Any) -> None:
+        self.config = merge_config(from_dict(CheckpointerConfig, config), kwargs)
+        if self.config.checkpoint_runway is None or self.config.checkpoint_runway < 0:
+            raise ValueError(
+                f"Invalid checkpoint_runway {self.config.checkpoint_runway}, must be greater "
+                f"than or equal to 0."
+            )
+        self.checkpoint_factor = self.config.checkpoint_factor
+        self.checkpoint_freq = evaluation_freq * self.checkpoint_factor
+        if not self.checkpoint_freq or self.checkpoint_freq <= 0:
+            raise ValueError(
+                f"Invalid checkpoint freq {self.checkpoint_freq}, must be greater than 0."
+            )
+        self.checkpoint_unit = counter_unit
+        self.checkpoint_dir = self.config.checkpoint_dir or DEFAULT_CHECKPOINT_DIR
+        self.checkpoint_runway = self.config.checkpoint_runway
+        self.checkpoint_clear = self.config.checkpoint_clear
+        self.checkpoint_metric = _metric_modes([self.config.checkpoint_metric])
+        self.checkpoint_task_metrics = _metric_modes(self.config.checkpoint_task_metrics)
+        self.checkpoint_task_metrics.update(self.checkpoint_metric)
+        self.max_to_keep = max_to_keep
+        self.async_save = async_save
+        self.best_metric_dict: dict[str, float] = {}
+        self.checkpoint_condition_met = False
+        self.save_count = 0
+        self._managers: dict[str, ocp.CheckpointManager] = {}
+
+    # --- saving ----------------------------------------------------------------------
+    def _manager_for(self, subdir: str, max_to_keep: int | None) -> ocp.CheckpointManager:
+        if subdir not in self._managers:
+            path = os.path.join(self.checkpoint_dir, subdir)
+            self._managers[subdir] = _manager(path, max_to_keep, self.async_save)
+        return self._managers[subdir]
+
+    def checkpoint(self, iteration: float, model: Any, metric_dict: Metrics,
+                   train_state: PyTree | None = None,
+                   trainer_meta: Mapping[str, Any] | None = None) -> None:
+        """Saves a checkpoint at ``iteration`` units and updates the best models.
+
+        Args:
+          iteration: units trained so far (``LogManager.unit_total``).
+          model: the classifier (its ``variables`` are saved).
+          metric_dict: current metrics; tracked ones update the best models.
+          train_state: (from the Trainer) the full training-state tree for resume.
+          trainer_meta: (from the Trainer) JSON-able position and settings for resume.
+        """
+        if not isinstance(iteration, (int, float)):
+            raise TypeError(f"Invalid iteration type {type(iteration)}, must be int or float.")
+        tracking = iteration >= self.checkpoint_runway
+        if tracking and not self.checkpoint_condition_met:
+            self.checkpoint_condition_met = True
+            logger.info("checkpoint_runway condition has been met. Start checkpointing.")
+        if train_state is None and not tracking:
+            return
+        new_best = self._new_best(metric_dict) if tracking else set()
+        variables = jax.device_get(model.variables)
+        meta = {
+            "iteration": iteration,
+            "unit": self.checkpoint_unit,
+            "metrics": to_jsonable(dict(metric_dict)),
+            "best_metric_dict": dict(self.best_metric_dict),
+            "checkpoint_condition_met": self.checkpoint_condition_met,
+            "save_count": self.save_count + 1,
+            "trainer": to_jsonable(dict(trainer_meta or {})),
+        }
+        items = {"model": ocp.args.StandardSave(variables), "meta": ocp.args.JsonSave(meta)}
+        if train_state is not None:
+            items["train"] = ocp.args.StandardSave(jax.device_get(train_state))
+        self._manager_for(CHECKPOINTS_SUBDIR, self.max_to_keep).save(
+            self.save_count, args=ocp.args.Composite(**items)
+        )
+        for metric in sorted(new_best):
+            manager = self._manager_for(self.best_subdir(metric), 1)
+            manager.save(
+                self.save_count,
+                args=ocp.args.Composite(model=ocp.args.StandardSave(variables),
+                                        meta=ocp.args.JsonSave(meta)),
+            )
+            logger.info("Best model of %s at %s %s", metric, iteration, self.checkpoint_unit)
+        self.save_count += 1
+
+    @staticmethod
+    def best_subdir(metric: str) -> str:
+        """Directory (under ``checkpoint_dir``) of the best model by ``metric``."""
+        return f"best_model_{metric.replace('/', '_')}"
+
+    def _new_best(self, metric_dict: Metrics) -> set[str]:
+        improved = set()
+        for metric, mode in self.checkpoint_task_metrics.items():
+            if metric not in metric_dict:
+                continue
+            value = float(metric_dict[metric])
+            if np.isnan(value):
+                continue
+            best = self.best_metric_dict.get(metric)
+            if best is None or _is_better(value, best, mode):
+                self.best_metric_dict[metric] = value
+                improved.add(metric)
+        return improved
+
+    # --- loading and housekeeping --------------------------------------------------------
+    def wait_until_finished(self) -> None:
+        """Blocks until background saves are on disk."""
+        for manager in self._managers.values():
+            manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Finishes pending saves and releases the managers."""
+        for manager in self._managers.values():
+            manager.wait_until_finished()
+            manager.close()
+        self._managers.clear()
+
+    def clear(self) -> None:
+        """Removes the resume checkpoints, keeping the best models (if ``checkpoint_clear``)."""
+        if not self.checkpoint_clear:
+            return
+        manager = self._managers.pop(CHECKPOINTS_SUBDIR, None)
+        if manager is not None:
+            manager.wait_until_finished()
+            manager.close()
+        shutil.rmtree(os.path.join(self.checkpoint_dir, CHECKPOINTS_SUBDIR), ignore_errors=True)
+
+    def load_best_model(self, model: Any) -> Any:
+        """Loads the best model by ``checkpoint_metric`` into ``model`` (if one was saved)."""
+        metric = next(iter(self.checkpoint_metric))
+        if metric not in self.best_metric_dict:
+            logger.info("No best model found for %s; keeping the current model.", metric)
+            return model
+        self.wait_until_finished()
+        directory = os.path.join(self.checkpoint_dir, self.best_subdir(metric))
+        items, _ = restore_checkpoint(directory, None, {"model": jax.device_get(model.variables)})
+        model.variables = items["model"]
+        return model
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-able best-metric tracking state (restored on resume)."""
+        return {"best_metric_dict": dict(self.best_metric_dict),
+                "checkpoint_condition_met": self.checkpoint_condition_met,
+                "save_count": self.save_count}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restores what ``state_dict`` returned."""
+        self.best_metric_dict = {k: float(v) for k, v in state["best_metric_dict"].items()}
+        self.checkpoint_condition_met = bool(state["checkpoint_condition_met"])
+        self.save_count = int(state["save_count"])

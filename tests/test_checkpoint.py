@@ -1,0 +1,168 @@
+"""Checkpointer (Snorkel's tests re-expressed) and Trainer checkpointing on Orbax."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from conftest import make_task
+
+from jaxmtl import MultitaskClassifier, Trainer
+from jaxmtl.training.checkpoint import Checkpointer, restore_checkpoint
+
+METRIC = "task/dataset/valid/f1"
+
+
+@pytest.fixture(scope="module")
+def model():
+    model = MultitaskClassifier([make_task("task1")])
+    model.init({"data": np.zeros((2, 2), np.float32)})
+    return model
+
+
+def with_kernel(model, value):
+    variables = jax.tree.map(np.asarray, model.variables)
+    variables["params"]["linear1A"]["kernel"] = np.full_like(
+        variables["params"]["linear1A"]["kernel"], value)
+    model.variables = variables
+    return model
+
+
+def kernel(model):
+    return float(np.asarray(model.params["linear1A"]["kernel"]).ravel()[0])
+
+
+@pytest.mark.parametrize("mode, values, best", [("max", [0.5, 0.8, 0.7], 0.8),
+                                                ("min", [0.5, 0.8, 0.3], 0.3)])
+def test_best_model_by_metric_with_runway(model, tmp_path, mode, values, best):
+    checkpointer = Checkpointer("epochs", 1.0, checkpoint_dir=str(tmp_path),
+                                checkpoint_metric=f"{METRIC}:{mode}", checkpoint_runway=3)
+    checkpointer.checkpoint(2, with_kernel(model, 0.1), {METRIC: 0.99})  # inside the runway
+    assert checkpointer.best_metric_dict == {}
+    for iteration, value in zip([3, 4, 5], values, strict=True):
+        checkpointer.checkpoint(iteration, with_kernel(model, value), {METRIC: value})
+    assert checkpointer.best_metric_dict == {METRIC: best}
+    checkpointer.load_best_model(with_kernel(model, -1.0))
+    assert kernel(model) == pytest.approx(best)
+    checkpointer.clear()
+    assert sorted(os.listdir(tmp_path)) == [f"best_model_{METRIC.replace('/', '_')}"]
+    checkpointer.close()
+
+
+def test_task_metrics_each_keep_their_best(model, tmp_path):
+    checkpointer = Checkpointer("epochs", 1.0, checkpoint_dir=str(tmp_path),
+                                checkpoint_metric="task/dataset/valid/loss:min",
+                                checkpoint_task_metrics=[f"{METRIC}:max"], checkpoint_clear=False)
+    checkpointer.checkpoint(1, with_kernel(model, 1.0), {"task/dataset/valid/loss": 0.5, METRIC: 0.9})
+    checkpointer.checkpoint(2, with_kernel(model, 2.0), {"task/dataset/valid/loss": 0.4, METRIC: 0.1})
+    assert checkpointer.best_metric_dict == {"task/dataset/valid/loss": 0.4, METRIC: 0.9}
+    checkpointer.wait_until_finished()
+    best_f1 = os.path.join(tmp_path, f"best_model_{METRIC.replace('/', '_')}")
+    items, meta = restore_checkpoint(best_f1, None, {"model": jax.device_get(model.variables)})
+    assert float(np.asarray(items["model"]["params"]["linear1A"]["kernel"]).ravel()[0]) == 1.0
+    assert meta["iteration"] == 1
+    checkpointer.load_best_model(model)  # by checkpoint_metric (loss): the second
+    assert kernel(model) == 2.0
+    checkpointer.clear()  # checkpoint_clear=False keeps everything
+    assert "checkpoints" in os.listdir(tmp_path)
+    checkpointer.close()
+
+
+def test_no_best_model_keeps_model(model, tmp_path):
+    checkpointer = Checkpointer(checkpoint_dir=str(tmp_path), checkpoint_metric=f"{METRIC}:max")
+    with_kernel(model, 7.0)
+    checkpointer.checkpoint(1, model, {"other/metric/x/y": 1.0})
+    assert kernel(checkpointer.load_best_model(model)) == 7.0
+    checkpointer.close()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"checkpoint_runway": -1}, "checkpoint_runway"),
+        ({"checkpoint_factor": 0}, "checkpoint freq"),
+        ({"checkpoint_metric": "task/dataset/split/f1-min"}, "metric_name:mode"),
+        ({"checkpoint_metric": "task/dataset/split/f1:mode"}, "metric mode"),
+        ({"checkpoint_metric": "task/dataset/split:max"}, "checkpoint_metric must be formatted"),
+        ({"checkpoint_task_metrics": ["a/b/c/d:up"]}, "metric mode"),
+    ],
+)
+def test_bad_config(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Checkpointer("epochs", 1.0, checkpoint_dir=str(tmp_path), **kwargs)
+    with pytest.raises(ValueError, match="checkpoint freq"):
+        Checkpointer("epochs", 0.0, checkpoint_dir=str(tmp_path))
+
+
+def test_restore_errors(model, tmp_path):
+    target = {"model": jax.device_get(model.variables)}
+    with pytest.raises(ValueError, match="not a jaxmtl checkpoint directory"):
+        restore_checkpoint(str(tmp_path / "missing"), None, target)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no checkpoint"):
+        restore_checkpoint(str(tmp_path / "empty"), None, target)
+    checkpointer = Checkpointer(checkpoint_dir=str(tmp_path / "ck"), checkpoint_metric=f"{METRIC}:max")
+    checkpointer.checkpoint(1, model, {METRIC: 1.0})
+    checkpointer.close()
+    wider = MultitaskClassifier([make_task("task1", hidden=7)])
+    wider.init({"data": np.zeros((2, 2), np.float32)})
+    with pytest.raises(ValueError, match=r"shape mismatch.*linear1A.*kernel.*expected \(2, 7\), found \(2, 10\)"):
+        restore_checkpoint(str(tmp_path / "ck" / "checkpoints"), None,
+                           {"model": jax.device_get(wider.variables)})
+    other = MultitaskClassifier([make_task("task1", ("A", "Z"))])
+    other.init({"data": np.zeros((2, 2), np.float32)})
+    with pytest.raises(ValueError, match=r"missing \[.*linear2Z.*unexpected \[.*linear2B"):
+        restore_checkpoint(str(tmp_path / "ck" / "checkpoints"), None,
+                           {"model": jax.device_get(other.variables)})
+    # Truncate every array file of the checkpoint: a clear error, not a partial load.
+    for folder, _, files in os.walk(tmp_path / "ck" / "checkpoints" / "0" / "model"):
+        for name in files:
+            path = os.path.join(folder, name)
+            with open(path, "r+b") as f:
+                f.truncate(max(0, os.path.getsize(path) // 3))
+    with pytest.raises(ValueError, match="cannot read checkpoint 0"):
+        restore_checkpoint(str(tmp_path / "ck" / "checkpoints"), None, target)
+
+
+def test_trainer_loads_best_model_at_end(two_task_loaders, tmp_path):
+    model = MultitaskClassifier([make_task("task1"), make_task("task2", ("A", "C"))])
+    trainer = Trainer(n_epochs=4, lr=0.5, seed=0, progress_bar=False, checkpointing=True,
+                      optimizer="sgd", logging=True, log_writer="json",
+                      log_writer_config={"log_dir": str(tmp_path), "run_name": "run"},
+                      log_manager_config={"counter_unit": "batches", "evaluation_freq": 7},
+                      checkpointer_config={"checkpoint_dir": str(tmp_path / "ck"),
+                                           "checkpoint_metric": "task2/d2/valid/accuracy:max"})
+    trainer.fit(model, two_task_loaders)
+    log = json.loads((tmp_path / "run" / "log.json").read_text())
+    history = [value for _, value in log["task2/d2/valid/accuracy"]]
+    assert len(history) == 4 * 38 // 7
+    best = max(history)
+    assert history[-1] != best  # a large SGD step makes the last evaluation not the best
+    valid = [dl for dl in two_task_loaders if dl.dataset.split == "valid"]
+    assert model.score(valid)["task2/d2/valid/accuracy"] == pytest.approx(best)
+    assert sorted(os.listdir(tmp_path / "ck")) == ["best_model_task2_d2_valid_accuracy"]
+
+
+def test_trainer_save_load_continues_optimizer(two_task_loaders, tmp_path):
+    model = MultitaskClassifier([make_task("task1")])
+    trainer = Trainer(n_epochs=1, lr=0.01, seed=0, progress_bar=False, l2=0.001)
+    trainer.fit(model, two_task_loaders[:1])
+    trainer.save(str(tmp_path / "trainer"))
+    restored = Trainer(lr=0.5)
+    restored.load(str(tmp_path / "trainer"), model)
+    assert restored.config.lr == 0.01 and restored.config.l2 == 0.001
+    assert restored.config.optimizer_config.adam_config.betas == (0.9, 0.999)
+    restored.fit(model, two_task_loaders[:1])
+    # 19 updates before the save, 19 after: the count continued.
+    assert int(restored.state.step) == 38
+    mu_after = jax.tree.leaves(restored.state.opt_state)
+    assert len(mu_after) > 0
+    # A model whose params do not fit: config only, a warning, and a fresh optimizer.
+    other = MultitaskClassifier([make_task("task1", hidden=3)])
+    other.init({"data": np.zeros((1, 2), np.float32)})
+    fresh = Trainer()
+    fresh.load(str(tmp_path / "trainer"), other)
+    assert fresh.config.lr == 0.01 and getattr(fresh, "_loaded_optimizer", None) is None
+    with pytest.raises(ValueError, match="nothing to save"):
+        Trainer().save(str(tmp_path / "x"))
