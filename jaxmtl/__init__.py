@@ -22,6 +22,7 @@ from .task import Operation, Task
 from .training import (
     AdamaxConfig,
     AdamConfig,
+    Checkpointer,
     CheckpointerConfig,
     LogManager,
     LogManagerConfig,
@@ -45,6 +46,7 @@ __all__ = [
     "AdamConfig",
     "AdamaxConfig",
     "Batch",
+    "Checkpointer",
     "CheckpointerConfig",
     "DictDataLoader",
     "DictDataset",

@@ -23,3 +23,9 @@ def test_tensorboard_example_writes_events(tmp_path):
     run_dir = Path(tensorboard_run.main(str(tmp_path), "run"))
     assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1
     assert (run_dir / "config.json").exists()
+
+
+def test_resume_example_is_bit_identical(tmp_path):
+    import resume
+
+    assert resume.main(str(tmp_path / "ck")) is True

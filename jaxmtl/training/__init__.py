@@ -1,5 +1,6 @@
 """Training: configuration, the pure train step, the Trainer shell and its services."""
 
+from .checkpoint import Checkpointer
 from .config import (
     AdamaxConfig,
     AdamConfig,
@@ -17,6 +18,7 @@ from .trainer import Trainer
 from .writers import LogWriter, TensorBoardWriter
 
 __all__ = [
+    "Checkpointer",
     "AdamConfig",
     "AdamaxConfig",
     "CheckpointerConfig",

@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
-import os
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -18,19 +17,19 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from tqdm import tqdm
 
 from ..classifier import MultitaskClassifier
 from ..data import DictDataLoader
 from ..model import ModelGraph
 from .batch_schedulers import make_batch_scheduler
-from .checkpoint import CHECKPOINTS_SUBDIR, DEFAULT_CHECKPOINT_DIR, Checkpointer, restore_checkpoint
+from .checkpoint import DEFAULT_CHECKPOINT_DIR, Checkpointer
 from .config import TrainerConfig, from_dict, merge_config
 from .log_manager import LogManager
 from .lr_schedules import make_lr_schedule
+from .resume import load_optimizer_state, restore_training, save_optimizer_state, train_tree
 from .step import TrainState, make_optimizer, train_step
-from .writers import make_log_writer, to_jsonable
+from .writers import make_log_writer
 
 logger = logging.getLogger(__name__)
 
@@ -65,15 +64,6 @@ def fit_step(
         loss_sum = loss_sum.at[loader_index, column].add(task_sum)
         count = count.at[loader_index, column].add(task_count)
     return state, {"loss_sum": loss_sum, "count": count}
-
-
-def _tuples(value: Any) -> Any:
-    """JSON turns tuples into lists; config tuples (e.g. Adam's betas) come back as tuples."""
-    if isinstance(value, dict):
-        return {key: _tuples(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return tuple(_tuples(item) for item in value)
-    return value
 
 
 class Trainer:
@@ -214,11 +204,6 @@ class Trainer:
                             config=self.config.checkpointer_config,
                             checkpoint_dir=checkpoint_dir)
 
-    @staticmethod
-    def _train_tree(state: TrainState, accumulator: dict[str, jax.Array]) -> dict[str, Any]:
-        return {"step": state.step, "params": state.params, "model_state": state.model_state,
-                "opt_state": state.opt_state, "rng": state.rng, "accumulator": accumulator}
-
     def _checkpoint(self, checkpointer: Checkpointer, model: MultitaskClassifier,
                     state: TrainState, accumulator: dict[str, jax.Array],
                     log_manager: LogManager, train_loaders: Sequence[DictDataLoader],
@@ -237,7 +222,7 @@ class Trainer:
         }
         model.variables = state.variables
         checkpointer.checkpoint(log_manager.unit_total, model, self.metrics,
-                                train_state=self._train_tree(state, accumulator),
+                                train_state=train_tree(state, accumulator),
                                 trainer_meta=trainer_meta)
 
     def _resume(self, resume_from: str, model: MultitaskClassifier,
@@ -249,24 +234,9 @@ class Trainer:
         if resume_from == "latest":
             root = checkpointer.checkpoint_dir if checkpointer is not None else (
                 self.config.checkpointer_config.checkpoint_dir or DEFAULT_CHECKPOINT_DIR)
-        directory = os.path.join(root, CHECKPOINTS_SUBDIR)
-        items, meta = restore_checkpoint(directory, None,
-                                         {"train": self._train_tree(state, accumulator)})
+        state, accumulator, meta = restore_training(root, model.task_names, len(train_loaders),
+                                                    state, accumulator)
         trainer_meta = meta["trainer"]
-        if trainer_meta.get("task_names") != model.task_names:
-            raise ValueError(
-                f"{root}: checkpoint of tasks {trainer_meta.get('task_names')}, but the model "
-                f"has tasks {model.task_names}"
-            )
-        if len(trainer_meta["loader_seeds"]) != len(train_loaders):
-            raise ValueError(
-                f"{root}: checkpoint was trained on {len(trainer_meta['loader_seeds'])} train "
-                f"loaders, got {len(train_loaders)}"
-            )
-        tree = items["train"]
-        state = state.replace(step=tree["step"], params=tree["params"],
-                              model_state=tree["model_state"], opt_state=tree["opt_state"],
-                              rng=tree["rng"])
         self.seed = int(trainer_meta["seed"])
         for dl, seed in zip(train_loaders, trainer_meta["loader_seeds"], strict=True):
             dl.seed = int(seed)  # a loader built with seed=None drew another one
@@ -275,10 +245,9 @@ class Trainer:
             checkpointer.load_state_dict(meta)
         self.metrics = dict(trainer_meta.get("metrics", {}))
         model.variables = state.variables
-        logger.info("Resumed from %s at epoch %s, batch %s", directory, trainer_meta["epoch"],
-                    trainer_meta["batch_in_epoch"])
-        return state, tree["accumulator"], (int(trainer_meta["epoch"]),
-                                            int(trainer_meta["batch_in_epoch"]))
+        position = int(trainer_meta["epoch"]), int(trainer_meta["batch_in_epoch"])
+        logger.info("Resumed from %s at epoch %s, batch %s", root, *position)
+        return state, accumulator, position
 
     def _continue_optimizer(self, state: TrainState) -> TrainState:
         """Uses the optimizer state from ``load`` (if any) in place of a fresh one."""
@@ -293,25 +262,14 @@ class Trainer:
         return state.replace(opt_state=loaded["opt_state"], step=loaded["step"])
 
     def save(self, trainer_path: str) -> None:
-        """Saves the config and the optimizer state (Orbax directory ``trainer_path``).
+        """Saves the config and the optimizer state (an Orbax directory ``trainer_path``).
 
         Raises:
           ValueError: before any ``fit`` (there is no optimizer state yet).
         """
         if self.state is None:
             raise ValueError("Trainer.save: nothing to save before fit() has run")
-        tree = {"opt_state": self.state.opt_state, "step": self.state.step}
-        manager = ocp.CheckpointManager(os.path.abspath(trainer_path),
-                                        options=ocp.CheckpointManagerOptions(create=True))
-        try:
-            step = (manager.latest_step() or 0) + 1
-            manager.save(step, args=ocp.args.Composite(
-                train=ocp.args.StandardSave(jax.device_get(tree)),
-                meta=ocp.args.JsonSave({"trainer_config": to_jsonable(self.config)}),
-            ))
-            manager.wait_until_finished()
-        finally:
-            manager.close()
+        save_optimizer_state(trainer_path, self.state, self.config)
 
     def load(self, trainer_path: str, model: MultitaskClassifier | None) -> None:
         """Restores the config and, when it fits ``model``, the optimizer state.
@@ -321,29 +279,9 @@ class Trainer:
         parameters do not match the saved optimizer state, only the config is restored and
         a warning says so.
         """
-        manager = ocp.CheckpointManager(os.path.abspath(trainer_path))
-        try:
-            step = manager.latest_step()
-            if step is None:
-                raise ValueError(f"{trainer_path}: not a jaxmtl trainer checkpoint")
-            meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        finally:
-            manager.close()
-        saved = dict(meta["meta"]["trainer_config"])
-        if not isinstance(self.config.optimizer, str):
-            saved["optimizer"] = self.config.optimizer  # a custom optax object is not JSON
-        self.config = from_dict(TrainerConfig, _tuples(saved))
-        if model is None or model.params is None:
-            logger.warning("Trainer.load: model is not initialised; restored the config only")
-            return
-        tx = make_optimizer(self.config, lambda count: self.config.lr)
-        target = {"opt_state": tx.init(model.params), "step": jnp.zeros((), jnp.int32)}
-        try:
-            items, _ = restore_checkpoint(trainer_path, step, {"train": target})
-        except ValueError as error:
-            logger.warning("Trainer.load: %s; restored the config only", error)
-            return
-        self._loaded_optimizer = items["train"]
+        params = None if model is None else model.params
+        self.config, self._loaded_optimizer = load_optimizer_state(trainer_path, self.config,
+                                                                   params)
 
     def _check_dataloaders(self, dataloaders: Sequence[DictDataLoader]) -> list[DictDataLoader]:
         config = self.config

@@ -1,0 +1,130 @@
+"""What an exact resume saves and restores, and the Trainer's optimizer-state files.
+
+A resume checkpoint holds the whole training state (``train_tree``) plus JSON metadata of
+the trainer's position; ``restore_training`` checks both against the live run before any
+of it is used, so a mismatch fails loudly instead of resuming something else.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+from .checkpoint import CHECKPOINTS_SUBDIR, CheckpointError, restore_checkpoint
+from .config import TrainerConfig, from_dict
+from .step import TrainState, make_optimizer
+from .writers import to_jsonable
+
+logger = logging.getLogger(__name__)
+
+
+def train_tree(state: TrainState, accumulator: dict[str, jax.Array]) -> dict[str, Any]:
+    """The arrays an exact resume needs: the TrainState's leaves and the loss accumulator."""
+    return {"step": state.step, "params": state.params, "model_state": state.model_state,
+            "opt_state": state.opt_state, "rng": state.rng, "accumulator": accumulator}
+
+
+def restore_training(root: str, task_names: Sequence[str], n_train_loaders: int,
+                     state: TrainState, accumulator: dict[str, jax.Array]
+                     ) -> tuple[TrainState, dict[str, jax.Array], dict[str, Any]]:
+    """Restores the latest resume checkpoint under ``root`` onto a freshly built state.
+
+    Args:
+      root: a ``checkpoint_dir``.
+      task_names: the model's tasks (must equal the checkpoint's).
+      n_train_loaders: number of train loaders (must equal the checkpoint's).
+      state, accumulator: fresh ones; they give the expected structure and shapes.
+
+    Returns:
+      (state, accumulator, meta): meta["trainer"] holds the position and settings.
+
+    Raises:
+      ValueError: if there is no checkpoint, it is unreadable or it does not match.
+    """
+    directory = os.path.join(root, CHECKPOINTS_SUBDIR)
+    items, meta = restore_checkpoint(directory, None, {"train": train_tree(state, accumulator)})
+    trainer_meta = meta["trainer"]
+    if trainer_meta.get("task_names") != list(task_names):
+        raise CheckpointError(
+            f"{root}: checkpoint of tasks {trainer_meta.get('task_names')}, but the model has "
+            f"tasks {list(task_names)}"
+        )
+    if len(trainer_meta["loader_seeds"]) != n_train_loaders:
+        raise CheckpointError(
+            f"{root}: checkpoint was trained on {len(trainer_meta['loader_seeds'])} train "
+            f"loaders, got {n_train_loaders}"
+        )
+    tree = items["train"]
+    state = state.replace(step=tree["step"], params=tree["params"],
+                          model_state=tree["model_state"], opt_state=tree["opt_state"],
+                          rng=tree["rng"])
+    return state, tree["accumulator"], meta
+
+
+def _tuples(value: Any) -> Any:
+    # JSON turns tuples into lists; config tuples (e.g. Adam's betas) come back as tuples.
+    if isinstance(value, dict):
+        return {key: _tuples(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return tuple(_tuples(item) for item in value)
+    return value
+
+
+def save_optimizer_state(path: str, state: TrainState, config: TrainerConfig) -> None:
+    """Writes the optimizer state, update count and config (Orbax directory ``path``)."""
+    tree = {"opt_state": state.opt_state, "step": state.step}
+    manager = ocp.CheckpointManager(os.path.abspath(path),
+                                    options=ocp.CheckpointManagerOptions(create=True))
+    try:
+        step = (manager.latest_step() or 0) + 1
+        manager.save(step, args=ocp.args.Composite(
+            train=ocp.args.StandardSave(jax.device_get(tree)),
+            meta=ocp.args.JsonSave({"trainer_config": to_jsonable(config)}),
+        ))
+        manager.wait_until_finished()
+    finally:
+        manager.close()
+
+
+def load_optimizer_state(path: str, current: TrainerConfig, params: Any
+                         ) -> tuple[TrainerConfig, dict[str, Any] | None]:
+    """Reads what ``save_optimizer_state`` wrote.
+
+    Args:
+      path: the directory given to ``save_optimizer_state``.
+      current: the config in use (supplies a custom optax optimizer, which is not JSON).
+      params: the model's parameters, or None if it is not initialised.
+
+    Returns:
+      (config, optimizer): the saved config, and ``{"opt_state", "step"}`` or None when
+      ``params`` is None or does not match the saved optimizer state (a warning says so).
+    """
+    manager = ocp.CheckpointManager(os.path.abspath(path))
+    try:
+        step = manager.latest_step()
+        if step is None:
+            raise CheckpointError(f"{path}: not a jaxmtl trainer checkpoint")
+        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    finally:
+        manager.close()
+    saved = dict(meta["meta"]["trainer_config"])
+    if not isinstance(current.optimizer, str):
+        saved["optimizer"] = current.optimizer
+    config = from_dict(TrainerConfig, _tuples(saved))
+    if params is None:
+        logger.warning("Trainer.load: model is not initialised; restored the config only")
+        return config, None
+    tx = make_optimizer(config, lambda count: config.lr)
+    target = {"opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+    try:
+        items, _ = restore_checkpoint(path, step, {"train": target})
+    except CheckpointError as error:
+        logger.warning("Trainer.load: %s; restored the config only", error)
+        return config, None
+    return config, items["train"]
