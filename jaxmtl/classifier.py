@@ -28,6 +28,7 @@ from .model import (
     task_loss_terms,
     task_probs,
 )
+from .parallel import DataParallel, choose_parallel
 from .task import Operation, Task
 from .utils import probs_to_preds
 
@@ -79,6 +80,9 @@ class MultitaskClassifier:
         self._tasks: list[Task] = []
         self.graph: ModelGraph = build_graph([])
         self.variables: PyTree | None = None
+        self._jitted: dict[Any, Any] = {}
+        self._owning_modules: set[str] | None = None
+        self._parallel: DataParallel | None = None
         for task in tasks:
             self.add_task(task)
 
@@ -123,6 +127,7 @@ class MultitaskClassifier:
         self._tasks.append(task)
         self._jitted: dict[Any, Any] = {}
         self._owning_modules: set[str] | None = None
+        self._parallel: DataParallel | None = None
         if self.variables is not None:
             logger.info("Task '%s' added to an initialised model; new modules are "
                         "initialised on the next batch", task.name)
@@ -167,8 +172,15 @@ class MultitaskClassifier:
         return self._owning_modules
 
     # --- jitted entry points -----------------------------------------------------------
-    def _jit(self, kind: str, task_names: tuple[str, ...]) -> Any:
-        key = (kind, task_names)
+    @property
+    def parallel(self) -> DataParallel:
+        """How predict, score and calculate_loss use the local devices (``dataparallel``)."""
+        if self._parallel is None:
+            self._parallel = choose_parallel("auto", self.dataparallel)
+        return self._parallel
+
+    def _compiled(self, kind: str, task_names: tuple[str, ...], parallel: DataParallel) -> Any:
+        key = (kind, task_names, parallel)
         if key not in self._jitted:
             graph = self.graph
             if kind == "probs":
@@ -176,14 +188,16 @@ class MultitaskClassifier:
             elif kind == "forward":
                 fn = lambda v, x: apply_ops(graph, v, x, task_names)[0]  # noqa: E731
             else:
-                fn = lambda v, x, y: task_loss_terms(graph, v, x, y)[0]  # noqa: E731
-            self._jitted[key] = jax.jit(fn)
+                fn = lambda v, x, y, m: task_loss_terms(graph, v, x, y, m)[0]  # noqa: E731
+            self._jitted[key] = parallel.compile(fn)
         return self._jitted[key]
 
     def forward(self, X_dict: Mapping[str, Any], task_names: Sequence[str]) -> dict[str, Any]:
         """Evaluation-mode outputs of every op the tasks need, plus "_input_" -> X_dict."""
         variables = self._ensure_variables(X_dict)
-        return self._jit("forward", tuple(task_names))(variables, _as_device_batch(X_dict))
+        single = choose_parallel("single")
+        return self._compiled("forward", tuple(task_names), single)(
+            variables, _as_device_batch(X_dict))
 
     def calculate_loss(
         self, X_dict: Mapping[str, Any], Y_dict: Mapping[str, Any]
@@ -194,9 +208,13 @@ class MultitaskClassifier:
         """
         variables = self._ensure_variables(X_dict)
         tasks = tuple(name for name in Y_dict if name in self.graph.op_sequences)
-        terms = self._jit("loss", tasks)(
-            variables, _as_device_batch(X_dict), _as_device_batch({t: Y_dict[t] for t in tasks})
-        )
+        parallel = self.parallel
+        batch = parallel.put_batch(X_dict, {t: Y_dict[t] for t in tasks},
+                                   np.ones(len(next(iter(X_dict.values()))), bool))
+        terms = self._compiled("loss", tasks, parallel)(parallel.replicate(variables), *batch)
+        # Per-device sums under pmap: adding them over the device axis gives the totals.
+        terms = {t: (np.asarray(s, np.float64).sum(), np.asarray(c).sum())
+                 for t, (s, c) in terms.items()}
         loss_dict, count_dict = {}, {}
         for task_name, (loss_sum, count) in terms.items():
             count = int(count)
@@ -236,13 +254,20 @@ class MultitaskClassifier:
         golds: dict[str, list] = {label: [] for label in labels_to_tasks}
         probs: dict[str, list] = {label: [] for label in labels_to_tasks}
         if tasks:
+            parallel = self.parallel
+            probs_fn = self._compiled("probs", tasks, parallel)
+            device_variables = None
             for batch in dataloader:
                 X_dict, Y_dict = batch
-                variables = self._ensure_variables(X_dict)
-                batch_probs = self._jit("probs", tasks)(variables, _as_device_batch(X_dict))
-                num_valid = getattr(batch, "num_valid", len(next(iter(X_dict.values()))))
+                n_rows = len(next(iter(X_dict.values())))
+                mask = getattr(batch, "mask", np.ones(n_rows, bool))
+                if device_variables is None:
+                    device_variables = parallel.replicate(self._ensure_variables(X_dict))
+                device_X, _, _ = parallel.put_batch(X_dict, {}, mask)
+                batch_probs = probs_fn(device_variables, device_X)
+                num_valid = int(mask.sum())
                 for label, task in labels_to_tasks.items():
-                    probs[label].append(batch_probs[task][:num_valid])
+                    probs[label].append(parallel.gather_rows(batch_probs[task])[:num_valid])
                     golds[label].append(np.asarray(Y_dict[label])[:num_valid])
         results: dict[str, dict[str, np.ndarray]] = {
             "golds": {label: np.concatenate(v) for label, v in golds.items() if v},

@@ -13,6 +13,8 @@ from typing import Any, TypeVar
 
 import optax
 
+from ..parallel import PARALLEL_MODES
+
 ConfigT = TypeVar("ConfigT")
 
 OPTIMIZERS = ("sgd", "adam", "adamax")
@@ -219,6 +221,9 @@ class TrainerConfig(_NestedConfig):
       lr_scheduler_config: warm-up and decay settings.
       batch_scheduler: order of batches across train loaders: "sequential", "shuffled"
         or "proportional".
+      parallel: with several local devices (and the model's ``dataparallel``): "auto" or
+        "pmap" (``jax.pmap``), "sharded" (``jax.jit`` over a ``NamedSharding`` mesh) or
+        "single" (one device). The loaders' batch size is the global batch.
     """
 
     seed: int | None = None
@@ -241,9 +246,12 @@ class TrainerConfig(_NestedConfig):
     lr_scheduler: str = "constant"
     lr_scheduler_config: LRSchedulerConfig = field(default_factory=LRSchedulerConfig)
     batch_scheduler: str = "shuffled"
+    parallel: str = "auto"
 
     def __post_init__(self) -> None:
         self._convert_nested()
+        _check_choice("TrainerConfig", "parallel", self.parallel, PARALLEL_MODES,
+                      "Unrecognized parallel mode")
         if not isinstance(self.optimizer, optax.GradientTransformation):
             _check_choice("TrainerConfig", "optimizer", self.optimizer, OPTIMIZERS,
                           "Unrecognized optimizer option")

@@ -123,6 +123,8 @@ def train_step(
       batch (this device's share under pmap); metrics["loss"] is the summed task loss.
     """
     rng = jax.random.fold_in(state.rng, state.step)
+    if axis_name is not None:  # each device draws its own dropout masks
+        rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
 
     def loss_fn(params: PyTree) -> tuple[jax.Array, tuple]:
         variables = {"params": params, **state.model_state}

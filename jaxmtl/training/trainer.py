@@ -22,6 +22,7 @@ from tqdm import tqdm
 from ..classifier import MultitaskClassifier
 from ..data import DictDataLoader
 from ..model import ModelGraph
+from ..parallel import choose_parallel, prefetch
 from .batch_schedulers import make_batch_scheduler
 from .checkpoint import DEFAULT_CHECKPOINT_DIR, Checkpointer
 from .config import TrainerConfig, from_dict, merge_config
@@ -51,15 +52,20 @@ def fit_step(
     Y_dict: Mapping[str, jax.Array],
     mask: jax.Array,
     loader_index: jax.Array,
+    axis_name: Any = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """``train_step`` plus on-device accumulation of loss sums and counts.
 
     ``accumulator`` holds [n_loaders, n_tasks] loss sums and active counts; row
     ``loader_index`` collects this batch's terms, so logging needs no per-step host sync.
+    Under pmap the terms are summed over devices first, so every replica holds the totals.
     """
-    state, metrics = train_step(graph, state, X_dict, Y_dict, mask)
+    state, metrics = train_step(graph, state, X_dict, Y_dict, mask, axis_name=axis_name)
+    terms = metrics["terms"]
+    if axis_name is not None:
+        terms = jax.lax.psum(terms, axis_name)
     loss_sum, count = accumulator["loss_sum"], accumulator["count"]
-    for task_name, (task_sum, task_count) in metrics["terms"].items():
+    for task_name, (task_sum, task_count) in terms.items():
         column = graph.task_names.index(task_name)
         loss_sum = loss_sum.at[loader_index, column].add(task_sum)
         count = count.at[loader_index, column].add(task_count)
@@ -137,46 +143,64 @@ class Trainer:
         if log_writer is not None:
             log_writer.write_config(config)
         batch_scheduler = make_batch_scheduler(config.batch_scheduler, self.seed)
-        step = jax.jit(functools.partial(fit_step, model.graph), donate_argnums=(0, 1))
-        loader_index = {id(dl): np.int32(i) for i, dl in enumerate(train_loaders)}
+        parallel = choose_parallel(config.parallel, model.dataparallel)
+        self.parallel = parallel
+        step = parallel.compile(
+            functools.partial(fit_step, model.graph, axis_name=parallel.axis_name),
+            donate_argnums=(0, 1),
+        )
+        loader_index = {id(dl): parallel.per_device(np.int32(i))
+                        for i, dl in enumerate(train_loaders)}
         task_names = set(model.task_names)
+
+        def to_devices(item: tuple[Any, DictDataLoader]) -> tuple[Any, int, DictDataLoader]:
+            (X_dict, Y_dict), dataloader = item
+            Y_dict = {k: v for k, v in Y_dict.items() if k in task_names}
+            return parallel.put_batch(X_dict, Y_dict, item[0].mask), item[0].num_valid, \
+                dataloader
+
+        state, accumulator = parallel.replicate(state), parallel.replicate(accumulator)
 
         try:
             for epoch in range(start_epoch, config.n_epochs):
                 for dl in train_loaders:
                     dl.set_epoch(epoch)
                 first = start_batch if epoch == start_epoch else 0
-                batches = itertools.islice(batch_scheduler.get_batches(train_loaders, epoch),
-                                           first, None)
+                batches = prefetch(itertools.islice(
+                    batch_scheduler.get_batches(train_loaders, epoch), first, None), to_devices)
                 progress = tqdm(batches, total=n_batches_per_epoch, initial=first,
                                 disable=not config.progress_bar, desc=f"Epoch {epoch}")
                 points, started, refreshed = 0, time.perf_counter(), time.perf_counter()
-                for batch_index, (batch, dataloader) in enumerate(progress, start=first):
-                    X_dict, Y_dict = batch
-                    Y_dict = {k: v for k, v in Y_dict.items() if k in task_names}
-                    state, accumulator = step(state, accumulator, X_dict, Y_dict, batch.mask,
+                for batch_index, (device_batch, num_valid, dataloader) in enumerate(
+                        progress, start=first):
+                    state, accumulator = step(state, accumulator, *device_batch,
                                               loader_index[id(dataloader)])
-                    log_manager.update(batch.num_valid)
-                    points += batch.num_valid
+                    log_manager.update(num_valid)
+                    points += num_valid
                     evaluate = log_manager.trigger_evaluation()
                     if evaluate:
-                        model.variables = state.variables
+                        host_state = parallel.unreplicate(state)  # no gather across devices
+                        model.variables = host_state.variables
                         self.metrics = self._aggregate_losses(
-                            accumulator, train_loaders, model.task_names, state)
+                            parallel.unreplicate(accumulator), train_loaders, model.task_names,
+                            host_state)
                         self.metrics.update(self._evaluate(model, dataloaders))
                         self._log_metrics(log_writer, log_manager, self.metrics)
-                        accumulator = _zero_loss_accumulator(*accumulator["count"].shape)
+                        accumulator = parallel.replicate(_zero_loss_accumulator(
+                            len(train_loaders), len(model.task_names)))
                     if evaluate and log_manager.trigger_checkpointing():
                         position = (epoch, batch_index + 1)
-                        self._checkpoint(checkpointer, model, state, accumulator, log_manager,
+                        self._checkpoint(checkpointer, model, host_state,
+                                         parallel.unreplicate(accumulator), log_manager,
                                          train_loaders, position)
                     now = time.perf_counter()
                     if config.progress_bar and now - refreshed > PROGRESS_REFRESH_SECONDS:
                         refreshed = now
-                        self._show_progress(progress, accumulator, train_loaders, model,
-                                            state, points / (now - started))
+                        self._show_progress(progress, parallel.unreplicate(accumulator),
+                                            train_loaders, model, points / (now - started))
                 if config.progress_bar:
-                    self._show_progress(progress, accumulator, train_loaders, model, state,
+                    self._show_progress(progress, parallel.unreplicate(accumulator),
+                                        train_loaders, model,
                                         points / (time.perf_counter() - started))
                     progress.close()
         except BaseException:
@@ -187,8 +211,8 @@ class Trainer:
                 checkpointer.close()
             raise
         finally:
-            model.variables = state.variables
-            self.state = state
+            self.state = parallel.unreplicate(state)
+            model.variables = self.state.variables
         log_manager.cleanup(model)
         if checkpointer is not None:
             checkpointer.close()
@@ -309,7 +333,7 @@ class Trainer:
 
     def _aggregate_losses(self, accumulator: dict[str, jax.Array],
                           train_loaders: Sequence[DictDataLoader], task_names: Sequence[str],
-                          state: TrainState) -> Metrics:
+                          state: TrainState | None = None) -> Metrics:
         """Mean train loss per task and loader, overall, and the current learning rate."""
         loss_sum = np.asarray(accumulator["loss_sum"], dtype=np.float64)
         count = np.asarray(accumulator["count"], dtype=np.float64)
@@ -321,15 +345,16 @@ class Trainer:
                     metrics[key] = float(loss_sum[i, j] / count[i, j])
         if count.sum() > 0:
             metrics["model/all/train/loss"] = float(loss_sum.sum() / count.sum())
-        metrics["model/all/train/lr"] = float(self.lr_schedule(int(state.step)))
+        if state is not None:
+            metrics["model/all/train/lr"] = float(self.lr_schedule(int(state.step)))
         return metrics
 
     def _show_progress(self, progress: tqdm, accumulator: dict[str, jax.Array],
                        train_loaders: Sequence[DictDataLoader], model: MultitaskClassifier,
-                       state: TrainState, points_per_second: float) -> None:
+                       points_per_second: float) -> None:
         # Reading the running loss waits for the queued steps, so it runs at most once a
         # second (and at the end of each epoch), never per step.
-        running = self._aggregate_losses(accumulator, train_loaders, model.task_names, state)
+        running = self._aggregate_losses(accumulator, train_loaders, model.task_names)
         progress.set_postfix(loss=running.get("model/all/train/loss", float("nan")),
                              points_per_s=round(points_per_second))
 

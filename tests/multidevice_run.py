@@ -1,0 +1,53 @@
+"""One training run on N forced CPU devices (a subprocess of test_parallel.py).
+
+Usage: python multidevice_run.py N_DEVICES PARALLEL OUT
+Writes OUT.npz (final params, logged train losses, predicted probs, calculate_loss) and
+OUT.json (scores).
+"""
+
+import os
+import sys
+
+n_devices, parallel, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n_devices}"
+
+import json  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from conftest import linear_data, make_task  # noqa: E402
+
+import jaxmtl  # noqa: E402
+
+
+def main():
+    assert len(jax.local_devices()) == n_devices
+    loaders = []
+    for split, n in [("train", 250), ("valid", 90)]:
+        for task, seed in [("task1", 0), ("task2", 1)]:
+            X, Y = linear_data(n, seed + (10 if split == "valid" else 0))
+            ds = jaxmtl.DictDataset(f"d_{task}", split, {"data": X}, {task: Y})
+            # 60 rows: not a multiple of 8 (padded per device); 250 = 4 * 60 + 10 (partial).
+            loaders.append(jaxmtl.DictDataLoader(ds, batch_size=60, shuffle=split == "train",
+                                                 seed=seed))
+    model = jaxmtl.MultitaskClassifier([make_task("task1"), make_task("task2", ("A", "C"))])
+    trainer = jaxmtl.Trainer(n_epochs=3, lr=0.05, seed=0, progress_bar=False, parallel=parallel,
+                             logging=True, log_writer="json",
+                             log_writer_config={"log_dir": out + "_logs", "run_name": "run"},
+                             log_manager_config={"counter_unit": "batches", "evaluation_freq": 2})
+    trainer.fit(model, loaders)
+    assert trainer.parallel.n_devices == (1 if parallel == "single" else n_devices)
+    log = json.load(open(out + "_logs/run/log.json"))
+    losses = np.array([v for _, v in log["model/all/train/loss"]])
+    valid = loaders[2:]
+    probs = model.predict(valid[0])["probs"]["task1"]
+    X, Y = valid[1].dataset.X_dict, valid[1].dataset.Y_dict
+    loss_dict, count_dict = model.calculate_loss(X, Y)
+    leaves = jax.tree_util.tree_flatten_with_path(model.params)[0]
+    arrays = {jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves}
+    np.savez(out + ".npz", losses=losses, probs=probs, loss=np.asarray(loss_dict["task2"]),
+             count=np.asarray(count_dict["task2"]), **arrays)
+    json.dump(model.score(valid), open(out + ".json", "w"))
+
+
+main()

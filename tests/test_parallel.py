@@ -1,0 +1,66 @@
+"""Same results on 1, 2, 4 and 8 devices (forced CPU devices, one subprocess each)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxmtl.parallel import choose_parallel, pad_rows
+
+SCRIPT = Path(__file__).with_name("multidevice_run.py")
+
+
+def run(tmp_path, n_devices, parallel):
+    out = tmp_path / f"{parallel}_{n_devices}"
+    result = subprocess.run([sys.executable, str(SCRIPT), str(n_devices), parallel, str(out)],
+                            cwd=SCRIPT.parent, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return dict(np.load(str(out) + ".npz")), json.loads(Path(str(out) + ".json").read_text())
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    return run(tmp_path_factory.mktemp("single"), 1, "single")
+
+
+def assert_same_run(got, expected):
+    arrays, scores = got
+    want_arrays, want_scores = expected
+    assert sorted(arrays) == sorted(want_arrays)
+    for name in want_arrays:
+        np.testing.assert_allclose(arrays[name], want_arrays[name], rtol=1e-5, atol=1e-6,
+                                   err_msg=name)
+    assert scores == pytest.approx(want_scores)
+
+
+@pytest.mark.parametrize("n_devices", [2, 4])
+def test_pmap_matches_single_device(tmp_path, reference, n_devices):
+    assert_same_run(run(tmp_path, n_devices, "auto"), reference)
+
+
+def test_sharded_matches_single_device(tmp_path, reference):
+    assert_same_run(run(tmp_path, 4, "sharded"), reference)
+
+
+@pytest.mark.slow
+def test_pmap_on_8_devices_matches_single_device(tmp_path, reference):
+    assert_same_run(run(tmp_path, 8, "pmap"), reference)
+
+
+def test_reference_run_is_nontrivial(reference):
+    arrays, scores = reference
+    assert len(arrays["losses"]) == 3 * 10 // 2 and arrays["losses"][-1] < arrays["losses"][0]
+    assert int(arrays["count"]) == 90 and arrays["probs"].shape == (90, 2)
+    assert scores["task1/d_task1/valid/accuracy"] > 0.8
+
+
+def test_choose_parallel_and_padding():
+    assert choose_parallel("auto").mode == "single"  # one CPU device in this process
+    assert choose_parallel("pmap", dataparallel=False).mode == "single"
+    with pytest.raises(ValueError, match="Unrecognized parallel mode 'gpu'"):
+        choose_parallel("gpu")
+    padded = pad_rows({"y": np.array([1, 2, 3])}, 4, -1)
+    np.testing.assert_array_equal(padded["y"], [1, 2, 3, -1])
