@@ -1,0 +1,130 @@
+"""Multi-task gradient balancing: loss weighting and gradient combination methods.
+
+A balancer is an optax-like ``Balancer(init, update, needs_task_grads, weighted_loss)``
+of pure functions whose state is a pytree of arrays (see ``base.py``). Build one by
+name with ``make_balancer``; in a jitted train step, ``balanced_grads`` computes the
+per-task losses and, only for gradient methods, the per-task gradients, and returns
+the gradient to hand to the optimizer:
+
+    balancer = make_balancer("pcgrad", shared=["linear1A"])
+    balancer_state = balancer.init(params)
+    out = balanced_grads(balancer, task_loss_vector, params, balancer_state,
+                         rng=rng, task_mask=task_mask, loss_args=(batch,))
+    updates, opt_state = tx.update(out.grads, opt_state, params)
+
+Methods: "equal" (default), "uncertainty", "dwa", "rlw", "famo" (loss weighting, in
+``weighting.py``) and "gradnorm", "pcgrad", "cagrad", "mgda" (gradient methods, in
+``gradient.py``); solvers in ``solvers.py``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from .base import (
+    BalancedGrads,
+    Balancer,
+    InitFn,
+    PyTree,
+    SharedSpec,
+    UpdateFn,
+    balanced_grads,
+    gram_matrix,
+    merge_shared,
+    per_task_grads,
+    shared_mask,
+    split_shared,
+    weighted_task_sum,
+)
+from .gradient import GradNormState, cagrad, gradnorm, mgda, pcgrad
+from .solvers import (
+    cagrad_dual_weights,
+    min_norm_weights,
+    pcgrad_coefficients,
+    project_to_simplex,
+)
+from .weighting import DWAState, FAMOState, UncertaintyState, dwa, equal, famo, rlw, uncertainty
+
+_FACTORIES: dict[str, Callable[..., Balancer]] = {
+    "equal": equal,
+    "uncertainty": uncertainty,
+    "dwa": dwa,
+    "rlw": rlw,
+    "gradnorm": gradnorm,
+    "pcgrad": pcgrad,
+    "cagrad": cagrad,
+    "mgda": mgda,
+    "famo": famo,
+}
+
+BALANCER_NAMES: tuple[str, ...] = tuple(_FACTORIES)
+
+
+def make_balancer(name: str = "equal", **config: Any) -> Balancer:
+    """Build a balancer by name.
+
+    Args:
+      name: one of ``BALANCER_NAMES``: "equal", "uncertainty", "dwa", "rlw", "gradnorm",
+        "pcgrad", "cagrad", "mgda", "famo".
+      **config: the keyword arguments of the method's factory (e.g. ``num_tasks=3``,
+        ``temperature=2.0``, ``shared=["encoder"]``); see each factory's docstring.
+        "uncertainty", "dwa", "gradnorm" and "famo" keep [T] state and need
+        ``num_tasks``.
+
+    Returns:
+      The ``Balancer``.
+
+    Raises:
+      ValueError: for an unknown name, unknown or missing config keys, or bad values.
+    """
+    if name not in _FACTORIES:
+        raise ValueError(f"Unknown balancer {name!r}; valid names: {', '.join(BALANCER_NAMES)}")
+    factory = _FACTORIES[name]
+    parameters = inspect.signature(factory).parameters
+    unknown = sorted(set(config) - set(parameters))
+    if unknown:
+        raise ValueError(f"Balancer {name!r}: unknown config key(s) {unknown}; "
+                         f"allowed: {sorted(parameters)}")
+    missing = sorted(key for key, parameter in parameters.items()
+                     if parameter.default is inspect.Parameter.empty and key not in config)
+    if missing:
+        raise ValueError(f"Balancer {name!r}: missing required config key(s) {missing}")
+    return factory(**config)
+
+
+__all__ = [
+    "BALANCER_NAMES",
+    "BalancedGrads",
+    "Balancer",
+    "DWAState",
+    "FAMOState",
+    "GradNormState",
+    "InitFn",
+    "PyTree",
+    "SharedSpec",
+    "UncertaintyState",
+    "UpdateFn",
+    "balanced_grads",
+    "cagrad",
+    "cagrad_dual_weights",
+    "dwa",
+    "equal",
+    "famo",
+    "gradnorm",
+    "gram_matrix",
+    "make_balancer",
+    "merge_shared",
+    "mgda",
+    "min_norm_weights",
+    "pcgrad",
+    "pcgrad_coefficients",
+    "per_task_grads",
+    "project_to_simplex",
+    "rlw",
+    "shared_mask",
+    "split_shared",
+    "uncertainty",
+    "weighted_task_sum",
+]
