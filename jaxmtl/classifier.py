@@ -28,7 +28,7 @@ from .model import (
     task_loss_terms,
     task_probs,
 )
-from .parallel import DataParallel, choose_parallel
+from .parallel import DataParallel, choose_parallel, local_parallel
 from .task import Operation, Task
 from .utils import probs_to_preds
 
@@ -176,7 +176,7 @@ class MultitaskClassifier:
     def parallel(self) -> DataParallel:
         """How predict, score and calculate_loss use the local devices (``dataparallel``)."""
         if self._parallel is None:
-            self._parallel = choose_parallel("auto", self.dataparallel)
+            self._parallel = local_parallel(self.dataparallel)
         return self._parallel
 
     def _compiled(self, kind: str, task_names: tuple[str, ...], parallel: DataParallel) -> Any:

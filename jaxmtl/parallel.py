@@ -12,7 +12,11 @@ Three modes run the same pure functions:
   pmap, which is in maintenance mode upstream).
 
 A batch whose size does not divide by the device count is padded with masked rows (label
--1, mask False), so the loss and the metrics are unchanged. Host-to-device transfers go
+-1, mask False), so the loss and the metrics are unchanged.
+
+Several processes (hosts) run pmap over all their devices together: every process iterates
+the same global batches (same seeds) and feeds only its own slice of each to its local
+devices; see ``initialize_multihost``. Host-to-device transfers go
 straight to their devices with ``jax.device_put`` and a sharding (``device_put_sharded``
 and ``device_put_replicated`` were removed in JAX 0.10).
 """
@@ -21,7 +25,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -62,8 +66,24 @@ class DataParallel:
 
     @property
     def n_devices(self) -> int:
-        """Number of devices a batch is split over."""
+        """Number of devices a batch is split over (over all processes)."""
         return len(self.devices)
+
+    @property
+    def multiprocess(self) -> bool:
+        """Whether the devices span several processes."""
+        return len({d.process_index for d in self.devices}) > 1
+
+    @property
+    def local_devices(self) -> tuple[Any, ...]:
+        """The devices of this process."""
+        here = jax.process_index()
+        return tuple(d for d in self.devices if d.process_index == here)
+
+    @property
+    def n_local(self) -> int:
+        """Number of this process's devices."""
+        return len(self.local_devices)
 
     @property
     def axis_name(self) -> str | None:
@@ -99,9 +119,23 @@ class DataParallel:
         return self.shard((X_dict, Y_dict, mask))
 
     def shard(self, tree: PyTree) -> PyTree:
-        """Splits leading axes over the devices ([B, ...] -> [n, B/n, ...] under pmap)."""
+        """Splits leading axes over the devices ([B, ...] -> [n, B/n, ...] under pmap).
+
+        With several processes, this process keeps its slice of the rows only.
+        """
         if self.mode == "single":
             return jax.device_put(tree, self.devices[0])
+        if self.multiprocess:
+            # pmap takes each process's [n_local, ...] host arrays and places them itself.
+            process, rows = jax.process_index(), None
+
+            def local_slice(x: np.ndarray) -> np.ndarray:
+                nonlocal rows
+                rows = np.shape(x)[0] // jax.process_count()
+                x = np.asarray(x)[process * rows: (process + 1) * rows]
+                return np.reshape(x, (self.n_local, -1, *np.shape(x)[1:]))
+
+            return jax.tree.map(local_slice, tree)
         sharding = NamedSharding(self.mesh, P(DEVICE_AXIS))
         if self.mode == "pmap":
             tree = jax.tree.map(
@@ -115,20 +149,23 @@ class DataParallel:
         if self.mode == "sharded":
             return jax.device_put(tree, NamedSharding(self.mesh, P()))
         stacked = jax.tree.map(
-            lambda x: np.broadcast_to(np.asarray(x), (self.n_devices, *np.shape(x))), tree)
+            lambda x: np.broadcast_to(np.asarray(x), (self.n_local, *np.shape(x))), tree)
+        if self.multiprocess:
+            return stacked
         return jax.device_put(stacked, NamedSharding(self.mesh, P(DEVICE_AXIS)))
 
     def unreplicate(self, tree: PyTree) -> PyTree:
         """The first device's copy of a replicated tree (no cross-device gather)."""
         if self.mode != "pmap":
             return tree
-        return jax.tree.map(lambda x: x.addressable_data(0)[0], tree)
+        return jax.tree.map(
+            lambda x: x[0] if isinstance(x, np.ndarray) else x.addressable_data(0)[0], tree)
 
     def per_device(self, value: Any) -> Any:
         """A host value given to every device (a leading device axis under pmap)."""
         if self.mode != "pmap":
             return value
-        return np.broadcast_to(np.asarray(value), (self.n_devices, *np.shape(value)))
+        return np.broadcast_to(np.asarray(value), (self.n_local, *np.shape(value)))
 
     def gather_rows(self, array: jax.Array) -> jax.Array:
         """Undoes ``shard`` for an output: [n, b, ...] -> [n * b, ...] under pmap."""
@@ -144,19 +181,50 @@ def choose_parallel(mode: str = "auto", dataparallel: bool = True,
     Args:
       mode: "auto" (pmap when there are several devices), "pmap", "sharded" or "single".
       dataparallel: the model's flag; False always gives "single".
-      devices: devices to use; defaults to ``jax.local_devices()``.
+      devices: devices to use; defaults to all devices of all processes
+        (``jax.devices()``), which is ``jax.local_devices()`` in a single process.
 
     Raises:
-      ValueError: for an unknown mode.
+      ValueError: for an unknown mode, or "sharded"/"single" across several processes.
     """
     if mode not in PARALLEL_MODES:
         raise ValueError(
             f"Unrecognized parallel mode '{mode}'; expected one of {list(PARALLEL_MODES)}"
         )
-    devices = tuple(devices) if devices is not None else tuple(jax.local_devices())
+    devices = tuple(devices) if devices is not None else tuple(jax.devices())
+    if len({d.process_index for d in devices}) > 1:
+        if mode not in ("auto", "pmap") or not dataparallel:
+            raise ValueError(
+                f"parallel mode '{mode}' (dataparallel={dataparallel}) is not supported "
+                f"across {jax.process_count()} processes; use 'pmap' (or 'auto')"
+            )
+        return DataParallel("pmap", devices)
     if not dataparallel or mode == "single" or len(devices) == 1:
         return DataParallel("single", devices[:1])
     return DataParallel("pmap" if mode == "auto" else mode, devices)
+
+
+def local_parallel(dataparallel: bool = True) -> DataParallel:
+    """Data parallelism over this process's devices only (no cross-process collectives)."""
+    return choose_parallel("auto", dataparallel, jax.local_devices())
+
+
+def initialize_multihost(coordinator_address: str, num_processes: int, process_id: int,
+                         local_device_ids: Sequence[int] | None = None) -> None:
+    """Joins a multi-process JAX run (``jax.distributed.initialize``).
+
+    Call it in every process before any other JAX call. On CPU it selects the gloo
+    collectives, which cross-process ``psum`` needs.
+
+    Args:
+      coordinator_address: "host:port" of process 0, e.g. "127.0.0.1:12355".
+      num_processes: number of processes.
+      process_id: this process's index, 0 .. num_processes - 1.
+      local_device_ids: optional devices this process uses.
+    """
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address, num_processes=num_processes,
+                               process_id=process_id, local_device_ids=local_device_ids)
 
 
 def prefetch(iterator: Iterable[Any], put: Callable[[Any], Any], size: int = 1

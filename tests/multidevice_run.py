@@ -1,6 +1,8 @@
 """One training run on N forced CPU devices (a subprocess of test_parallel.py).
 
-Usage: python multidevice_run.py N_DEVICES PARALLEL OUT
+Usage: python multidevice_run.py N_DEVICES PARALLEL OUT [PROCESS_ID N_PROCESSES PORT]
+With the last three arguments, this is one of N_PROCESSES processes of a multi-process run
+(each with N_DEVICES local devices, coordinator on 127.0.0.1:PORT); process 0 writes.
 Writes OUT.npz (final params, logged train losses, predicted probs, calculate_loss) and
 OUT.json (scores).
 """
@@ -9,6 +11,7 @@ import os
 import sys
 
 n_devices, parallel, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+process_id, n_processes, port = (int(a) for a in (sys.argv[4:7] or (0, 1, 0)))
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n_devices}"
 
 import json  # noqa: E402
@@ -18,9 +21,12 @@ import numpy as np  # noqa: E402
 from conftest import linear_data, make_task  # noqa: E402
 
 import jaxmtl  # noqa: E402
+import jaxmtl.parallel  # noqa: E402
 
 
 def main():
+    if n_processes > 1:
+        jaxmtl.parallel.initialize_multihost(f"127.0.0.1:{port}", n_processes, process_id)
     assert len(jax.local_devices()) == n_devices
     loaders = []
     for split, n in [("train", 250), ("valid", 90)]:
@@ -34,9 +40,14 @@ def main():
     trainer = jaxmtl.Trainer(n_epochs=3, lr=0.05, seed=0, progress_bar=False, parallel=parallel,
                              logging=True, log_writer="json",
                              log_writer_config={"log_dir": out + "_logs", "run_name": "run"},
-                             log_manager_config={"counter_unit": "batches", "evaluation_freq": 2})
+                             log_manager_config={"counter_unit": "batches", "evaluation_freq": 2},
+                             checkpointing=True,
+                             checkpointer_config={"checkpoint_dir": out + "_checkpoints"})
     trainer.fit(model, loaders)
-    assert trainer.parallel.n_devices == (1 if parallel == "single" else n_devices)
+    expected_devices = 1 if parallel == "single" else n_devices * n_processes
+    assert trainer.parallel.n_devices == expected_devices
+    if process_id != 0:  # process 0 writes the results (and the logs)
+        return
     log = json.load(open(out + "_logs/run/log.json"))
     losses = np.array([v for _, v in log["model/all/train/loss"]])
     valid = loaders[2:]

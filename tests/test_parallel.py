@@ -1,6 +1,7 @@
 """Same results on 1, 2, 4 and 8 devices (forced CPU devices, one subprocess each)."""
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -48,6 +49,31 @@ def test_sharded_matches_single_device(tmp_path, reference):
 @pytest.mark.slow
 def test_pmap_on_8_devices_matches_single_device(tmp_path, reference):
     assert_same_run(run(tmp_path, 8, "pmap"), reference)
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_two_processes_match_single_process(tmp_path, reference):
+    """Two JAX processes (2 devices each, CPU collectives over localhost) = one process."""
+    out, port = tmp_path / "multi", free_port()
+    processes = [
+        subprocess.Popen([sys.executable, str(SCRIPT), "2", "pmap", str(out), str(pid), "2",
+                          str(port)], cwd=SCRIPT.parent, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+        for pid in range(2)
+    ]
+    for process in processes:
+        _, stderr = process.communicate(timeout=600)
+        assert process.returncode == 0, stderr[-3000:]
+    got = dict(np.load(str(out) + ".npz")), json.loads(Path(str(out) + ".json").read_text())
+    assert_same_run(got, reference)
+    # Checkpoints were written once, by process 0.
+    assert sorted(p.name for p in Path(str(out) + "_checkpoints").iterdir()) == [
+        "best_model_model_all_train_loss"]
 
 
 def test_reference_run_is_nontrivial(reference):

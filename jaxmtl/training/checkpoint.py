@@ -72,11 +72,21 @@ def _is_better(value: float, best: float, mode: str) -> bool:
     return value > best if mode == "max" else value < best
 
 
-def _manager(directory: str, max_to_keep: int | None, async_save: bool) -> ocp.CheckpointManager:
+def _this_process_only() -> ocp.options.MultiprocessingOptions:
+    # In a multi-process run one process writes and each reads for itself: no manager
+    # may wait on a barrier that the other processes never reach.
+    here = jax.process_index()
+    return ocp.options.MultiprocessingOptions(primary_host=here, active_processes={here})
+
+
+def _manager(directory: str, max_to_keep: int | None, async_save: bool,
+             item_handlers: dict | None = None) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save
+        max_to_keep=max_to_keep, create=False, enable_async_checkpointing=async_save,
+        multiprocessing_options=_this_process_only(),
     )
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options,
+                                 item_handlers=item_handlers)
 
 
 def _abstract(tree: PyTree) -> PyTree:
@@ -134,7 +144,7 @@ def restore_checkpoint(directory: str, step: int | None, target: Mapping[str, Py
         raise CheckpointError(f"{directory}: not a jaxmtl checkpoint directory (it does not exist)")
     handlers = {name: ocp.StandardCheckpointHandler() for name in target}
     handlers["meta"] = ocp.JsonCheckpointHandler()
-    manager = ocp.CheckpointManager(os.path.abspath(directory), item_handlers=handlers)
+    manager = _manager(directory, None, async_save=False, item_handlers=handlers)
     try:
         step = manager.latest_step() if step is None else step
         if step is None:
@@ -181,6 +191,8 @@ class Checkpointer:
       config: a CheckpointerConfig or dict; explicit arguments override its fields.
       max_to_keep: number of resume checkpoints kept.
       async_save: write checkpoints in the background (Orbax async checkpointing).
+      write: whether this process writes; by default only process 0 does (every process
+        still tracks the best metrics, so all of them load the same best model).
 
     Raises:
       ValueError: for a negative runway, a non-positive checkpoint frequency, or a
@@ -189,7 +201,7 @@ class Checkpointer:
 
     def __init__(self, counter_unit: str = "epochs", evaluation_freq: float = 1.0,
                  config: CheckpointerConfig | dict | None = None, max_to_keep: int = 2,
-                 async_save: bool = True, **kwargs: Any) -> None:
+                 async_save: bool = True, write: bool | None = None, **kwargs: Any) -> None:
         self.config = merge_config(from_dict(CheckpointerConfig, config), kwargs)
         if self.config.checkpoint_runway is None or self.config.checkpoint_runway < 0:
             raise ValueError(
@@ -211,6 +223,7 @@ class Checkpointer:
         self.checkpoint_task_metrics.update(self.checkpoint_metric)
         self.max_to_keep = max_to_keep
         self.async_save = async_save
+        self.write = jax.process_index() == 0 if write is None else write
         self.best_metric_dict: dict[str, float] = {}
         self.checkpoint_condition_met = False
         self.save_count = 0
@@ -220,6 +233,7 @@ class Checkpointer:
     def _manager_for(self, subdir: str, max_to_keep: int | None) -> ocp.CheckpointManager:
         if subdir not in self._managers:
             path = os.path.join(self.checkpoint_dir, subdir)
+            os.makedirs(path, exist_ok=True)
             self._managers[subdir] = _manager(path, max_to_keep, self.async_save)
         return self._managers[subdir]
 
@@ -254,21 +268,26 @@ class Checkpointer:
             "save_count": self.save_count + 1,
             "trainer": to_jsonable(dict(trainer_meta or {})),
         }
+        self.save_count += 1
+        if not self.write:
+            return
         items = {"model": ocp.args.StandardSave(variables), "meta": ocp.args.JsonSave(meta)}
         if train_state is not None:
             items["train"] = ocp.args.StandardSave(jax.device_get(train_state))
+        step = self.save_count - 1
         self._manager_for(CHECKPOINTS_SUBDIR, self.max_to_keep).save(
-            self.save_count, args=ocp.args.Composite(**items)
+            step, args=ocp.args.Composite(**items)
         )
         for metric in sorted(new_best):
             manager = self._manager_for(self.best_subdir(metric), 1)
+            if step in manager.all_steps():  # written before a crash, then resumed
+                manager.delete(step)
             manager.save(
-                self.save_count,
+                step,
                 args=ocp.args.Composite(model=ocp.args.StandardSave(variables),
                                         meta=ocp.args.JsonSave(meta)),
             )
             logger.info("Best model of %s at %s %s", metric, iteration, self.checkpoint_unit)
-        self.save_count += 1
 
     @staticmethod
     def best_subdir(metric: str) -> str:
@@ -304,7 +323,7 @@ class Checkpointer:
 
     def clear(self) -> None:
         """Removes the resume checkpoints, keeping the best models (if ``checkpoint_clear``)."""
-        if not self.checkpoint_clear:
+        if not self.checkpoint_clear or not self.write:
             return
         manager = self._managers.pop(CHECKPOINTS_SUBDIR, None)
         if manager is not None:

@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from ..classifier import MultitaskClassifier
@@ -130,8 +131,9 @@ class Trainer:
                                                            jax.random.PRNGKey(self.seed)))
         accumulator = _zero_loss_accumulator(len(train_loaders), len(model.task_names))
 
+        primary = jax.process_index() == 0  # the one process that writes logs
         log_writer = make_log_writer(config.log_writer, config.log_writer_config) \
-            if config.logging else None
+            if config.logging and primary else None
         checkpointer = self._make_checkpointer(log_writer) if config.checkpointing else None
         log_manager = LogManager(n_batches_per_epoch, log_writer=log_writer,
                                  checkpointer=checkpointer, config=config.log_manager_config)
@@ -213,6 +215,9 @@ class Trainer:
         finally:
             self.state = parallel.unreplicate(state)
             model.variables = self.state.variables
+        if checkpointer is not None and parallel.multiprocess:
+            checkpointer.wait_until_finished()
+            multihost_utils.sync_global_devices("jaxmtl: checkpoints written")
         log_manager.cleanup(model)
         if checkpointer is not None:
             checkpointer.close()
