@@ -255,12 +255,20 @@ class DictDataLoader:
             return np.arange(n)
         return np.random.default_rng((self.seed, epoch)).permutation(n)
 
-    def batch_at(self, order: np.ndarray, index: int) -> Batch:
-        """Batch number ``index`` of the given row order, padded to ``batch_size``."""
+    def rows_at(self, order: np.ndarray, index: int) -> tuple[np.ndarray, int]:
+        """Row indices [batch_size] of batch ``index`` and how many of them are real.
+
+        A partial batch repeats its own rows up to ``batch_size``.
+        """
         rows = order[index * self.batch_size : (index + 1) * self.batch_size]
         num_valid = len(rows)
         if num_valid < self.batch_size:
-            rows = np.resize(rows, self.batch_size)  # repeats the batch's own rows
+            rows = np.resize(rows, self.batch_size)
+        return rows, num_valid
+
+    def batch_at(self, order: np.ndarray, index: int) -> Batch:
+        """Batch number ``index`` of the given row order, padded to ``batch_size``."""
+        rows, num_valid = self.rows_at(order, index)
         mask = np.arange(self.batch_size) < num_valid
         X = {key: value[rows] for key, value in self.dataset.X_dict.items()}
         Y = {}

@@ -166,3 +166,31 @@ def test_dataloader_split_errors():
         trainer.fit(two_task_model(), [valid])
     with pytest.raises(ValueError, match="Dataloader splits must be one of"):
         trainer.fit(two_task_model(), [odd])
+
+
+def fit_with_metrics(loaders, **overrides):
+    model = two_task_model()
+    config = dict(n_epochs=2, lr=0.02, seed=3, progress_bar=False,
+                  log_manager_config={"counter_unit": "batches", "evaluation_freq": 5})
+    config.update(overrides)
+    trainer = Trainer(**config)
+    trainer.fit(model, loaders)
+    return model.params, trainer.metrics, trainer
+
+
+@pytest.mark.parametrize("scheduler", ["shuffled", "proportional", "sequential"])
+def test_fused_steps_match_per_step(two_task_loaders, scheduler):
+    params, metrics, _ = fit_with_metrics(two_task_loaders, batch_scheduler=scheduler)
+    fused_params, fused_metrics, trainer = fit_with_metrics(
+        two_task_loaders, batch_scheduler=scheduler, steps_per_call=16)
+    assert int(trainer.state.step) == 2 * 38  # no-op padding steps do not count
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(fused_params), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+    assert fused_metrics.keys() == metrics.keys()
+    for key, value in metrics.items():
+        assert fused_metrics[key] == pytest.approx(value, rel=1e-5), key
+
+
+def test_fused_steps_need_one_device():
+    with pytest.raises(ValueError, match="steps_per_call must be an int >= 1"):
+        Trainer(steps_per_call=0)

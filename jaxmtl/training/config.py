@@ -221,6 +221,9 @@ class TrainerConfig(_NestedConfig):
       lr_scheduler_config: warm-up and decay settings.
       batch_scheduler: order of batches across train loaders: "sequential", "shuffled"
         or "proportional".
+      steps_per_call: with K > 1, the train datasets are put on the device and each
+        device call runs K steps in a ``lax.scan`` (one device only); same results as
+        K = 1, without per-step host work.
       parallel: with several local devices (and the model's ``dataparallel``): "auto" or
         "pmap" (``jax.pmap``), "sharded" (``jax.jit`` over a ``NamedSharding`` mesh) or
         "single" (one device). The loaders' batch size is the global batch.
@@ -247,6 +250,7 @@ class TrainerConfig(_NestedConfig):
     lr_scheduler_config: LRSchedulerConfig = field(default_factory=LRSchedulerConfig)
     batch_scheduler: str = "shuffled"
     parallel: str = "auto"
+    steps_per_call: int = 1
 
     def __post_init__(self) -> None:
         self._convert_nested()
@@ -261,6 +265,10 @@ class TrainerConfig(_NestedConfig):
                       BATCH_SCHEDULERS, "Unrecognized batch scheduler option")
         _check_choice("TrainerConfig", "log_writer", self.log_writer, LOG_WRITERS,
                       "Unrecognized writer option")
+        if not isinstance(self.steps_per_call, int) or self.steps_per_call < 1:
+            raise ValueError(
+                f"TrainerConfig.steps_per_call must be an int >= 1, got {self.steps_per_call!r}"
+            )
         if not isinstance(self.n_epochs, int) or self.n_epochs < 0:
             raise ValueError(f"TrainerConfig.n_epochs must be an int >= 0, got {self.n_epochs!r}")
         _check_non_negative("TrainerConfig", "lr", self.lr)

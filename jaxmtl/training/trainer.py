@@ -7,70 +7,34 @@ Training losses accumulate on the device and are read back only when logged.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from ..classifier import MultitaskClassifier
 from ..data import DictDataLoader
-from ..model import ModelGraph
-from ..parallel import choose_parallel, prefetch
+from ..parallel import choose_parallel
 from .batch_schedulers import make_batch_scheduler
 from .checkpoint import DEFAULT_CHECKPOINT_DIR, Checkpointer
 from .config import TrainerConfig, from_dict, merge_config
 from .log_manager import LogManager
 from .lr_schedules import make_lr_schedule
 from .resume import load_optimizer_state, restore_training, save_optimizer_state, train_tree
-from .step import TrainState, make_optimizer, train_step
+from .runners import FusedRunner, PerStepRunner, zero_loss_accumulator
+from .step import TrainState, make_optimizer
 from .writers import make_log_writer
 
 logger = logging.getLogger(__name__)
 
 Metrics = dict[str, float]
 PROGRESS_REFRESH_SECONDS = 1.0
-
-
-def _zero_loss_accumulator(n_loaders: int, n_tasks: int) -> dict[str, jax.Array]:
-    # Two distinct buffers: both are donated to the step.
-    return {"loss_sum": jnp.zeros((n_loaders, n_tasks), jnp.float32),
-            "count": jnp.zeros((n_loaders, n_tasks), jnp.float32)}
-
-
-def fit_step(
-    graph: ModelGraph,
-    state: TrainState,
-    accumulator: dict[str, jax.Array],
-    X_dict: Mapping[str, jax.Array],
-    Y_dict: Mapping[str, jax.Array],
-    mask: jax.Array,
-    loader_index: jax.Array,
-    axis_name: Any = None,
-) -> tuple[TrainState, dict[str, jax.Array]]:
-    """``train_step`` plus on-device accumulation of loss sums and counts.
-
-    ``accumulator`` holds [n_loaders, n_tasks] loss sums and active counts; row
-    ``loader_index`` collects this batch's terms, so logging needs no per-step host sync.
-    Under pmap the terms are summed over devices first, so every replica holds the totals.
-    """
-    state, metrics = train_step(graph, state, X_dict, Y_dict, mask, axis_name=axis_name)
-    terms = metrics["terms"]
-    if axis_name is not None:
-        terms = jax.lax.psum(terms, axis_name)
-    loss_sum, count = accumulator["loss_sum"], accumulator["count"]
-    for task_name, (task_sum, task_count) in terms.items():
-        column = graph.task_names.index(task_name)
-        loss_sum = loss_sum.at[loader_index, column].add(task_sum)
-        count = count.at[loader_index, column].add(task_count)
-    return state, {"loss_sum": loss_sum, "count": count}
 
 
 class Trainer:
@@ -129,7 +93,7 @@ class Trainer:
         variables = model._ensure_variables(first_X)
         state = self._continue_optimizer(TrainState.create(variables, tx,
                                                            jax.random.PRNGKey(self.seed)))
-        accumulator = _zero_loss_accumulator(len(train_loaders), len(model.task_names))
+        accumulator = zero_loss_accumulator(len(train_loaders), len(model.task_names))
 
         primary = jax.process_index() == 0  # the one process that writes logs
         log_writer = make_log_writer(config.log_writer, config.log_writer_config) \
@@ -145,64 +109,50 @@ class Trainer:
         if log_writer is not None:
             log_writer.write_config(config)
         batch_scheduler = make_batch_scheduler(config.batch_scheduler, self.seed)
-        parallel = choose_parallel(config.parallel, model.dataparallel)
-        self.parallel = parallel
-        step = parallel.compile(
-            functools.partial(fit_step, model.graph, axis_name=parallel.axis_name),
-            donate_argnums=(0, 1),
-        )
-        loader_index = {id(dl): parallel.per_device(np.int32(i))
-                        for i, dl in enumerate(train_loaders)}
-        task_names = set(model.task_names)
-
-        def to_devices(item: tuple[Any, DictDataLoader]) -> tuple[Any, int, DictDataLoader]:
-            (X_dict, Y_dict), dataloader = item
-            Y_dict = {k: v for k, v in Y_dict.items() if k in task_names}
-            return parallel.put_batch(X_dict, Y_dict, item[0].mask), item[0].num_valid, \
-                dataloader
-
-        state, accumulator = parallel.replicate(state), parallel.replicate(accumulator)
+        self.parallel = choose_parallel(config.parallel, model.dataparallel)
+        if config.steps_per_call > 1:
+            runner = FusedRunner(model.graph, self.parallel, state, accumulator, train_loaders,
+                                 config.steps_per_call)
+        else:
+            runner = PerStepRunner(model.graph, self.parallel, state, accumulator,
+                                   train_loaders)
 
         try:
             for epoch in range(start_epoch, config.n_epochs):
                 for dl in train_loaders:
                     dl.set_epoch(epoch)
                 first = start_batch if epoch == start_epoch else 0
-                batches = prefetch(itertools.islice(
-                    batch_scheduler.get_batches(train_loaders, epoch), first, None), to_devices)
-                progress = tqdm(batches, total=n_batches_per_epoch, initial=first,
+                scheduled = batch_scheduler.get_batches(runner.scheduler_loaders, epoch)
+                progress = tqdm(runner.epoch(itertools.islice(scheduled, first, None)),
+                                total=n_batches_per_epoch, initial=first,
                                 disable=not config.progress_bar, desc=f"Epoch {epoch}")
                 points, started, refreshed = 0, time.perf_counter(), time.perf_counter()
-                for batch_index, (device_batch, num_valid, dataloader) in enumerate(
-                        progress, start=first):
-                    state, accumulator = step(state, accumulator, *device_batch,
-                                              loader_index[id(dataloader)])
+                for batch_index, (item, num_valid) in enumerate(progress, start=first):
+                    runner.push(item)
                     log_manager.update(num_valid)
                     points += num_valid
-                    evaluate = log_manager.trigger_evaluation()
-                    if evaluate:
-                        host_state = parallel.unreplicate(state)  # no gather across devices
+                    if log_manager.trigger_evaluation():
+                        runner.flush()
+                        host_state = runner.host_state()
                         model.variables = host_state.variables
                         self.metrics = self._aggregate_losses(
-                            parallel.unreplicate(accumulator), train_loaders, model.task_names,
+                            runner.host_accumulator(), train_loaders, model.task_names,
                             host_state)
                         self.metrics.update(self._evaluate(model, dataloaders))
                         self._log_metrics(log_writer, log_manager, self.metrics)
-                        accumulator = parallel.replicate(_zero_loss_accumulator(
-                            len(train_loaders), len(model.task_names)))
-                    if evaluate and log_manager.trigger_checkpointing():
-                        position = (epoch, batch_index + 1)
-                        self._checkpoint(checkpointer, model, host_state,
-                                         parallel.unreplicate(accumulator), log_manager,
-                                         train_loaders, position)
+                        runner.reset_accumulator()
+                        if log_manager.trigger_checkpointing():
+                            self._checkpoint(checkpointer, model, host_state,
+                                             runner.host_accumulator(), log_manager,
+                                             train_loaders, (epoch, batch_index + 1))
                     now = time.perf_counter()
                     if config.progress_bar and now - refreshed > PROGRESS_REFRESH_SECONDS:
                         refreshed = now
-                        self._show_progress(progress, parallel.unreplicate(accumulator),
-                                            train_loaders, model, points / (now - started))
+                        self._show_progress(progress, runner, train_loaders, model,
+                                            points / (now - started))
+                runner.flush()
                 if config.progress_bar:
-                    self._show_progress(progress, parallel.unreplicate(accumulator),
-                                        train_loaders, model,
+                    self._show_progress(progress, runner, train_loaders, model,
                                         points / (time.perf_counter() - started))
                     progress.close()
         except BaseException:
@@ -213,9 +163,9 @@ class Trainer:
                 checkpointer.close()
             raise
         finally:
-            self.state = parallel.unreplicate(state)
+            self.state = runner.host_state()
             model.variables = self.state.variables
-        if checkpointer is not None and parallel.multiprocess:
+        if checkpointer is not None and self.parallel.multiprocess:
             checkpointer.wait_until_finished()
             multihost_utils.sync_global_devices("jaxmtl: checkpoints written")
         log_manager.cleanup(model)
@@ -354,12 +304,13 @@ class Trainer:
             metrics["model/all/train/lr"] = float(self.lr_schedule(int(state.step)))
         return metrics
 
-    def _show_progress(self, progress: tqdm, accumulator: dict[str, jax.Array],
+    def _show_progress(self, progress: tqdm, runner: PerStepRunner,
                        train_loaders: Sequence[DictDataLoader], model: MultitaskClassifier,
                        points_per_second: float) -> None:
         # Reading the running loss waits for the queued steps, so it runs at most once a
         # second (and at the end of each epoch), never per step.
-        running = self._aggregate_losses(accumulator, train_loaders, model.task_names)
+        running = self._aggregate_losses(runner.host_accumulator(), train_loaders,
+                                         model.task_names)
         progress.set_postfix(loss=running.get("model/all/train/loss", float("nan")),
                              points_per_s=round(points_per_second))
 

@@ -1,0 +1,248 @@
+"""How the Trainer's steps reach the device: one call per batch, or many per call.
+
+Both runners take the batches of an epoch in the batch scheduler's order and hold the
+device-side ``state`` and loss ``accumulator``; ``flush()`` makes both current (the Trainer
+flushes before it evaluates or checkpoints), so the two give the same results:
+
+- ``PerStepRunner``: one jitted (or pmapped) step per batch, numpy batches sent to the
+  devices one batch ahead of the step that needs them.
+- ``FusedRunner`` (``TrainerConfig(steps_per_call=K)``): the train datasets live on the
+  device; the host sends only row indices, and one call runs K steps in a ``lax.scan``,
+  each selecting its loader's computation with ``lax.switch``. A call cut short (before an
+  evaluation, or at the end of an epoch) is filled with no-op steps (no active row), which
+  leave the state unchanged, so every call has the same shapes and compiles once.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..data import DictDataLoader
+from ..model import ModelGraph
+from ..parallel import DataParallel, prefetch
+from .step import TrainState, train_step
+
+
+def zero_loss_accumulator(n_loaders: int, n_tasks: int) -> dict[str, jax.Array]:
+    """[n_loaders, n_tasks] loss sums and active counts, zero (two distinct buffers)."""
+    return {"loss_sum": jnp.zeros((n_loaders, n_tasks), jnp.float32),
+            "count": jnp.zeros((n_loaders, n_tasks), jnp.float32)}
+
+
+def fit_step(
+    graph: ModelGraph,
+    state: TrainState,
+    accumulator: dict[str, jax.Array],
+    X_dict: dict[str, jax.Array],
+    Y_dict: dict[str, jax.Array],
+    mask: jax.Array,
+    loader_index: jax.Array,
+    axis_name: Any = None,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """``train_step`` plus on-device accumulation of loss sums and counts.
+
+    ``accumulator`` holds [n_loaders, n_tasks] loss sums and active counts; row
+    ``loader_index`` collects this batch's terms, so logging needs no per-step host sync.
+    Under pmap the terms are summed over devices first, so every replica holds the totals.
+    """
+    state, metrics = train_step(graph, state, X_dict, Y_dict, mask, axis_name=axis_name)
+    terms = metrics["terms"]
+    if axis_name is not None:
+        terms = jax.lax.psum(terms, axis_name)
+    loss_sum, count = accumulator["loss_sum"], accumulator["count"]
+    for task_name, (task_sum, task_count) in terms.items():
+        column = graph.task_names.index(task_name)
+        loss_sum = loss_sum.at[loader_index, column].add(task_sum)
+        count = count.at[loader_index, column].add(task_count)
+    return state, {"loss_sum": loss_sum, "count": count}
+
+
+class PerStepRunner:
+    """One device call per batch (jit, pmap or sharded jit, as ``parallel`` says)."""
+
+    def __init__(self, graph: ModelGraph, parallel: DataParallel, state: TrainState,
+                 accumulator: dict[str, jax.Array], train_loaders: Sequence[DictDataLoader]
+                 ) -> None:
+        self.parallel = parallel
+        self.n_accumulator = (len(train_loaders), len(graph.task_names))
+        self._step = parallel.compile(
+            functools.partial(fit_step, graph, axis_name=parallel.axis_name),
+            donate_argnums=(0, 1),
+        )
+        self._loader_index = {id(dl): parallel.per_device(np.int32(i))
+                              for i, dl in enumerate(train_loaders)}
+        self._task_names = set(graph.task_names)
+        self.loaders = list(train_loaders)
+        self.state = parallel.replicate(state)
+        self.accumulator = parallel.replicate(accumulator)
+
+    @property
+    def scheduler_loaders(self) -> list[Any]:
+        """What the batch scheduler iterates: the loaders themselves."""
+        return self.loaders
+
+    def _to_devices(self, item: tuple[Any, DictDataLoader]) -> tuple[Any, int, Any]:
+        batch, dataloader = item
+        X_dict, Y_dict = batch
+        Y_dict = {k: v for k, v in Y_dict.items() if k in self._task_names}
+        device_batch = self.parallel.put_batch(X_dict, Y_dict, batch.mask)
+        return device_batch, batch.num_valid, self._loader_index[id(dataloader)]
+
+    def epoch(self, batches: Iterator[tuple[Any, DictDataLoader]]) -> Iterator[tuple[Any, int]]:
+        """Wraps the scheduler's ``(batch, loader)`` pairs: yields ``(item, num_valid)``."""
+        for device_item in prefetch(batches, self._to_devices):
+            yield device_item, device_item[1]
+
+    def push(self, item: tuple[Any, int, Any]) -> None:
+        """Runs one step on the batch."""
+        device_batch, _, loader_index = item
+        self.state, self.accumulator = self._step(self.state, self.accumulator,
+                                                  *device_batch, loader_index)
+
+    def flush(self) -> None:
+        """Nothing is buffered."""
+
+    def reset_accumulator(self) -> None:
+        """Zeroes the loss accumulator (after an evaluation read it)."""
+        self.accumulator = self.parallel.replicate(zero_loss_accumulator(*self.n_accumulator))
+
+    def host_state(self) -> TrainState:
+        """The state, one copy (the first device's under pmap)."""
+        return self.parallel.unreplicate(self.state)
+
+    def host_accumulator(self) -> dict[str, jax.Array]:
+        """The loss accumulator, one copy."""
+        return self.parallel.unreplicate(self.accumulator)
+
+
+class IndexBatch(NamedTuple):
+    """A batch described by row indices only (the data stays on the device)."""
+
+    loader: int
+    rows: np.ndarray
+    num_valid: int
+
+
+class _IndexLoader:
+    """Stands in for a loader in the batch scheduler, yielding ``IndexBatch``es in the
+    same order (and with the same padding) as the loader's own batches."""
+
+    def __init__(self, loader: DictDataLoader, index: int) -> None:
+        self.loader, self.index, self.dataset = loader, index, loader.dataset
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[IndexBatch]:
+        order = self.loader.order(self.loader.epoch)
+        self.loader.epoch += 1
+        for batch_index in range(len(self.loader)):
+            rows, num_valid = self.loader.rows_at(order, batch_index)
+            yield IndexBatch(self.index, rows, num_valid)
+
+
+def _mask_labels(labels: jax.Array, mask: jax.Array) -> jax.Array:
+    keep = mask if labels.ndim == 1 else mask[:, None]
+    return jnp.where(keep, labels, jnp.asarray(-1, labels.dtype))
+
+
+def fused_steps(graph: ModelGraph, batch_sizes: tuple[int, ...], state: TrainState,
+                accumulator: dict[str, jax.Array], data: list[dict[str, Any]],
+                loader_ids: jax.Array, rows: jax.Array, num_valid: jax.Array
+                ) -> tuple[TrainState, dict[str, jax.Array]]:
+    """Runs ``len(loader_ids)`` steps in one ``lax.scan`` over device-resident data.
+
+    Args:
+      graph: the task graph (static).
+      batch_sizes: each train loader's batch size (static).
+      state, accumulator: as ``fit_step``.
+      data: per loader ``{"X": {...}, "Y": {...}}`` arrays of its whole dataset.
+      loader_ids: [K] the loader of each step.
+      rows: [K, max batch size] row indices into that loader's data.
+      num_valid: [K] real rows per step (0 for a no-op step).
+    """
+
+    def branch(index: int, carry: tuple, rows_k: jax.Array, valid_k: jax.Array) -> tuple:
+        step_rows = rows_k[: batch_sizes[index]]
+        mask = jnp.arange(batch_sizes[index]) < valid_k
+        X = jax.tree.map(lambda a: a[step_rows], data[index]["X"])
+        Y = {k: _mask_labels(v[step_rows], mask) for k, v in data[index]["Y"].items()}
+        return fit_step(graph, *carry, X, Y, mask, jnp.int32(index))
+
+    branches = [functools.partial(branch, i) for i in range(len(batch_sizes))]
+
+    def body(carry: tuple, xs: tuple) -> tuple:
+        loader_id, rows_k, valid_k = xs
+        return jax.lax.switch(loader_id, branches, carry, rows_k, valid_k), None
+
+    (state, accumulator), _ = jax.lax.scan(body, (state, accumulator),
+                                           (loader_ids, rows, num_valid))
+    return state, accumulator
+
+
+class FusedRunner(PerStepRunner):
+    """Up to ``steps_per_call`` steps per device call, over device-resident datasets."""
+
+    def __init__(self, graph: ModelGraph, parallel: DataParallel, state: TrainState,
+                 accumulator: dict[str, jax.Array], train_loaders: Sequence[DictDataLoader],
+                 steps_per_call: int) -> None:
+        if parallel.mode != "single":
+            raise ValueError(
+                f"steps_per_call={steps_per_call} runs on one device; got parallel mode "
+                f"'{parallel.mode}' over {parallel.n_devices} devices (set parallel='single' "
+                f"or steps_per_call=1)"
+            )
+        self.parallel = parallel
+        self.n_accumulator = (len(train_loaders), len(graph.task_names))
+        self.loaders = list(train_loaders)
+        self.steps_per_call = steps_per_call
+        task_names = set(graph.task_names)
+        self._data = jax.device_put([
+            {"X": dict(dl.dataset.X_dict),
+             "Y": {k: v for k, v in dl.dataset.Y_dict.items() if k in task_names}}
+            for dl in train_loaders
+        ], parallel.devices[0])
+        self._batch_sizes = tuple(dl.batch_size for dl in train_loaders)
+        self._fused = jax.jit(functools.partial(fused_steps, graph, self._batch_sizes),
+                              donate_argnums=(0, 1))
+        self._proxies = [_IndexLoader(dl, i) for i, dl in enumerate(train_loaders)]
+        self._pending: list[IndexBatch] = []
+        self.state = parallel.replicate(state)
+        self.accumulator = parallel.replicate(accumulator)
+
+    @property
+    def scheduler_loaders(self) -> list[_IndexLoader]:
+        """What the batch scheduler iterates instead of the loaders."""
+        return self._proxies
+
+    def epoch(self, batches: Iterator[tuple[IndexBatch, Any]]) -> Iterator[tuple[Any, int]]:
+        """Wraps the scheduler's ``(IndexBatch, proxy)`` pairs: yields ``(item, num_valid)``."""
+        for item, _ in batches:
+            yield item, item.num_valid
+
+    def push(self, item: IndexBatch) -> None:
+        """Queues the step; runs a call when ``steps_per_call`` steps are queued."""
+        self._pending.append(item)
+        if len(self._pending) == self.steps_per_call:
+            self.flush()
+
+    def flush(self) -> None:
+        """Runs the queued steps (padded with no-op steps to ``steps_per_call``)."""
+        if not self._pending:
+            return
+        k, width = self.steps_per_call, max(self._batch_sizes)
+        loader_ids = np.zeros(k, np.int32)
+        rows = np.zeros((k, width), np.int32)
+        num_valid = np.zeros(k, np.int32)
+        for i, item in enumerate(self._pending):
+            loader_ids[i], num_valid[i] = item.loader, item.num_valid
+            rows[i, : len(item.rows)] = item.rows
+        self._pending = []
+        self.state, self.accumulator = self._fused(self.state, self.accumulator, self._data,
+                                                   loader_ids, rows, num_valid)
