@@ -42,6 +42,15 @@ def _as_device_batch(tree: Mapping[str, Any]) -> dict[str, jax.Array]:
     return {key: jnp.asarray(value) for key, value in tree.items()}
 
 
+def _drop_padding(rows: np.ndarray, valid: Sequence[int]) -> np.ndarray:
+    """Keeps the first ``valid[i]`` rows of each equal-sized batch block of ``rows``."""
+    if all(n == valid[0] for n in valid) and len(rows) == sum(valid):
+        return rows
+    size = len(rows) // len(valid)
+    blocks = rows.reshape(len(valid), size, *rows.shape[1:])
+    return np.concatenate([block[:n] for block, n in zip(blocks, valid, strict=True)])
+
+
 def _macro_averages(scores: Mapping[str, float]) -> dict[str, float]:
     """``model/all/{split}/{metric}``: the mean over label sets (tasks x datasets) of a split.
 
@@ -252,6 +261,7 @@ class MultitaskClassifier:
                                                 remap_labels or {})
         tasks = tuple(dict.fromkeys(labels_to_tasks.values()))
         golds: dict[str, list] = {label: [] for label in labels_to_tasks}
+        valid: list[int] = []
         probs: dict[str, list] = {label: [] for label in labels_to_tasks}
         if tasks:
             parallel = self.parallel
@@ -265,13 +275,15 @@ class MultitaskClassifier:
                     device_variables = parallel.replicate(self._ensure_variables(X_dict))
                 device_X, _, _ = parallel.put_batch(X_dict, {}, mask)
                 batch_probs = probs_fn(device_variables, device_X)
-                num_valid = int(mask.sum())
+                valid.append(int(mask.sum()))
                 for label, task in labels_to_tasks.items():
-                    probs[label].append(parallel.gather_rows(batch_probs[task])[:num_valid])
-                    golds[label].append(np.asarray(Y_dict[label])[:num_valid])
+                    probs[label].append(parallel.gather_rows(batch_probs[task]))
+                    golds[label].append(np.asarray(Y_dict[label])[: valid[-1]])
+        # One device-to-host copy per label set; padded rows are dropped on the host.
         results: dict[str, dict[str, np.ndarray]] = {
             "golds": {label: np.concatenate(v) for label, v in golds.items() if v},
-            "probs": {label: np.asarray(jnp.concatenate(v)) for label, v in probs.items() if v},
+            "probs": {label: _drop_padding(np.asarray(jnp.concatenate(v)), valid)
+                      for label, v in probs.items() if v},
         }
         if return_preds:
             results["preds"] = {label: probs_to_preds(p) for label, p in results["probs"].items()}

@@ -194,3 +194,36 @@ def test_fused_steps_match_per_step(two_task_loaders, scheduler):
 def test_fused_steps_need_one_device():
     with pytest.raises(ValueError, match="steps_per_call must be an int >= 1"):
         Trainer(steps_per_call=0)
+
+
+def test_modules_outside_the_batch_tasks_do_not_move():
+    graph = build_graph([make_task("task1"), make_task("task2", ("A", "C"))])
+    X = {"data": jnp.asarray(np.random.default_rng(0).normal(size=(4, 2)), jnp.float32)}
+    variables = init_variables(graph, X, jax.random.PRNGKey(0))
+    tx = make_optimizer(TrainerConfig(lr=0.1, l2=0.01), 0.1)
+    state = TrainState.create(variables, tx, jax.random.PRNGKey(0))
+    mask = jnp.ones(4, bool)
+    # Two task2 steps give head linear2C momentum; then a task1 step must not move it.
+    for _ in range(2):
+        state, _ = train_step(graph, state, X, {"task2": jnp.array([0, 1, 1, 0])}, mask)
+    before = jax.tree.map(np.asarray, state)
+    state, _ = train_step(graph, state, X, {"task1": jnp.array([0, 1, 1, 0])}, mask)
+    np.testing.assert_array_equal(state.params["linear2C"]["kernel"],
+                                  before.params["linear2C"]["kernel"])
+    (adam,) = [part for part in state.opt_state if hasattr(part, "mu")]
+    (adam_before,) = [part for part in before.opt_state if hasattr(part, "mu")]
+    np.testing.assert_array_equal(adam.mu["linear2C"]["kernel"], adam_before.mu["linear2C"]["kernel"])
+    assert not np.array_equal(adam.mu["linear2B"]["kernel"], adam_before.mu["linear2B"]["kernel"])
+    assert not np.array_equal(state.params["linear2B"]["kernel"],
+                              before.params["linear2B"]["kernel"])
+    assert not np.array_equal(state.params["linear1A"]["kernel"],
+                              before.params["linear1A"]["kernel"])
+    assert int(state.step) == 3
+
+
+def test_second_fit_compiles_nothing(two_task_loaders):
+    model = two_task_model()
+    trainer = Trainer(n_epochs=1, lr=0.02, seed=0, progress_bar=False)
+    trainer.fit(model, two_task_loaders)
+    assert count_compiles(lambda: trainer.fit(model, two_task_loaders)) == 0
+    assert int(trainer.state.step) == 38  # a new fit starts a fresh optimizer state

@@ -67,11 +67,11 @@ class PerStepRunner:
     """One device call per batch (jit, pmap or sharded jit, as ``parallel`` says)."""
 
     def __init__(self, graph: ModelGraph, parallel: DataParallel, state: TrainState,
-                 accumulator: dict[str, jax.Array], train_loaders: Sequence[DictDataLoader]
-                 ) -> None:
+                 accumulator: dict[str, jax.Array], train_loaders: Sequence[DictDataLoader],
+                 compiled: Any = None) -> None:
         self.parallel = parallel
         self.n_accumulator = (len(train_loaders), len(graph.task_names))
-        self._step = parallel.compile(
+        self.compiled = compiled or parallel.compile(
             functools.partial(fit_step, graph, axis_name=parallel.axis_name),
             donate_argnums=(0, 1),
         )
@@ -102,8 +102,8 @@ class PerStepRunner:
     def push(self, item: tuple[Any, int, Any]) -> None:
         """Runs one step on the batch."""
         device_batch, _, loader_index = item
-        self.state, self.accumulator = self._step(self.state, self.accumulator,
-                                                  *device_batch, loader_index)
+        self.state, self.accumulator = self.compiled(self.state, self.accumulator,
+                                                     *device_batch, loader_index)
 
     def flush(self) -> None:
         """Nothing is buffered."""
@@ -191,7 +191,7 @@ class FusedRunner(PerStepRunner):
 
     def __init__(self, graph: ModelGraph, parallel: DataParallel, state: TrainState,
                  accumulator: dict[str, jax.Array], train_loaders: Sequence[DictDataLoader],
-                 steps_per_call: int) -> None:
+                 steps_per_call: int, compiled: Any = None) -> None:
         if parallel.mode != "single":
             raise ValueError(
                 f"steps_per_call={steps_per_call} runs on one device; got parallel mode "
@@ -209,8 +209,8 @@ class FusedRunner(PerStepRunner):
             for dl in train_loaders
         ], parallel.devices[0])
         self._batch_sizes = tuple(dl.batch_size for dl in train_loaders)
-        self._fused = jax.jit(functools.partial(fused_steps, graph, self._batch_sizes),
-                              donate_argnums=(0, 1))
+        self.compiled = compiled or jax.jit(
+            functools.partial(fused_steps, graph, self._batch_sizes), donate_argnums=(0, 1))
         self._proxies = [_IndexLoader(dl, i) for i, dl in enumerate(train_loaders)]
         self._pending: list[IndexBatch] = []
         self.state = parallel.replicate(state)
@@ -244,5 +244,5 @@ class FusedRunner(PerStepRunner):
             loader_ids[i], num_valid[i] = item.loader, item.num_valid
             rows[i, : len(item.rows)] = item.rows
         self._pending = []
-        self.state, self.accumulator = self._fused(self.state, self.accumulator, self._data,
-                                                   loader_ids, rows, num_valid)
+        self.state, self.accumulator = self.compiled(self.state, self.accumulator, self._data,
+                                                     loader_ids, rows, num_valid)

@@ -107,7 +107,9 @@ def train_step(
 
     The loss is the sum over the batch's tasks of ``loss_weight * masked mean loss``
     (rows with label -1 and padded rows excluded). A batch with no active row leaves the
-    state unchanged, as Snorkel skips its backward pass.
+    state unchanged, as Snorkel skips its backward pass. Modules that none of the batch's
+    tasks use keep their parameters and optimizer moments, as torch leaves parameters
+    without a gradient alone (optax's update count, used for bias correction, is global).
 
     Args:
       graph: the task graph (static).
@@ -147,12 +149,34 @@ def train_step(
         # Running statistics are averaged so replicas stay identical.
         model_state = jax.lax.pmean(model_state, axis_name)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-    updated = state.replace(
-        step=state.step + 1,
-        params=optax.apply_updates(state.params, updates),
-        model_state=model_state,
-        opt_state=opt_state,
-    )
+    params = optax.apply_updates(state.params, updates)
+    unused = set(state.params) - _modules_used(graph, Y_dict)
+    if unused:
+        # As torch skips parameters whose gradient is None, modules outside this batch's
+        # tasks keep their weights and optimizer moments (momentum would move them).
+        params = {name: state.params[name] if name in unused else tree
+                  for name, tree in params.items()}
+        opt_state = _keep_modules(opt_state, state.opt_state, unused)
+    updated = state.replace(step=state.step + 1, params=params, model_state=model_state,
+                            opt_state=opt_state)
     any_active = sum(counts.values(), jnp.zeros((), jnp.float32)) > 0
-    new_state = jax.tree.map(lambda new, old: jnp.where(any_active, new, old), updated, state)
+    new_state = jax.lax.cond(any_active, lambda: updated, lambda: state)
     return new_state, {"terms": terms, "loss": loss}
+
+
+def _modules_used(graph: ModelGraph, Y_dict: Mapping[str, Any]) -> set[str]:
+    tasks = [name for name in Y_dict if name in graph.op_sequences]
+    return {op.module_name for op in graph.ops_for(tasks)}
+
+
+def _keep_modules(new: PyTree, old: PyTree, modules: set[str]) -> PyTree:
+    """``new`` with the leaves under a params-mirroring ``[module]`` key taken from ``old``.
+
+    Optimizer states mirror the params tree (Adam's ``mu``/``nu``, momentum traces) below
+    NamedTuple fields; the first dict key on a leaf's path is then a module name.
+    """
+    def pick(path: tuple, new_leaf: Any, old_leaf: Any) -> Any:
+        keys = [entry.key for entry in path if isinstance(entry, jax.tree_util.DictKey)]
+        return old_leaf if keys and keys[0] in modules else new_leaf
+
+    return jax.tree_util.tree_map_with_path(pick, new, old)

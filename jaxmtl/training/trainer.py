@@ -63,6 +63,7 @@ class Trainer:
         self.seed: int | None = self.config.seed
         self.state: TrainState | None = None
         self.metrics: Metrics = {}
+        self._compiled: dict[Any, tuple] = {}
 
     def fit(self, model: MultitaskClassifier, dataloaders: Sequence[DictDataLoader],
             resume_from: str | None = None) -> None:
@@ -84,11 +85,19 @@ class Trainer:
         self.seed = config.seed if config.seed is not None else int(
             np.random.SeedSequence().entropy % 2**31
         )
-        self.lr_schedule, self.warmup_steps = make_lr_schedule(
-            config.lr, config.lr_scheduler, config.lr_scheduler_config,
-            n_batches_per_epoch, config.n_epochs,
-        )
-        tx = make_optimizer(config, self.lr_schedule)
+        self.parallel = choose_parallel(config.parallel, model.dataparallel)
+        # A later fit of the same model with the same settings reuses the optimizer and
+        # the compiled step: nothing is traced or compiled again.
+        cache_key = (model.graph, repr(config), n_batches_per_epoch, self.parallel,
+                     tuple(dl.batch_size for dl in train_loaders))
+        cached = self._compiled.get(cache_key)
+        if cached is None:
+            lr_schedule, warmup_steps = make_lr_schedule(
+                config.lr, config.lr_scheduler, config.lr_scheduler_config,
+                n_batches_per_epoch, config.n_epochs,
+            )
+            cached = (make_optimizer(config, lr_schedule), lr_schedule, warmup_steps, None)
+        tx, self.lr_schedule, self.warmup_steps, compiled = cached
         first_X, _ = train_loaders[0].batch_at(train_loaders[0].order(0), 0)
         variables = model._ensure_variables(first_X)
         state = self._continue_optimizer(TrainState.create(variables, tx,
@@ -109,13 +118,14 @@ class Trainer:
         if log_writer is not None:
             log_writer.write_config(config)
         batch_scheduler = make_batch_scheduler(config.batch_scheduler, self.seed)
-        self.parallel = choose_parallel(config.parallel, model.dataparallel)
         if config.steps_per_call > 1:
             runner = FusedRunner(model.graph, self.parallel, state, accumulator, train_loaders,
-                                 config.steps_per_call)
+                                 config.steps_per_call, compiled)
         else:
             runner = PerStepRunner(model.graph, self.parallel, state, accumulator,
-                                   train_loaders)
+                                   train_loaders, compiled)
+        self._compiled = {cache_key: (tx, self.lr_schedule, self.warmup_steps,
+                                      runner.compiled)}
 
         try:
             for epoch in range(start_epoch, config.n_epochs):
