@@ -269,7 +269,8 @@ def losses_from_outputs(
     for task_name, labels in Y_dict.items():
         if task_name not in graph.op_sequences:
             continue
-        logits = task_logits(graph, outputs, task_name)
+        # Losses are float32 even when the forward pass runs in bfloat16.
+        logits = task_logits(graph, outputs, task_name).astype(jnp.float32)
         active = active_mask(labels, mask)
         per_example = graph.loss_funcs[task_name](logits, _safe_labels(labels, active))
         if per_example.shape != active.shape:

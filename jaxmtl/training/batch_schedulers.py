@@ -31,6 +31,10 @@ BatchIterator = Iterator[tuple[Any, DataLoaderLike]]
 class BatchScheduler(abc.ABC):
     """Base class: yields one epoch of batches from several dataloaders."""
 
+    def epoch_length(self, dataloaders: Sequence[DataLoaderLike]) -> int:
+        """Steps in one epoch: every batch of every loader, one per step."""
+        return sum(len(dataloader) for dataloader in dataloaders)
+
     @abc.abstractmethod
     def get_batches(self, dataloaders: Sequence[DataLoaderLike], epoch: int) -> BatchIterator:
         """Yields ``(batch, dataloader)`` for one epoch.
@@ -164,7 +168,48 @@ class ProportionalScheduler(BatchScheduler):
         yield from _take(dataloaders, loader_order, restart=True)
 
 
+class MixedScheduler(BatchScheduler):
+    """Each step takes one batch from every loader: the setting gradient balancing assumes.
+
+    An epoch has ``max(len(dl))`` steps; a loader that runs out restarts (a new pass over
+    its data, in its next shuffled order), so every step sees every task.
+
+    Args:
+      seed: accepted so that every scheduler is built the same way (the order is the
+        loaders' own).
+    """
+
+    def __init__(self, seed: int | None = None) -> None:
+        self.seed = seed
+
+    def epoch_length(self, dataloaders: Sequence[DataLoaderLike]) -> int:
+        """Steps in one epoch: the longest loader's batch count."""
+        return max((len(dataloader) for dataloader in dataloaders), default=0)
+
+    def get_batches(self, dataloaders: Sequence[DataLoaderLike], epoch: int) -> BatchIterator:
+        """Yields ``(batches, dataloaders)`` tuples, one batch of each loader per step.
+
+        Args:
+          dataloaders: the loaders to draw from.
+          epoch: 0-based epoch number (unused: the loaders order their own rows).
+
+        Yields:
+          ``(tuple of batches, tuple of dataloaders)``, in the loaders' order.
+        """
+        iterators = [iter(dataloader) for dataloader in dataloaders]
+        for _ in range(self.epoch_length(dataloaders)):
+            group = []
+            for i, dataloader in enumerate(dataloaders):
+                try:
+                    group.append(next(iterators[i]))
+                except StopIteration:
+                    iterators[i] = iter(dataloader)
+                    group.append(next(iterators[i]))
+            yield tuple(group), tuple(dataloaders)
+
+
 _SCHEDULERS: dict[str, type[BatchScheduler]] = {
+    "mixed": MixedScheduler,
     "sequential": SequentialScheduler,
     "shuffled": ShuffledScheduler,
     "proportional": ProportionalScheduler,
@@ -175,7 +220,7 @@ def make_batch_scheduler(name: str, seed: int) -> BatchScheduler:
     """Builds the scheduler named by ``TrainerConfig.batch_scheduler``.
 
     Args:
-      name: "sequential", "shuffled" or "proportional".
+      name: "sequential", "shuffled", "proportional" or "mixed".
       seed: seed of the randomised schedulers (non-negative int).
 
     Returns:

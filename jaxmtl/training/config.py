@@ -14,12 +14,14 @@ from typing import Any, TypeVar
 import optax
 
 from ..parallel import PARALLEL_MODES
+from .balancers import BALANCER_NAMES
 
 ConfigT = TypeVar("ConfigT")
 
 OPTIMIZERS = ("sgd", "adam", "adamax")
 LR_SCHEDULERS = ("constant", "linear", "exponential", "step", "cosine")
-BATCH_SCHEDULERS = ("sequential", "shuffled", "proportional")
+BATCH_SCHEDULERS = ("sequential", "shuffled", "proportional", "mixed")
+PRECISIONS = ("fp32", "bf16")
 LOG_WRITERS = ("json", "tensorboard")
 COUNTER_UNITS = ("points", "batches", "epochs")
 WARMUP_UNITS = ("batches", "epochs")
@@ -219,8 +221,18 @@ class TrainerConfig(_NestedConfig):
       optimizer_config: per-optimizer settings.
       lr_scheduler: "constant", "linear", "exponential", "step" or "cosine".
       lr_scheduler_config: warm-up and decay settings.
-      batch_scheduler: order of batches across train loaders: "sequential", "shuffled"
-        or "proportional".
+      batch_scheduler: order of batches across train loaders: "sequential", "shuffled",
+        "proportional", or "mixed" (one batch of every loader per step).
+      balancer: multi-task gradient balancing: "equal" (the plain summed loss),
+        "uncertainty", "dwa", "rlw", "gradnorm", "pcgrad", "cagrad", "mgda", "famo", or a
+        ``Balancer`` object; ``balancer_config`` holds its settings (``num_tasks`` and,
+        for gradient methods, ``shared`` = the modules used by several tasks, are filled
+        in from the model). Methods that compare tasks need several tasks per step
+        ("mixed" scheduler); with one task per step they reduce to that task's gradient.
+      grad_accumulation_steps: apply the optimizer every k steps on the summed gradients
+        (``optax.MultiSteps``).
+      precision: "fp32", or "bf16" (bfloat16 forward/backward on float32 parameters;
+        losses and metrics stay float32).
       steps_per_call: with K > 1, the train datasets are put on the device and each
         device call runs K steps in a ``lax.scan`` (one device only); same results as
         K = 1, without per-step host work.
@@ -251,6 +263,10 @@ class TrainerConfig(_NestedConfig):
     batch_scheduler: str = "shuffled"
     parallel: str = "auto"
     steps_per_call: int = 1
+    balancer: Any = "equal"
+    balancer_config: dict = field(default_factory=dict)
+    grad_accumulation_steps: int = 1
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         self._convert_nested()
@@ -265,6 +281,16 @@ class TrainerConfig(_NestedConfig):
                       BATCH_SCHEDULERS, "Unrecognized batch scheduler option")
         _check_choice("TrainerConfig", "log_writer", self.log_writer, LOG_WRITERS,
                       "Unrecognized writer option")
+        _check_choice("TrainerConfig", "precision", self.precision, PRECISIONS,
+                      "Unrecognized precision")
+        if isinstance(self.balancer, str):
+            _check_choice("TrainerConfig", "balancer", self.balancer, BALANCER_NAMES,
+                          "Unrecognized balancer")
+        if not isinstance(self.grad_accumulation_steps, int) or self.grad_accumulation_steps < 1:
+            raise ValueError(
+                f"TrainerConfig.grad_accumulation_steps must be an int >= 1, got "
+                f"{self.grad_accumulation_steps!r}"
+            )
         if not isinstance(self.steps_per_call, int) or self.steps_per_call < 1:
             raise ValueError(
                 f"TrainerConfig.steps_per_call must be an int >= 1, got {self.steps_per_call!r}"

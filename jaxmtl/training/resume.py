@@ -27,7 +27,8 @@ logger = logging.getLogger(__name__)
 def train_tree(state: TrainState, accumulator: dict[str, jax.Array]) -> dict[str, Any]:
     """The arrays an exact resume needs: the TrainState's leaves and the loss accumulator."""
     return {"step": state.step, "params": state.params, "model_state": state.model_state,
-            "opt_state": state.opt_state, "rng": state.rng, "accumulator": accumulator}
+            "opt_state": state.opt_state, "rng": state.rng,
+            "balancer_state": state.balancer_state, "accumulator": accumulator}
 
 
 def restore_training(root: str, task_names: Sequence[str], n_train_loaders: int,
@@ -63,7 +64,7 @@ def restore_training(root: str, task_names: Sequence[str], n_train_loaders: int,
     tree = items["train"]
     state = state.replace(step=tree["step"], params=tree["params"],
                           model_state=tree["model_state"], opt_state=tree["opt_state"],
-                          rng=tree["rng"])
+                          rng=tree["rng"], balancer_state=tree["balancer_state"])
     return state, tree["accumulator"], meta
 
 

@@ -26,7 +26,7 @@ import numpy as np
 from ..data import DictDataLoader
 from ..model import ModelGraph
 from ..parallel import DataParallel, prefetch
-from .step import TrainState, train_step
+from .step import TrainState, train_step_on
 
 
 def zero_loss_accumulator(n_loaders: int, n_tasks: int) -> dict[str, jax.Array]:
@@ -51,15 +51,28 @@ def fit_step(
     ``loader_index`` collects this batch's terms, so logging needs no per-step host sync.
     Under pmap the terms are summed over devices first, so every replica holds the totals.
     """
-    state, metrics = train_step(graph, state, X_dict, Y_dict, mask, axis_name=axis_name)
-    terms = metrics["terms"]
-    if axis_name is not None:
-        terms = jax.lax.psum(terms, axis_name)
+    return fit_group_step(graph, state, accumulator, ((X_dict, Y_dict, mask),),
+                          (loader_index,), axis_name)
+
+
+def fit_group_step(
+    graph: ModelGraph,
+    state: TrainState,
+    accumulator: dict[str, jax.Array],
+    batches: tuple,
+    loader_indices: tuple,
+    axis_name: Any = None,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """``fit_step`` on several batches in one update (one per loader: "mixed" schedule)."""
+    state, metrics = train_step_on(graph, state, batches, axis_name=axis_name)
     loss_sum, count = accumulator["loss_sum"], accumulator["count"]
-    for task_name, (task_sum, task_count) in terms.items():
-        column = graph.task_names.index(task_name)
-        loss_sum = loss_sum.at[loader_index, column].add(task_sum)
-        count = count.at[loader_index, column].add(task_count)
+    for terms, loader_index in zip(metrics["batch_terms"], loader_indices, strict=True):
+        if axis_name is not None:
+            terms = jax.lax.psum(terms, axis_name)
+        for task_name, (task_sum, task_count) in terms.items():
+            column = graph.task_names.index(task_name)
+            loss_sum = loss_sum.at[loader_index, column].add(task_sum)
+            count = count.at[loader_index, column].add(task_count)
     return state, {"loss_sum": loss_sum, "count": count}
 
 
@@ -72,7 +85,7 @@ class PerStepRunner:
         self.parallel = parallel
         self.n_accumulator = (len(train_loaders), len(graph.task_names))
         self.compiled = compiled or parallel.compile(
-            functools.partial(fit_step, graph, axis_name=parallel.axis_name),
+            functools.partial(fit_group_step, graph, axis_name=parallel.axis_name),
             donate_argnums=(0, 1),
         )
         self._loader_index = {id(dl): parallel.per_device(np.int32(i))
@@ -87,12 +100,18 @@ class PerStepRunner:
         """What the batch scheduler iterates: the loaders themselves."""
         return self.loaders
 
-    def _to_devices(self, item: tuple[Any, DictDataLoader]) -> tuple[Any, int, Any]:
-        batch, dataloader = item
-        X_dict, Y_dict = batch
-        Y_dict = {k: v for k, v in Y_dict.items() if k in self._task_names}
-        device_batch = self.parallel.put_batch(X_dict, Y_dict, batch.mask)
-        return device_batch, batch.num_valid, self._loader_index[id(dataloader)]
+    def _to_devices(self, item: tuple[Any, Any]) -> tuple[Any, int, Any]:
+        batches, dataloaders = item
+        if not isinstance(dataloaders, tuple):  # one batch per step, else a "mixed" group
+            batches, dataloaders = (batches,), (dataloaders,)
+        device_batches, num_valid = [], 0
+        for batch in batches:
+            X_dict, Y_dict = batch
+            Y_dict = {k: v for k, v in Y_dict.items() if k in self._task_names}
+            device_batches.append(self.parallel.put_batch(X_dict, Y_dict, batch.mask))
+            num_valid += batch.num_valid
+        loader_indices = tuple(self._loader_index[id(dl)] for dl in dataloaders)
+        return tuple(device_batches), num_valid, loader_indices
 
     def epoch(self, batches: Iterator[tuple[Any, DictDataLoader]]) -> Iterator[tuple[Any, int]]:
         """Wraps the scheduler's ``(batch, loader)`` pairs: yields ``(item, num_valid)``."""
@@ -101,9 +120,9 @@ class PerStepRunner:
 
     def push(self, item: tuple[Any, int, Any]) -> None:
         """Runs one step on the batch."""
-        device_batch, _, loader_index = item
+        device_batches, _, loader_indices = item
         self.state, self.accumulator = self.compiled(self.state, self.accumulator,
-                                                     *device_batch, loader_index)
+                                                     device_batches, loader_indices)
 
     def flush(self) -> None:
         """Nothing is buffered."""

@@ -4,11 +4,14 @@
     step = jax.jit(functools.partial(train_step, graph), donate_argnums=0)
     for X, Y in loader:
         state, metrics = step(state, X, Y, batch.mask)
+
+``train_step_on`` takes several batches at once (one per task loader, as the "mixed"
+batch scheduler gives them) and a ``Balancer`` that combines the tasks' gradients.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -16,8 +19,12 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from ..model import ModelGraph, PyTree, task_loss_terms, total_loss
+from ..model import ModelGraph, PyTree, active_mask, task_loss_terms, total_loss
+from .balancers import Balancer, balanced_grads
 from .config import TrainerConfig
+
+Batch = tuple[Mapping[str, jax.Array], Mapping[str, jax.Array], jax.Array]
+PRECISIONS = {"fp32": None, "bf16": jnp.bfloat16}
 
 
 class TrainState(struct.PyTreeNode):
@@ -29,7 +36,11 @@ class TrainState(struct.PyTreeNode):
       model_state: the other collections, e.g. ``{"batch_stats": {...}}``.
       opt_state: the optax state of ``tx``.
       rng: PRNG key (uint32[2]); step ``s`` draws dropout keys from ``fold_in(rng, s)``.
+      balancer_state: the state of ``balancer`` (``optax.EmptyState()`` without one).
       tx: the optax transformation (static, not a leaf).
+      balancer: the multi-task ``Balancer``, or None for the plain summed loss (static).
+      precision: "fp32", or "bf16" to compute the forward and backward pass in bfloat16
+        on float32 master parameters (static).
     """
 
     step: jax.Array
@@ -37,21 +48,33 @@ class TrainState(struct.PyTreeNode):
     model_state: PyTree
     opt_state: PyTree
     rng: jax.Array
+    balancer_state: PyTree
     tx: optax.GradientTransformation = struct.field(pytree_node=False)
+    balancer: Balancer | None = struct.field(pytree_node=False, default=None)
+    precision: str = struct.field(pytree_node=False, default="fp32")
 
     @classmethod
-    def create(cls, variables: PyTree, tx: optax.GradientTransformation,
-               rng: jax.Array) -> TrainState:
-        """A fresh state: optimizer initialised on ``variables["params"]``."""
+    def create(cls, variables: PyTree, tx: optax.GradientTransformation, rng: jax.Array,
+               balancer: Balancer | None = None, precision: str = "fp32") -> TrainState:
+        """A fresh state: optimizer (and balancer) initialised on ``variables["params"]``."""
+        if precision not in PRECISIONS:
+            raise ValueError(
+                f"Unrecognized precision '{precision}'; expected one of {list(PRECISIONS)}"
+            )
         params = variables.get("params", {})
         model_state = {col: tree for col, tree in variables.items() if col != "params"}
+        balancer_state = balancer.init(params) if balancer is not None else optax.EmptyState()
+        # Fresh buffers: an init may return one array in two places, and the step donates.
         return cls(
             step=jnp.zeros((), jnp.int32),
             params=params,
             model_state=model_state,
-            opt_state=tx.init(params),
+            opt_state=jax.tree.map(jnp.copy, tx.init(params)),
             rng=rng,
+            balancer_state=jax.tree.map(jnp.copy, balancer_state),
             tx=tx,
+            balancer=balancer,
+            precision=precision,
         )
 
     @property
@@ -68,14 +91,16 @@ def make_optimizer(config: TrainerConfig, learning_rate: optax.ScalarOrSchedule
     ``optimizer.step()``); then torch-style coupled L2 (``weight_decay``: the decay is
     added to the gradient before the optimizer's moments); then the optimizer scaled by
     ``-learning_rate``. A user-supplied ``optax.GradientTransformation`` replaces the
-    last two and is used as given.
+    last two and is used as given. With ``grad_accumulation_steps = k > 1`` the whole
+    chain is wrapped in ``optax.MultiSteps``: parameters change every k-th step, on the
+    mean of the k gradients.
     """
     chain: list[optax.GradientTransformation] = []
     if config.grad_clip:
         chain.append(optax.clip_by_global_norm(config.grad_clip))
     if isinstance(config.optimizer, optax.GradientTransformation):
         chain.append(config.optimizer)
-        return optax.chain(*chain)
+        return _accumulate(optax.chain(*chain), config)
     if config.l2:
         chain.append(optax.add_decayed_weights(config.l2))
     options = config.optimizer_config
@@ -92,7 +117,14 @@ def make_optimizer(config: TrainerConfig, learning_rate: optax.ScalarOrSchedule
     else:
         raise ValueError(f"Unrecognized optimizer option '{config.optimizer}'")
     chain.append(optax.scale_by_learning_rate(learning_rate))
-    return optax.chain(*chain)
+    return _accumulate(optax.chain(*chain), config)
+
+
+def _accumulate(tx: optax.GradientTransformation, config: TrainerConfig
+                ) -> optax.GradientTransformation:
+    if config.grad_accumulation_steps == 1:
+        return tx
+    return optax.MultiSteps(tx, every_k_schedule=config.grad_accumulation_steps).gradient_transformation()
 
 
 def train_step(
@@ -124,33 +156,115 @@ def train_step(
       (state, metrics): metrics["terms"] maps task -> (loss sum, active count) of this
       batch (this device's share under pmap); metrics["loss"] is the summed task loss.
     """
+    state, metrics = train_step_on(graph, state, ((X_dict, Y_dict, mask),), axis_name)
+    return state, {"terms": metrics["batch_terms"][0], "loss": metrics["loss"]}
+
+
+def _cast_floats(tree: PyTree, dtype: Any) -> PyTree:
+    def cast(x: Any) -> Any:
+        return x.astype(dtype) if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x
+    return jax.tree.map(cast, tree)
+
+
+def train_step_on(
+    graph: ModelGraph,
+    state: TrainState,
+    batches: Sequence[Batch],
+    axis_name: Any = None,
+) -> tuple[TrainState, dict[str, Any]]:
+    """One optimizer update on several batches at once (e.g. one per task loader).
+
+    Per task, the masked mean runs over the active rows of all the batches that carry it.
+    Without a balancer the loss is the ``loss_weight``-weighted sum of the task means (as
+    ``train_step``); with one, the per-task losses [T] (graph order, 0 for absent tasks)
+    and, for gradient methods, the per-task gradients go to ``state.balancer``, which
+    returns the gradient for the optimizer (``balancers.balanced_grads``).
+
+    Args:
+      graph: the task graph (static).
+      state: the current TrainState.
+      batches: ``(X_dict, Y_dict, mask)`` triples; their shapes may differ.
+      axis_name: the pmap axis, as in ``train_step``.
+
+    Returns:
+      (state, metrics): metrics["batch_terms"] lists, per batch, task -> (loss sum,
+      count); metrics["loss"] is the combined loss; metrics["weights"] the balancer's
+      task weights [T] (ones without a balancer).
+    """
     rng = jax.random.fold_in(state.rng, state.step)
+    balancer_rng = rng  # identical on every device, as PCGrad's task order must be
     if axis_name is not None:  # each device draws its own dropout masks
         rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+    compute_dtype = PRECISIONS[state.precision]
 
-    def loss_fn(params: PyTree) -> tuple[jax.Array, tuple]:
-        variables = {"params": params, **state.model_state}
-        terms, new_variables = task_loss_terms(
-            graph, variables, X_dict, Y_dict, mask, train=True, rng=rng
-        )
-        counts = {name: count for name, (_, count) in terms.items()}
+    def forward(params: PyTree) -> tuple[list, dict, dict, PyTree]:
+        model_state = state.model_state
+        if compute_dtype is not None:
+            params = _cast_floats(params, compute_dtype)
+        batch_terms = []
+        for index, (X_dict, Y_dict, mask) in enumerate(batches):
+            if compute_dtype is not None:
+                X_dict = _cast_floats(X_dict, compute_dtype)
+            batch_rng = rng if len(batches) == 1 else jax.random.fold_in(rng, index)
+            terms, variables = task_loss_terms(
+                graph, {"params": params, **model_state}, X_dict, Y_dict, mask,
+                train=True, rng=batch_rng)
+            model_state = {col: tree for col, tree in variables.items() if col != "params"}
+            batch_terms.append(terms)
+        merged: dict[str, tuple[jax.Array, jax.Array]] = {}
+        for terms in batch_terms:
+            for task, (loss_sum, count) in terms.items():
+                if task in merged:
+                    loss_sum, count = merged[task][0] + loss_sum, merged[task][1] + count
+                merged[task] = (loss_sum, count)
+        counts = {task: count for task, (_, count) in merged.items()}
         if axis_name is not None:
             counts = jax.lax.psum(counts, axis_name)
-        loss = total_loss(graph, terms, counts)
-        model_state = {col: tree for col, tree in new_variables.items() if col != "params"}
-        return loss, (terms, counts, model_state)
+        return batch_terms, merged, counts, model_state
 
-    (loss, (terms, counts, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params
-    )
+    if state.balancer is None:
+        def loss_fn(params: PyTree) -> tuple[jax.Array, tuple]:
+            batch_terms, merged, counts, model_state = forward(params)
+            return total_loss(graph, merged, counts), (batch_terms, counts, model_state)
+
+        (loss, (batch_terms, counts, model_state)), grads = jax.value_and_grad(
+            loss_fn, has_aux=True)(state.params)
+        if axis_name is not None:
+            grads = jax.lax.psum(grads, axis_name)
+            loss = jax.lax.psum(loss, axis_name)
+        weights = jnp.ones(len(graph.task_names), jnp.float32)
+        balancer_state = state.balancer_state
+    else:
+        def task_loss_vector(params: PyTree) -> tuple[jax.Array, tuple]:
+            batch_terms, merged, counts, model_state = forward(params)
+            losses = jnp.stack([
+                graph.loss_weights[task] * merged[task][0] / jnp.maximum(counts[task], 1.0)
+                if task in merged else jnp.zeros((), jnp.float32)
+                for task in graph.task_names
+            ])
+            return losses, (batch_terms, counts, model_state)
+
+        # Which tasks have active rows follows from the labels alone, before any forward.
+        present = {task: jnp.zeros((), jnp.float32) for task in graph.task_names}
+        for _, Y_dict, mask in batches:
+            for task, labels in Y_dict.items():
+                if task in present:
+                    present[task] = present[task] + jnp.sum(active_mask(labels, mask))
+        if axis_name is not None:
+            present = jax.lax.psum(present, axis_name)
+        task_mask = jnp.stack([present[task] > 0 for task in graph.task_names])
+        out = balanced_grads(
+            state.balancer, task_loss_vector, state.params, state.balancer_state,
+            rng=balancer_rng, task_mask=task_mask, has_aux=True, axis_name=axis_name)
+        grads, weights, balancer_state = out.grads, out.weights, out.state
+        batch_terms, counts, model_state = out.aux
+        loss = jnp.sum(out.weights * out.task_losses)
     if axis_name is not None:
-        grads = jax.lax.psum(grads, axis_name)
-        loss = jax.lax.psum(loss, axis_name)
         # Running statistics are averaged so replicas stay identical.
         model_state = jax.lax.pmean(model_state, axis_name)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    unused = set(state.params) - _modules_used(graph, Y_dict)
+    unused = set(state.params) - _modules_used(graph, batches)
     if unused:
         # As torch skips parameters whose gradient is None, modules outside this batch's
         # tasks keep their weights and optimizer moments (momentum would move them).
@@ -158,15 +272,15 @@ def train_step(
                   for name, tree in params.items()}
         opt_state = _keep_modules(opt_state, state.opt_state, unused)
     updated = state.replace(step=state.step + 1, params=params, model_state=model_state,
-                            opt_state=opt_state)
+                            opt_state=opt_state, balancer_state=balancer_state)
     any_active = sum(counts.values(), jnp.zeros((), jnp.float32)) > 0
     new_state = jax.lax.cond(any_active, lambda: updated, lambda: state)
-    return new_state, {"terms": terms, "loss": loss}
+    return new_state, {"batch_terms": batch_terms, "loss": loss, "weights": weights}
 
 
-def _modules_used(graph: ModelGraph, Y_dict: Mapping[str, Any]) -> set[str]:
-    tasks = [name for name in Y_dict if name in graph.op_sequences]
-    return {op.module_name for op in graph.ops_for(tasks)}
+def _modules_used(graph: ModelGraph, batches: Sequence[Batch]) -> set[str]:
+    tasks = [name for _, Y_dict, _ in batches for name in Y_dict if name in graph.op_sequences]
+    return {op.module_name for op in graph.ops_for(list(dict.fromkeys(tasks)))}
 
 
 def _keep_modules(new: PyTree, old: PyTree, modules: set[str]) -> PyTree:

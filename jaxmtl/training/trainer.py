@@ -7,6 +7,8 @@ Training losses accumulate on the device and are read back only when logged.
 
 from __future__ import annotations
 
+import collections
+import inspect
 import itertools
 import logging
 import time
@@ -21,6 +23,7 @@ from tqdm import tqdm
 from ..classifier import MultitaskClassifier
 from ..data import DictDataLoader
 from ..parallel import choose_parallel
+from .balancers import BALANCER_FACTORIES, Balancer, make_balancer
 from .batch_schedulers import make_batch_scheduler
 from .checkpoint import DEFAULT_CHECKPOINT_DIR, Checkpointer
 from .config import TrainerConfig, from_dict, merge_config
@@ -35,6 +38,24 @@ logger = logging.getLogger(__name__)
 
 Metrics = dict[str, float]
 PROGRESS_REFRESH_SECONDS = 1.0
+
+
+def _make_balancer(config: TrainerConfig, model: MultitaskClassifier) -> Balancer | None:
+    """The configured balancer; None for "equal" with no settings (the plain summed loss)."""
+    if not isinstance(config.balancer, str):
+        return config.balancer
+    if config.balancer == "equal" and not config.balancer_config:
+        return None
+    settings = dict(config.balancer_config)
+    parameters = inspect.signature(BALANCER_FACTORIES[config.balancer]).parameters
+    if "num_tasks" in parameters:
+        settings.setdefault("num_tasks", len(model.task_names))
+    if "shared" in parameters:
+        uses = collections.Counter(
+            op.module_name for name in model.task_names
+            for op in {o.module_name: o for o in model.op_sequences[name]}.values())
+        settings.setdefault("shared", sorted(m for m, n in uses.items() if n > 1))
+    return make_balancer(config.balancer, **settings)
 
 
 class Trainer:
@@ -81,7 +102,8 @@ class Trainer:
         """
         config = self.config
         train_loaders = self._check_dataloaders(dataloaders)
-        n_batches_per_epoch = sum(len(dl) for dl in train_loaders)
+        batch_scheduler = make_batch_scheduler(config.batch_scheduler, 0)
+        n_batches_per_epoch = batch_scheduler.epoch_length(train_loaders)
         self.seed = config.seed if config.seed is not None else int(
             np.random.SeedSequence().entropy % 2**31
         )
@@ -96,12 +118,14 @@ class Trainer:
                 config.lr, config.lr_scheduler, config.lr_scheduler_config,
                 n_batches_per_epoch, config.n_epochs,
             )
-            cached = (make_optimizer(config, lr_schedule), lr_schedule, warmup_steps, None)
-        tx, self.lr_schedule, self.warmup_steps, compiled = cached
+            cached = (make_optimizer(config, lr_schedule), lr_schedule, warmup_steps,
+                      _make_balancer(config, model), None)
+        tx, self.lr_schedule, self.warmup_steps, balancer, compiled = cached
         first_X, _ = train_loaders[0].batch_at(train_loaders[0].order(0), 0)
         variables = model._ensure_variables(first_X)
-        state = self._continue_optimizer(TrainState.create(variables, tx,
-                                                           jax.random.PRNGKey(self.seed)))
+        state = self._continue_optimizer(TrainState.create(
+            variables, tx, jax.random.PRNGKey(self.seed), balancer=balancer,
+            precision=config.precision))
         accumulator = zero_loss_accumulator(len(train_loaders), len(model.task_names))
 
         primary = jax.process_index() == 0  # the one process that writes logs
@@ -119,12 +143,14 @@ class Trainer:
             log_writer.write_config(config)
         batch_scheduler = make_batch_scheduler(config.batch_scheduler, self.seed)
         if config.steps_per_call > 1:
+            if config.batch_scheduler == "mixed":
+                raise ValueError("steps_per_call > 1 does not support batch_scheduler='mixed'")
             runner = FusedRunner(model.graph, self.parallel, state, accumulator, train_loaders,
                                  config.steps_per_call, compiled)
         else:
             runner = PerStepRunner(model.graph, self.parallel, state, accumulator,
                                    train_loaders, compiled)
-        self._compiled = {cache_key: (tx, self.lr_schedule, self.warmup_steps,
+        self._compiled = {cache_key: (tx, self.lr_schedule, self.warmup_steps, balancer,
                                       runner.compiled)}
 
         try:

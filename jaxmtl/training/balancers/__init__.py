@@ -60,6 +60,8 @@ _FACTORIES: dict[str, Callable[..., Balancer]] = {
 }
 
 BALANCER_NAMES: tuple[str, ...] = tuple(_FACTORIES)
+# Name -> factory, for callers that fill in settings the factory accepts (num_tasks, shared).
+BALANCER_FACTORIES: dict[str, Callable[..., Balancer]] = dict(_FACTORIES)
 
 
 def make_balancer(name: str = "equal", **config: Any) -> Balancer:
@@ -95,6 +97,7 @@ def make_balancer(name: str = "equal", **config: Any) -> Balancer:
 
 
 __all__ = [
+    "BALANCER_FACTORIES",
     "BALANCER_NAMES",
     "BalancedGrads",
     "Balancer",

@@ -1,0 +1,125 @@
+"""Balancers, the "mixed" scheduler, gradient accumulation and bf16 inside the Trainer."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import make_task
+
+from jaxmtl import (
+    MultitaskClassifier,
+    Trainer,
+    TrainerConfig,
+    TrainState,
+    build_graph,
+    init_variables,
+    make_optimizer,
+    train_step,
+)
+from jaxmtl.training.balancers import BALANCER_NAMES, make_balancer
+from jaxmtl.training.batch_schedulers import MixedScheduler
+
+
+def fit(loaders, **overrides):
+    model = MultitaskClassifier([make_task("task1"), make_task("task2", ("A", "C"))])
+    config = dict(n_epochs=2, lr=0.02, seed=0, progress_bar=False)
+    config.update(overrides)
+    trainer = Trainer(**config)
+    trainer.fit(model, loaders)
+    return model, trainer
+
+
+def valid_scores(model, loaders):
+    return model.score([dl for dl in loaders if dl.dataset.split == "valid"])
+
+
+def test_mixed_scheduler_gives_every_loader_each_step(two_task_loaders):
+    train = [dl for dl in two_task_loaders if dl.dataset.split == "train"]
+    scheduler = MixedScheduler(0)
+    assert scheduler.epoch_length(train) == 19
+    steps = list(scheduler.get_batches(train, 0))
+    assert len(steps) == 19
+    assert all(dls == tuple(train) and len(batches) == 2 for batches, dls in steps)
+
+
+def test_equal_balancer_object_matches_plain_sum(two_task_loaders):
+    plain, _ = fit(two_task_loaders, batch_scheduler="mixed")
+    balanced, trainer = fit(two_task_loaders, batch_scheduler="mixed",
+                            balancer=make_balancer("equal"))
+    assert int(trainer.state.step) == 2 * 19
+    for a, b in zip(jax.tree.leaves(plain.params), jax.tree.leaves(balanced.params), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", [n for n in BALANCER_NAMES if n != "equal"])
+def test_every_balancer_trains_both_tasks(two_task_loaders, name):
+    model, trainer = fit(two_task_loaders, batch_scheduler="mixed", balancer=name,
+                         n_epochs=4, lr=0.05)
+    scores = valid_scores(model, two_task_loaders)
+    assert scores["task1/d1/valid/accuracy"] > 0.85, scores
+    assert scores["task2/d2/valid/accuracy"] > 0.85, scores
+    leaves = jax.tree.leaves(trainer.state.balancer_state)
+    assert all(np.all(np.isfinite(np.asarray(leaf, np.float64))) for leaf in leaves)
+
+
+def test_balancer_with_one_task_per_step_runs(two_task_loaders):
+    model, _ = fit(two_task_loaders, balancer="pcgrad", n_epochs=3, lr=0.05)
+    assert valid_scores(model, two_task_loaders)["model/all/valid/accuracy"] > 0.85
+
+
+def test_uncertainty_state_is_checkpointed_and_resumed(two_task_loaders, tmp_path):
+    common = dict(batch_scheduler="mixed", balancer="uncertainty", checkpointing=True,
+                  log_manager_config={"counter_unit": "batches", "evaluation_freq": 10},
+                  checkpointer_config={"checkpoint_dir": str(tmp_path), "checkpoint_clear": False})
+    _, full = fit(two_task_loaders, **common)
+    model = MultitaskClassifier([make_task("task1"), make_task("task2", ("A", "C"))])
+    resumed = Trainer(n_epochs=2, lr=0.02, seed=0, progress_bar=False, **common)
+    resumed.fit(model, two_task_loaders, resume_from=str(tmp_path))  # from step 30 of 38
+    np.testing.assert_array_equal(resumed.state.balancer_state.log_vars,
+                                  full.state.balancer_state.log_vars)
+    assert not np.allclose(np.asarray(full.state.balancer_state.log_vars), 0.0)
+
+
+def test_unknown_balancer_lists_valid_names():
+    with pytest.raises(ValueError, match="Unrecognized balancer 'nope'.*'pcgrad'"):
+        Trainer(balancer="nope")
+    with pytest.raises(ValueError, match="Unrecognized precision 'fp8'"):
+        Trainer(precision="fp8")
+    with pytest.raises(ValueError, match="grad_accumulation_steps must be an int >= 1"):
+        Trainer(grad_accumulation_steps=0)
+
+
+def test_gradient_accumulation_applies_the_mean_every_k_steps():
+    graph = build_graph([make_task("t")])
+    rng = np.random.default_rng(0)
+    batches = [({"data": jnp.asarray(rng.normal(size=(4, 2)), jnp.float32)},
+                {"t": jnp.array([0, 1, 1, 0])}, jnp.ones(4, bool)) for _ in range(2)]
+    variables = init_variables(graph, batches[0][0], jax.random.PRNGKey(0))
+    config = TrainerConfig(lr=0.1, grad_clip=None, optimizer="sgd",
+                           optimizer_config={"sgd_config": {"momentum": 0.0}},
+                           grad_accumulation_steps=2)
+    state = TrainState.create(variables, make_optimizer(config, 0.1), jax.random.PRNGKey(0))
+    first, _ = train_step(graph, state, *batches[0])
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(first.params), strict=True):
+        np.testing.assert_array_equal(a, b)  # no update after the first of two steps
+    second, _ = train_step(graph, first, *batches[1])
+
+    def loss(params, batch):
+        from jaxmtl import task_loss_terms, total_loss
+        terms, _ = task_loss_terms(graph, {"params": params}, *batch)
+        return total_loss(graph, terms)
+
+    mean_grad = jax.tree.map(lambda a, b: (a + b) / 2,
+                             *[jax.grad(loss)(state.params, batch) for batch in batches])
+    expected = optax.apply_updates(state.params, jax.tree.map(lambda g: -0.1 * g, mean_grad))
+    for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(second.params), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+
+
+def test_bf16_compute_keeps_fp32_params_and_trains(two_task_loaders):
+    model, trainer = fit(two_task_loaders, precision="bf16", n_epochs=4, lr=0.05)
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(model.params))
+    scores = valid_scores(model, two_task_loaders)
+    assert scores["model/all/valid/accuracy"] > 0.9
+    assert isinstance(trainer.metrics["model/all/train/loss"], float)
