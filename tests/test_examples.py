@@ -29,3 +29,13 @@ def test_resume_example_is_bit_identical(tmp_path):
     import resume
 
     assert resume.main(str(tmp_path / "ck")) is True
+
+
+def test_balancers_example_methods_pick_different_tradeoffs():
+    import balancers
+
+    final = {method: rows[-1] for method, rows in balancers.compare(n_epochs=4).items()}
+    _, equal_a, equal_b = final["equal"]
+    _, mgda_a, mgda_b = final["mgda"]
+    assert equal_a > mgda_a + 0.1  # the weighted sum keeps the heavy task
+    assert mgda_b > equal_b + 0.1  # the min-norm point moves to the other task
