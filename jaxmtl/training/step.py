@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import struct
 
@@ -64,14 +65,13 @@ class TrainState(struct.PyTreeNode):
         params = variables.get("params", {})
         model_state = {col: tree for col, tree in variables.items() if col != "params"}
         balancer_state = balancer.init(params) if balancer is not None else optax.EmptyState()
-        # Fresh buffers: an init may return one array in two places, and the step donates.
         return cls(
             step=jnp.zeros((), jnp.int32),
             params=params,
             model_state=model_state,
-            opt_state=jax.tree.map(jnp.copy, tx.init(params)),
+            opt_state=_unaliased(tx.init(params)),
             rng=rng,
-            balancer_state=jax.tree.map(jnp.copy, balancer_state),
+            balancer_state=_unaliased(balancer_state),
             tx=tx,
             balancer=balancer,
             precision=precision,
@@ -160,6 +160,23 @@ def train_step(
     return state, {"terms": metrics["batch_terms"][0], "loss": metrics["loss"]}
 
 
+def _unaliased(tree: PyTree) -> PyTree:
+    """``tree`` with a repeated array object replaced by a host copy.
+
+    An init may put one array in two places; the step donates its inputs, and donating
+    one buffer twice is an error.
+    """
+    seen: set[int] = set()
+
+    def fresh(leaf: Any) -> Any:
+        if id(leaf) in seen:
+            return np.array(leaf)
+        seen.add(id(leaf))
+        return leaf
+
+    return jax.tree.map(fresh, tree)
+
+
 def _cast_floats(tree: PyTree, dtype: Any) -> PyTree:
     def cast(x: Any) -> Any:
         return x.astype(dtype) if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x
@@ -197,12 +214,28 @@ def train_step_on(
         rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
     compute_dtype = PRECISIONS[state.precision]
 
-    def forward(params: PyTree) -> tuple[list, dict, dict, PyTree]:
-        model_state = state.model_state
+    # Active rows per task follow from the labels alone: the divisors of the task means
+    # (global under pmap) and which tasks are present, known before any forward pass.
+    counts = {task: jnp.zeros((), jnp.float32) for task in graph.task_names}
+    for _, Y_dict, mask in batches:
+        for task, labels in Y_dict.items():
+            if task in counts:
+                counts[task] = counts[task] + jnp.sum(active_mask(labels, mask))
+    if axis_name is not None:
+        counts = jax.lax.psum(counts, axis_name)
+
+    def forward(params: PyTree, model_state: PyTree, only_task: str | None = None
+                ) -> tuple[list, dict, PyTree]:
+        """Loss terms per batch (only ``only_task``'s, if given) and the merged terms."""
         if compute_dtype is not None:
             params = _cast_floats(params, compute_dtype)
-        batch_terms = []
+        batch_terms: list[dict] = []
         for index, (X_dict, Y_dict, mask) in enumerate(batches):
+            if only_task is not None:
+                if only_task not in Y_dict:
+                    batch_terms.append({})
+                    continue
+                Y_dict = {only_task: Y_dict[only_task]}
             if compute_dtype is not None:
                 X_dict = _cast_floats(X_dict, compute_dtype)
             batch_rng = rng if len(batches) == 1 else jax.random.fold_in(rng, index)
@@ -217,48 +250,68 @@ def train_step_on(
                 if task in merged:
                     loss_sum, count = merged[task][0] + loss_sum, merged[task][1] + count
                 merged[task] = (loss_sum, count)
-        counts = {task: count for task, (_, count) in merged.items()}
-        if axis_name is not None:
-            counts = jax.lax.psum(counts, axis_name)
-        return batch_terms, merged, counts, model_state
+        return batch_terms, merged, model_state
 
+    def task_losses(merged: dict) -> jax.Array:
+        return jnp.stack([
+            graph.loss_weights[task] * merged[task][0] / jnp.maximum(counts[task], 1.0)
+            if task in merged else jnp.zeros((), jnp.float32)
+            for task in graph.task_names
+        ])
+
+    task_mask = jnp.stack([counts[task] > 0 for task in graph.task_names])
     if state.balancer is None:
         def loss_fn(params: PyTree) -> tuple[jax.Array, tuple]:
-            batch_terms, merged, counts, model_state = forward(params)
-            return total_loss(graph, merged, counts), (batch_terms, counts, model_state)
+            batch_terms, merged, model_state = forward(params, state.model_state)
+            return total_loss(graph, merged, counts), (batch_terms, model_state)
 
-        (loss, (batch_terms, counts, model_state)), grads = jax.value_and_grad(
+        (loss, (batch_terms, model_state)), grads = jax.value_and_grad(
             loss_fn, has_aux=True)(state.params)
         if axis_name is not None:
             grads = jax.lax.psum(grads, axis_name)
             loss = jax.lax.psum(loss, axis_name)
         weights = jnp.ones(len(graph.task_names), jnp.float32)
         balancer_state = state.balancer_state
-    else:
-        def task_loss_vector(params: PyTree) -> tuple[jax.Array, tuple]:
-            batch_terms, merged, counts, model_state = forward(params)
-            losses = jnp.stack([
-                graph.loss_weights[task] * merged[task][0] / jnp.maximum(counts[task], 1.0)
-                if task in merged else jnp.zeros((), jnp.float32)
-                for task in graph.task_names
-            ])
-            return losses, (batch_terms, counts, model_state)
+    elif not state.balancer.needs_task_grads:
+        # Loss weighting: one forward, one backward with the weights as cotangent.
+        def loss_vector(params: PyTree) -> tuple[jax.Array, tuple]:
+            batch_terms, merged, model_state = forward(params, state.model_state)
+            return task_losses(merged), (batch_terms, model_state)
 
-        # Which tasks have active rows follows from the labels alone, before any forward.
-        present = {task: jnp.zeros((), jnp.float32) for task in graph.task_names}
-        for _, Y_dict, mask in batches:
-            for task, labels in Y_dict.items():
-                if task in present:
-                    present[task] = present[task] + jnp.sum(active_mask(labels, mask))
-        if axis_name is not None:
-            present = jax.lax.psum(present, axis_name)
-        task_mask = jnp.stack([present[task] > 0 for task in graph.task_names])
         out = balanced_grads(
-            state.balancer, task_loss_vector, state.params, state.balancer_state,
+            state.balancer, loss_vector, state.params, state.balancer_state,
             rng=balancer_rng, task_mask=task_mask, has_aux=True, axis_name=axis_name)
         grads, weights, balancer_state = out.grads, out.weights, out.state
-        batch_terms, counts, model_state = out.aux
+        batch_terms, model_state = out.aux
         loss = jnp.sum(out.weights * out.task_losses)
+    else:
+        # Gradient methods: each task is differentiated through the batches that carry it
+        # only, so T tasks in T batches cost T forward/backward passes of one batch each
+        # (as the summed loss does), not T backward passes through every batch.
+        model_state, grads_per_task, losses, terms_per_task = state.model_state, [], [], []
+        for task in graph.task_names:
+            def task_loss(params: PyTree, model_state: PyTree, task: str = task) -> tuple:
+                batch_terms, merged, new_state = forward(params, model_state, only_task=task)
+                return task_losses(merged)[graph.task_names.index(task)], (batch_terms,
+                                                                          new_state)
+
+            (loss_t, (terms_t, model_state)), grad_t = jax.value_and_grad(
+                task_loss, has_aux=True)(state.params, model_state)
+            grads_per_task.append(grad_t)
+            losses.append(loss_t)
+            terms_per_task.append(terms_t)
+        task_grads = jax.tree.map(lambda *g: jnp.stack(g), *grads_per_task)
+        losses = jnp.stack(losses)
+        if axis_name is not None:
+            task_grads = jax.lax.psum(task_grads, axis_name)
+            losses = jax.lax.psum(losses, axis_name)
+        losses = jax.lax.stop_gradient(losses)
+        grads, weights, balancer_state = state.balancer.update(
+            losses, task_grads, state.balancer_state, state.params, balancer_rng, task_mask)
+        batch_terms = [{task: terms for per_task in terms_per_task
+                        for task, terms in per_task[index].items()}
+                       for index in range(len(batches))]
+        loss = jnp.sum(weights * losses)
     if axis_name is not None:
         # Running statistics are averaged so replicas stay identical.
         model_state = jax.lax.pmean(model_state, axis_name)
@@ -273,7 +326,7 @@ def train_step_on(
         opt_state = _keep_modules(opt_state, state.opt_state, unused)
     updated = state.replace(step=state.step + 1, params=params, model_state=model_state,
                             opt_state=opt_state, balancer_state=balancer_state)
-    any_active = sum(counts.values(), jnp.zeros((), jnp.float32)) > 0
+    any_active = jnp.any(task_mask)
     new_state = jax.lax.cond(any_active, lambda: updated, lambda: state)
     return new_state, {"batch_terms": batch_terms, "loss": loss, "weights": weights}
 

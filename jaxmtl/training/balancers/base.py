@@ -241,8 +241,8 @@ def weighted_task_sum(task_grads: PyTree, weights: jax.Array,
                       other_weights: jax.Array | None = None) -> PyTree:
     """``sum_t weights_t * g_t`` on every leaf; leaves with False mask use ``other_weights``.
 
-    Elementwise multiply-and-sum rather than a matmul, so weights of exactly 1 give the
-    plain ``jnp.sum(g, axis=0)`` bit for bit.
+    Elementwise multiply-and-add over the tasks rather than a matmul, so weights of
+    exactly 1 give the plain sum of the task gradients.
 
     Args:
       task_grads: pytree of [T, ...] per-task gradients (absent tasks already zeroed).
@@ -254,8 +254,14 @@ def weighted_task_sum(task_grads: PyTree, weights: jax.Array,
       A pytree like one task's gradient (no task axis).
     """
     def combine(leaf: jax.Array, w: jax.Array) -> jax.Array:
-        w = w.astype(leaf.dtype).reshape((-1,) + (1,) * (leaf.ndim - 1))
-        return jnp.sum(w * leaf, axis=0)
+        # An unrolled sum over the (small, static) task axis: XLA:CPU reduces a leading
+        # axis ~30x slower than it adds contiguous slices. With weights of exactly 1 it
+        # equals ``jnp.sum(g, axis=0)`` for two tasks bit for bit.
+        w = w.astype(leaf.dtype)
+        total = w[0] * leaf[0]
+        for task in range(1, leaf.shape[0]):
+            total = total + w[task] * leaf[task]
+        return total
 
     if leaf_mask is None:
         return jax.tree.map(lambda leaf: combine(leaf, weights), task_grads)
