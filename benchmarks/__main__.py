@@ -3,10 +3,13 @@
     .venv-bench/bin/python -m benchmarks                      # the set -> benchmarks/results/latest.*
     .venv-bench/bin/python -m benchmarks --steps-per-call 8   # adds jaxmtl's fused mode
     .venv-bench/bin/python -m benchmarks --scaling            # batch size / width sweep
+    .venv-bench/bin/python -m benchmarks --devices            # 1, 2, 4, 8 devices
+    .venv-bench/bin/python -m benchmarks --logging-overhead   # json / tensorboard logging
     .venv-bench/bin/python -m benchmarks --only jaxmtl,jax_numpy --repeats 5
 
 Writes ``latest.md`` (table), ``latest.png`` (ratios to Snorkel) and ``latest.json`` (raw
-numbers) under ``--out-dir``; the scaling mode writes ``scaling.*``. See README.md.
+numbers) under ``--out-dir``; the other modes write ``scaling.*``, ``devices.*`` and
+``logging.*``. See README.md.
 """
 
 from __future__ import annotations
@@ -15,10 +18,11 @@ import argparse
 import datetime
 import json
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks import report, scaling
+from benchmarks import devices, logging_overhead, report, scaling
 from benchmarks.runner import (
     JAX_NUMPY,
     JAX_SCAN,
@@ -40,10 +44,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scaling", action="store_true",
                         help="sweep batch size and body width instead of the reference set")
+    parser.add_argument("--devices", action="store_true",
+                        help="jaxmtl fit over 1, 2, 4, 8 devices, parallel=pmap and sharded "
+                             "(forced CPU devices, or the real GPUs)")
+    parser.add_argument("--logging-overhead", action="store_true",
+                        help="jaxmtl fit without logging vs json and tensorboard logging")
     parser.add_argument("--steps-per-call", type=int, default=0, metavar="K",
                         help="also run jaxmtl with TrainerConfig(steps_per_call=K)")
     parser.add_argument("--repeats", type=int, default=None,
-                        help="measured epochs after the warm-up (default 3; scaling 2)")
+                        help="measured epochs after the warm-up (default 3; scaling 2; "
+                             "logging-overhead 5)")
     parser.add_argument("--only", default="",
                         help="comma-separated implementation keys (snorkel, torch, jax_numpy, "
                              "jax_scan, jaxmtl, jaxmtl_kK)")
@@ -65,15 +75,48 @@ def _select(impls: list[Any], only: str) -> list[Any]:
     return [impl for impl in impls if not keys or impl.key in keys]
 
 
+def run_devices(args: argparse.Namespace, created: str, machine: dict[str, Any]
+                ) -> tuple[dict[str, Any], Any, Any]:
+    """The ``--devices`` sweep: one child per (device count, mode); returns (run, md, plot)."""
+    backend = devices.probe_backend(args.python)
+    print(f"[benchmarks] backend {backend['backend']}, {backend['device_count']} device(s) "
+          f"of kind {backend['device_kind']!r}; device counts {devices.device_counts(backend)}")
+    impls = _select(devices.implementations(backend), args.only)
+    with tempfile.TemporaryDirectory(prefix="jaxmtl-bench-params-") as params_dir:
+        spec = {"configs": devices.configs(backend), "repeats": args.repeats or 3,
+                "params_dir": params_dir}
+        records = run_set(impls, spec, args.python, args.python, args.max_other_load,
+                          args.retries, retry_errors=True)
+    spec.pop("params_dir")
+    run = {"created": created, "machine": machine, "spec": spec, "backend": backend,
+           "impls": [{"key": i.key, **i.extra, "env": i.env} for i in impls],
+           "records": records}
+    return run, devices.render_markdown, devices.plot
+
+
+def run_logging(args: argparse.Namespace, created: str, machine: dict[str, Any]
+                ) -> tuple[dict[str, Any], Any, Any]:
+    """The ``--logging-overhead`` comparison: one child per variant; returns (run, md, plot)."""
+    impls = _select(logging_overhead.implementations(), args.only)
+    spec = {"configs": [default_config()], "repeats": args.repeats or 5}
+    records = run_set(impls, spec, args.python, args.python, args.max_other_load, args.retries)
+    run = {"created": created, "machine": machine, "spec": spec, "records": records}
+    return run, logging_overhead.render_markdown, logging_overhead.plot
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Runs the reference set (or the scaling sweep) and writes the result files."""
+    """Runs the reference set (or another mode) and writes the result files."""
     args = parse_args(argv)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch_python = args.torch_python or default_torch_python()
     created = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
     machine = {**machine_info(), **git_state()}
-    if args.scaling:
+    if args.devices or args.logging_overhead:
+        stem = "devices" if args.devices else "logging"
+        run, render, plot = (run_devices if args.devices else run_logging)(args, created, machine)
+        markdown, png_note = render(run), plot(run, str(out_dir / f"{stem}.png"))
+    elif args.scaling:
         repeats = args.repeats or 2
         impls = _select([JAXMTL, JAX_NUMPY, TORCH], args.only)
         spec = {"configs": scaling.configs(), "repeats": repeats, "predict": False,

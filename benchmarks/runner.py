@@ -34,6 +34,7 @@ class Implementation:
     module: str
     extra: dict[str, Any] = field(default_factory=dict)
     needs_torch: bool = False
+    env: dict[str, str] = field(default_factory=dict)  # set in the child's environment
 
 
 SNORKEL = Implementation("snorkel", "Snorkel 0.10 MultitaskClassifier + Trainer (PyTorch eager)",
@@ -99,6 +100,7 @@ def run_child(impl: Implementation, spec: dict[str, Any], python: str,
 
     A child that fails to start, crashes or times out yields ``{"error": ...}``; one whose
     dependencies are missing yields ``{"skipped": ...}`` (written by the child).
+    ``impl.env`` is set in the child's environment (e.g. ``XLA_FLAGS``, read when JAX starts).
     """
     full_spec = {**spec, **impl.extra, "name": impl.key}
     with tempfile.TemporaryDirectory(prefix="jaxmtl-bench-") as tmp:
@@ -107,7 +109,8 @@ def run_child(impl: Implementation, spec: dict[str, Any], python: str,
         busy0, cpu0, start = _busy_seconds(), _children_cpu_seconds(), time.perf_counter()
         try:
             proc = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True,
-                                  timeout=timeout_s, check=False)
+                                  timeout=timeout_s, check=False,
+                                  env={**os.environ, **impl.env} if impl.env else None)
             stderr, returncode = proc.stderr, proc.returncode
         except subprocess.TimeoutExpired:
             stderr, returncode = f"timed out after {timeout_s} s", -1
@@ -131,13 +134,14 @@ def _best_rate(record: dict[str, Any]) -> float | None:
 
 def run_set(impls: list[Implementation], spec: dict[str, Any], python: str,
             torch_python: str, max_other_load: float = 0.35, retries: int = 2,
-            log: Any = print) -> list[dict[str, Any]]:
+            log: Any = print, retry_errors: bool = False) -> list[dict[str, Any]]:
     """Runs the implementations one after another (never in parallel: 2 cores).
 
     A child during which other processes kept more than ``max_other_load`` cores busy is
     run again, up to ``retries`` more times (after a pause); the attempt with the least
     other load is kept and every attempt's load and best rate are recorded in
-    ``record["attempts"]``.
+    ``record["attempts"]``. With ``retry_errors``, a child that crashed is run again too
+    (within the same ``retries``), and a successful attempt is kept over a crashed one.
     """
     records = []
     for impl in impls:
@@ -157,12 +161,16 @@ def run_set(impls: list[Implementation], spec: dict[str, Any], python: str,
             if "error" in result:
                 log(result["error"])
             attempts.append(record)
+            if status == "ERROR" and retry_errors:
+                if attempt < retries:
+                    log("[benchmarks]   the child crashed: running it again")
+                continue
             if status != "ok" or load is None or load <= max_other_load:
                 break
             if attempt < retries:
                 log(f"[benchmarks]   other load above {max_other_load} cores: measuring again")
-        kept = min(attempts, key=lambda r: r["foreign_load"] or 0.0)
-        kept["attempts"] = [{"foreign_load": r["foreign_load"], "best_points_per_s": _best_rate(r)}
-                            for r in attempts]
+        kept = min(attempts, key=lambda r: ("error" in r["result"], r["foreign_load"] or 0.0))
+        kept["attempts"] = [{"foreign_load": r["foreign_load"], "best_points_per_s": _best_rate(r),
+                             "error": "error" in r["result"]} for r in attempts]
         records.append(kept)
     return records

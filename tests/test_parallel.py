@@ -90,3 +90,15 @@ def test_choose_parallel_and_padding():
         choose_parallel("gpu")
     padded = pad_rows({"y": np.array([1, 2, 3])}, 4, -1)
     np.testing.assert_array_equal(padded["y"], [1, 2, 3, -1])
+
+
+def test_fused_mode_runs_on_one_device_only():
+    import jax
+
+    from jaxmtl.parallel import DataParallel
+    from jaxmtl.training.runners import FusedRunner
+
+    two = DataParallel("pmap", (jax.devices()[0], jax.devices()[0]))
+    with pytest.raises(ValueError, match="steps_per_call=8 runs on one device; got parallel "
+                                         "mode 'pmap' over 2 devices"):
+        FusedRunner(None, two, None, None, [], steps_per_call=8)

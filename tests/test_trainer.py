@@ -191,9 +191,11 @@ def test_fused_steps_match_per_step(two_task_loaders, scheduler):
         assert fused_metrics[key] == pytest.approx(value, rel=1e-5), key
 
 
-def test_fused_steps_need_one_device():
+def test_fused_steps_config_errors():
     with pytest.raises(ValueError, match="steps_per_call must be an int >= 1"):
         Trainer(steps_per_call=0)
+    with pytest.raises(ValueError, match="steps_per_call=4 does not support batch_scheduler='mixed'"):
+        Trainer(steps_per_call=4, batch_scheduler="mixed")
 
 
 def test_modules_outside_the_batch_tasks_do_not_move():

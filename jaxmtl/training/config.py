@@ -295,6 +295,11 @@ class TrainerConfig(_NestedConfig):
             raise ValueError(
                 f"TrainerConfig.steps_per_call must be an int >= 1, got {self.steps_per_call!r}"
             )
+        if self.steps_per_call > 1 and self.batch_scheduler == "mixed":
+            raise ValueError(
+                f"TrainerConfig.steps_per_call={self.steps_per_call} does not support "
+                f"batch_scheduler='mixed'; use steps_per_call=1 or another scheduler"
+            )
         if not isinstance(self.n_epochs, int) or self.n_epochs < 0:
             raise ValueError(f"TrainerConfig.n_epochs must be an int >= 0, got {self.n_epochs!r}")
         _check_non_negative("TrainerConfig", "lr", self.lr)

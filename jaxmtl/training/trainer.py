@@ -102,8 +102,9 @@ class Trainer:
         """
         config = self.config
         train_loaders = self._check_dataloaders(dataloaders)
-        batch_scheduler = make_batch_scheduler(config.batch_scheduler, 0)
-        n_batches_per_epoch = batch_scheduler.epoch_length(train_loaders)
+        # Steps per epoch do not depend on the scheduler's seed (known only after resume).
+        n_batches_per_epoch = make_batch_scheduler(config.batch_scheduler, 0).epoch_length(
+            train_loaders)
         self.seed = config.seed if config.seed is not None else int(
             np.random.SeedSequence().entropy % 2**31
         )
@@ -143,8 +144,6 @@ class Trainer:
             log_writer.write_config(config)
         batch_scheduler = make_batch_scheduler(config.batch_scheduler, self.seed)
         if config.steps_per_call > 1:
-            if config.batch_scheduler == "mixed":
-                raise ValueError("steps_per_call > 1 does not support batch_scheduler='mixed'")
             runner = FusedRunner(model.graph, self.parallel, state, accumulator, train_loaders,
                                  config.steps_per_call, compiled)
         else:
