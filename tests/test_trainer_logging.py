@@ -91,3 +91,15 @@ def test_no_output_without_progress_bar(two_task_loaders, capsys):
     Trainer(n_epochs=1, progress_bar=False, seed=0).fit(model, two_task_loaders[:1])
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err == ""
+
+
+@pytest.mark.parametrize("scheduler, expected", [
+    ("constant", 0.02), ("linear", 0.0), ("exponential", 0.02 * 0.9 ** 38),
+    ("step", 0.02 * 0.1 ** (38 // 5)), ("cosine", 0.0)])
+def test_every_lr_scheduler_reaches_its_final_value(two_task_loaders, scheduler, expected):
+    model = MultitaskClassifier([make_task("task1"), make_task("task2", ("A", "C"))])
+    trainer = Trainer(n_epochs=1, lr=0.02, seed=0, progress_bar=False, lr_scheduler=scheduler)
+    trainer.fit(model, two_task_loaders)
+    # Logged after the last of 38 updates: the rate the next update would use.
+    assert trainer.metrics["model/all/train/lr"] == pytest.approx(expected, abs=1e-9)
+    assert trainer.warmup_steps == 0
