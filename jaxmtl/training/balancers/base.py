@@ -22,6 +22,7 @@ from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
+import optax
 
 PyTree = Any
 # Which parameter leaves are shared between tasks: None (all), module names (the
@@ -79,6 +80,12 @@ class Balancer(NamedTuple):
     update: UpdateFn
     needs_task_grads: bool
     weighted_loss: Callable[..., jax.Array] | None = None
+
+
+def empty_state(params: PyTree) -> Any:
+    """``init`` of a stateless method: ``optax.EmptyState()``."""
+    del params
+    return optax.EmptyState()
 
 
 class BalancedGrads(NamedTuple):

@@ -21,6 +21,7 @@ from .base import (
     PyTree,
     SharedSpec,
     check_task_losses,
+    empty_state,
     gram_matrix,
     mask_task_grads,
     num_tasks_of,
@@ -174,10 +175,6 @@ def pcgrad(*, shared: SharedSpec = None) -> Balancer:
     Args:
       shared: which leaves are shared (see ``shared_mask``); None = all leaves.
     """
-    def init(params: PyTree) -> optax.EmptyState:
-        del params
-        return optax.EmptyState()
-
     def update(task_losses: jax.Array, task_grads: PyTree | None, state: PyTree,
                params: PyTree, rng: jax.Array | None = None,
                task_mask: jax.Array | None = None) -> tuple:
@@ -194,7 +191,7 @@ def pcgrad(*, shared: SharedSpec = None) -> Balancer:
                                      prep.mask.astype(jnp.float32))
         return combined, weights, state
 
-    return Balancer(init, update, needs_task_grads=True)
+    return Balancer(empty_state, update, needs_task_grads=True)
 
 
 def cagrad(*, c: float = 0.5, rescale: int = 1, num_iters: int = 500,
@@ -226,10 +223,6 @@ def cagrad(*, c: float = 0.5, rescale: int = 1, num_iters: int = 500,
     _check_iters("cagrad", num_iters)
     divisor = {0: 1.0, 1: 1.0 + c ** 2, 2: 1.0 + c}[rescale]
 
-    def init(params: PyTree) -> optax.EmptyState:
-        del params
-        return optax.EmptyState()
-
     def update(task_losses: jax.Array, task_grads: PyTree | None, state: PyTree,
                params: PyTree, rng: jax.Array | None = None,
                task_mask: jax.Array | None = None) -> tuple:
@@ -249,7 +242,7 @@ def cagrad(*, c: float = 0.5, rescale: int = 1, num_iters: int = 500,
                                      mask.astype(jnp.float32))
         return combined, weights, state
 
-    return Balancer(init, update, needs_task_grads=True)
+    return Balancer(empty_state, update, needs_task_grads=True)
 
 
 _MGDA_NORMALIZATIONS = ("none", "l2", "loss", "loss+")
@@ -282,10 +275,6 @@ def mgda(*, normalization: str = "none", num_iters: int = 250,
     check_choice("mgda", "normalization", normalization, _MGDA_NORMALIZATIONS)
     _check_iters("mgda", num_iters)
 
-    def init(params: PyTree) -> optax.EmptyState:
-        del params
-        return optax.EmptyState()
-
     def update(task_losses: jax.Array, task_grads: PyTree | None, state: PyTree,
                params: PyTree, rng: jax.Array | None = None,
                task_mask: jax.Array | None = None) -> tuple:
@@ -300,4 +289,4 @@ def mgda(*, normalization: str = "none", num_iters: int = 250,
         weights = min_norm_weights(gram, prep.mask, num_iters)
         return weighted_task_sum(prep.grads, weights), weights, state
 
-    return Balancer(init, update, needs_task_grads=True)
+    return Balancer(empty_state, update, needs_task_grads=True)

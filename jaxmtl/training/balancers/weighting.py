@@ -17,6 +17,7 @@ from .base import (
     Balancer,
     PyTree,
     check_task_losses,
+    empty_state,
     mask_task_grads,
     resolve_task_mask,
     weighted_task_sum,
@@ -88,10 +89,6 @@ def equal(*, num_tasks: int | None = None) -> Balancer:
     """
     check_num_tasks("equal", num_tasks, required=False)
 
-    def init(params: PyTree) -> optax.EmptyState:
-        del params
-        return optax.EmptyState()
-
     def update(task_losses: jax.Array, task_grads: PyTree | None, state: PyTree,
                params: PyTree, rng: jax.Array | None = None,
                task_mask: jax.Array | None = None) -> tuple:
@@ -101,7 +98,7 @@ def equal(*, num_tasks: int | None = None) -> Balancer:
         weights = mask.astype(jnp.float32)
         return _maybe_combine(task_grads, weights, mask), weights, state
 
-    return Balancer(init, update, needs_task_grads=False)
+    return Balancer(empty_state, update, needs_task_grads=False)
 
 
 class UncertaintyState(NamedTuple):
@@ -298,10 +295,6 @@ def rlw(*, num_tasks: int | None = None) -> Balancer:
     """
     check_num_tasks("rlw", num_tasks, required=False)
 
-    def init(params: PyTree) -> optax.EmptyState:
-        del params
-        return optax.EmptyState()
-
     def update(task_losses: jax.Array, task_grads: PyTree | None, state: PyTree,
                params: PyTree, rng: jax.Array | None = None,
                task_mask: jax.Array | None = None) -> tuple:
@@ -315,7 +308,7 @@ def rlw(*, num_tasks: int | None = None) -> Balancer:
         weights = masked_softmax(draws, mask)
         return _maybe_combine(task_grads, weights, mask), weights, state
 
-    return Balancer(init, update, needs_task_grads=False)
+    return Balancer(empty_state, update, needs_task_grads=False)
 
 
 class FAMOState(NamedTuple):
