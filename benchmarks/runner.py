@@ -119,7 +119,10 @@ def run_child(impl: Implementation, spec: dict[str, Any], python: str,
         if out.exists():
             result = json.loads(out.read_text())
         else:
-            result = {"error": f"child exited {returncode} without a result:\n{stderr[-3000:]}"}
+            # Native stack frames ("    @ 0x...") would push the message out of the tail.
+            message = "\n".join(line for line in stderr.splitlines()
+                                if not line.lstrip().startswith("@ "))
+            result = {"error": f"child exited {returncode} without a result:\n{message[-3000:]}"}
     foreign = None
     if busy0 is not None and busy1 is not None and wall > 0:
         foreign = max(0.0, ((busy1 - busy0) - (cpu1 - cpu0)) / wall)

@@ -102,3 +102,33 @@ def test_fused_mode_runs_on_one_device_only():
     with pytest.raises(ValueError, match="steps_per_call=8 runs on one device; got parallel "
                                          "mode 'pmap' over 2 devices"):
         FusedRunner(None, two, None, None, [], steps_per_call=8)
+
+
+LONG_RUN = """
+import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+import flax.linen as nn, numpy as np, jaxmtl
+from conftest import linear_data
+body = nn.Sequential([nn.Dense(256), nn.relu, nn.Dense(256), nn.relu])
+loaders, tasks = [], []
+for task, seed in [("a", 0), ("b", 1)]:
+    X, Y = linear_data(10_000, seed, dim=128)
+    ds = jaxmtl.DictDataset(task, "train", {"x": X}, {task: Y})
+    loaders.append(jaxmtl.DictDataLoader(ds, batch_size=64, shuffle=True, seed=seed))
+    tasks.append(jaxmtl.Task(task, {"body": body, "head_" + task: nn.Dense(2)},
+                             [jaxmtl.Operation("body", [("_input_", "x")]),
+                              jaxmtl.Operation("head_" + task, ["body"])]))
+trainer = jaxmtl.Trainer(n_epochs=3, lr=1e-3, progress_bar=False, seed=0, parallel="{mode}")
+trainer.fit(jaxmtl.MultitaskClassifier(tasks), loaders)
+print(int(trainer.state.step))
+"""
+
+
+@pytest.mark.parametrize("mode", ["pmap", "sharded"])
+def test_many_queued_steps_on_cpu_devices_do_not_deadlock(mode):
+    # 942 steps with no host sync in between: XLA:CPU collectives of queued steps used to
+    # hold every pool thread and time out in the all-reduce rendezvous.
+    result = subprocess.run([sys.executable, "-c", LONG_RUN.replace("{mode}", mode)],
+                            cwd=SCRIPT.parent, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "942"

@@ -92,6 +92,12 @@ class PerStepRunner:
                               for i, dl in enumerate(train_loaders)}
         self._task_names = set(graph.task_names)
         self.loaders = list(train_loaders)
+        # XLA:CPU runs each device's part of a collective on a shared thread pool; with
+        # many steps queued, parts of different steps can hold every thread and wait for
+        # each other forever (an all-reduce rendezvous timeout). There, a step starts only
+        # when the previous one is done.
+        self._wait_for_previous_step = (parallel.mode != "single"
+                                        and parallel.devices[0].platform == "cpu")
         self.state = parallel.replicate(state)
         self.accumulator = parallel.replicate(accumulator)
 
@@ -121,6 +127,8 @@ class PerStepRunner:
     def push(self, item: tuple[Any, int, Any]) -> None:
         """Runs one step on the batch."""
         device_batches, _, loader_indices = item
+        if self._wait_for_previous_step:
+            jax.block_until_ready(self.state.step)
         self.state, self.accumulator = self.compiled(self.state, self.accumulator,
                                                      device_batches, loader_indices)
 
