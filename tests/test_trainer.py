@@ -229,3 +229,18 @@ def test_second_fit_compiles_nothing(two_task_loaders):
     trainer.fit(model, two_task_loaders)
     assert count_compiles(lambda: trainer.fit(model, two_task_loaders)) == 0
     assert int(trainer.state.step) == 38  # a new fit starts a fresh optimizer state
+
+
+@pytest.mark.parametrize("steps_per_call", [1, 4])
+def test_batches_without_labels_are_skipped_like_snorkel(steps_per_call):
+    from conftest import linear_data
+
+    X, Y = linear_data(96, 0)
+    Y[:32] = -1  # the first batch of 32 has no label at all
+    dl = DictDataLoader(DictDataset("d", "train", {"data": X}, {"task1": Y}), batch_size=32)
+    model = MultitaskClassifier([make_task("task1")])
+    trainer = Trainer(n_epochs=2, seed=0, progress_bar=False, steps_per_call=steps_per_call,
+                      log_manager_config={"counter_unit": "batches", "evaluation_freq": 1})
+    trainer.fit(model, [dl])
+    assert int(trainer.state.step) == 2 * 2  # 2 labelled batches per epoch
+    assert trainer.metrics["task1/d/train/loss"] > 0

@@ -11,6 +11,9 @@ flushes before it evaluates or checkpoints), so the two give the same results:
   each selecting its loader's computation with ``lax.switch``. A call cut short (before an
   evaluation, or at the end of an epoch) is filled with no-op steps (no active row), which
   leave the state unchanged, so every call has the same shapes and compiles once.
+
+Batches without any labelled row are dropped on the host (Snorkel skips them too), so the
+compiled step never needs a select over the whole state to undo an update.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..data import DictDataLoader
+from ..data import DictDataLoader, is_active
 from ..model import ModelGraph
 from ..parallel import DataParallel, prefetch
 from .step import TrainState, train_step_on
@@ -50,6 +53,7 @@ def fit_step(
     ``accumulator`` holds [n_loaders, n_tasks] loss sums and active counts; row
     ``loader_index`` collects this batch's terms, so logging needs no per-step host sync.
     Under pmap the terms are summed over devices first, so every replica holds the totals.
+    The batch must hold an active row.
     """
     return fit_group_step(graph, state, accumulator, ((X_dict, Y_dict, mask),),
                           (loader_index,), axis_name)
@@ -63,8 +67,12 @@ def fit_group_step(
     loader_indices: tuple,
     axis_name: Any = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """``fit_step`` on several batches in one update (one per loader: "mixed" schedule)."""
-    state, metrics = train_step_on(graph, state, batches, axis_name=axis_name)
+    """``fit_step`` on several batches in one update (one per loader: "mixed" schedule).
+
+    The batches must hold an active row (the runners drop the others on the host).
+    """
+    state, metrics = train_step_on(graph, state, batches, axis_name=axis_name,
+                                   skip_inactive=False)
     loss_sum, count = accumulator["loss_sum"], accumulator["count"]
     for terms, loader_index in zip(metrics["batch_terms"], loader_indices, strict=True):
         if axis_name is not None:
@@ -110,23 +118,31 @@ class PerStepRunner:
         batches, dataloaders = item
         if not isinstance(dataloaders, tuple):  # one batch per step, else a "mixed" group
             batches, dataloaders = (batches,), (dataloaders,)
-        device_batches, num_valid = [], 0
+        device_batches, num_valid, active = [], 0, False
         for batch in batches:
             X_dict, Y_dict = batch
             Y_dict = {k: v for k, v in Y_dict.items() if k in self._task_names}
+            active = active or any(is_active(y[batch.mask]).any() for y in Y_dict.values())
             device_batches.append(self.parallel.put_batch(X_dict, Y_dict, batch.mask))
             num_valid += batch.num_valid
+        if not active:  # nothing to learn from: no step, as Snorkel skips it
+            return None, 0, None
         loader_indices = tuple(self._loader_index[id(dl)] for dl in dataloaders)
         return tuple(device_batches), num_valid, loader_indices
 
     def epoch(self, batches: Iterator[tuple[Any, DictDataLoader]]) -> Iterator[tuple[Any, int]]:
-        """Wraps the scheduler's ``(batch, loader)`` pairs: yields ``(item, num_valid)``."""
+        """Wraps the scheduler's ``(batch, loader)`` pairs: yields ``(item, num_valid)``.
+
+        ``num_valid`` is 0 for a batch without any labelled row (``push`` ignores it).
+        """
         for device_item in prefetch(batches, self._to_devices):
             yield device_item, device_item[1]
 
     def push(self, item: tuple[Any, int, Any]) -> None:
-        """Runs one step on the batch."""
+        """Runs one step on the batch (none for a batch without labelled rows)."""
         device_batches, _, loader_indices = item
+        if device_batches is None:
+            return
         if self._wait_for_previous_step:
             jax.block_until_ready(self.state.step)
         self.state, self.accumulator = self.compiled(self.state, self.accumulator,
@@ -160,8 +176,9 @@ class _IndexLoader:
     """Stands in for a loader in the batch scheduler, yielding ``IndexBatch``es in the
     same order (and with the same padding) as the loader's own batches."""
 
-    def __init__(self, loader: DictDataLoader, index: int) -> None:
+    def __init__(self, loader: DictDataLoader, index: int, task_names: set[str]) -> None:
         self.loader, self.index, self.dataset = loader, index, loader.dataset
+        self._labels = [y for k, y in loader.dataset.Y_dict.items() if k in task_names]
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -171,6 +188,8 @@ class _IndexLoader:
         self.loader.epoch += 1
         for batch_index in range(len(self.loader)):
             rows, num_valid = self.loader.rows_at(order, batch_index)
+            if not any(is_active(y[rows[:num_valid]]).any() for y in self._labels):
+                num_valid = 0  # no labelled row: skipped, as the per-step runner does
             yield IndexBatch(self.index, rows, num_valid)
 
 
@@ -190,7 +209,7 @@ def fused_steps(graph: ModelGraph, batch_sizes: tuple[int, ...], state: TrainSta
       batch_sizes: each train loader's batch size (static).
       state, accumulator: as ``fit_step``.
       data: per loader ``{"X": {...}, "Y": {...}}`` arrays of its whole dataset.
-      loader_ids: [K] the loader of each step.
+      loader_ids: [K] the loader of each step; ``len(batch_sizes)`` for a no-op step.
       rows: [K, max batch size] row indices into that loader's data.
       num_valid: [K] real rows per step (0 for a no-op step).
     """
@@ -202,7 +221,10 @@ def fused_steps(graph: ModelGraph, batch_sizes: tuple[int, ...], state: TrainSta
         Y = {k: _mask_labels(v[step_rows], mask) for k, v in data[index]["Y"].items()}
         return fit_step(graph, *carry, X, Y, mask, jnp.int32(index))
 
-    branches = [functools.partial(branch, i) for i in range(len(batch_sizes))]
+    def no_op(carry: tuple, rows_k: jax.Array, valid_k: jax.Array) -> tuple:
+        return carry
+
+    branches = [functools.partial(branch, i) for i in range(len(batch_sizes))] + [no_op]
 
     def body(carry: tuple, xs: tuple) -> tuple:
         loader_id, rows_k, valid_k = xs
@@ -238,7 +260,7 @@ class FusedRunner(PerStepRunner):
         self._batch_sizes = tuple(dl.batch_size for dl in train_loaders)
         self.compiled = compiled or jax.jit(
             functools.partial(fused_steps, graph, self._batch_sizes), donate_argnums=(0, 1))
-        self._proxies = [_IndexLoader(dl, i) for i, dl in enumerate(train_loaders)]
+        self._proxies = [_IndexLoader(dl, i, task_names) for i, dl in enumerate(train_loaders)]
         self._pending: list[IndexBatch] = []
         self.state = parallel.replicate(state)
         self.accumulator = parallel.replicate(accumulator)
@@ -255,6 +277,8 @@ class FusedRunner(PerStepRunner):
 
     def push(self, item: IndexBatch) -> None:
         """Queues the step; runs a call when ``steps_per_call`` steps are queued."""
+        if item.num_valid == 0:
+            return
         self._pending.append(item)
         if len(self._pending) == self.steps_per_call:
             self.flush()
@@ -264,7 +288,8 @@ class FusedRunner(PerStepRunner):
         if not self._pending:
             return
         k, width = self.steps_per_call, max(self._batch_sizes)
-        loader_ids = np.zeros(k, np.int32)
+        # Unused slots run the no-op branch (index n_loaders): the state passes through.
+        loader_ids = np.full(k, len(self._batch_sizes), np.int32)
         rows = np.zeros((k, width), np.int32)
         num_valid = np.zeros(k, np.int32)
         for i, item in enumerate(self._pending):

@@ -188,6 +188,7 @@ def train_step_on(
     state: TrainState,
     batches: Sequence[Batch],
     axis_name: Any = None,
+    skip_inactive: bool = True,
 ) -> tuple[TrainState, dict[str, Any]]:
     """One optimizer update on several batches at once (e.g. one per task loader).
 
@@ -202,6 +203,9 @@ def train_step_on(
       state: the current TrainState.
       batches: ``(X_dict, Y_dict, mask)`` triples; their shapes may differ.
       axis_name: the pmap axis, as in ``train_step``.
+      skip_inactive: leave the state unchanged when no batch has an active row. A caller
+        that never passes such batches (the Trainer drops them on the host) sets False
+        and saves the select over the whole state that this costs.
 
     Returns:
       (state, metrics): metrics["batch_terms"] lists, per batch, task -> (loss sum,
@@ -326,8 +330,9 @@ def train_step_on(
         opt_state = _keep_modules(opt_state, state.opt_state, unused)
     updated = state.replace(step=state.step + 1, params=params, model_state=model_state,
                             opt_state=opt_state, balancer_state=balancer_state)
-    any_active = jnp.any(task_mask)
-    new_state = jax.lax.cond(any_active, lambda: updated, lambda: state)
+    if not skip_inactive:
+        return updated, {"batch_terms": batch_terms, "loss": loss, "weights": weights}
+    new_state = jax.lax.cond(jnp.any(task_mask), lambda: updated, lambda: state)
     return new_state, {"batch_terms": batch_terms, "loss": loss, "weights": weights}
 
 

@@ -164,6 +164,8 @@ class Trainer:
                 points, started, refreshed = 0, time.perf_counter(), time.perf_counter()
                 for batch_index, (item, num_valid) in enumerate(progress, start=first):
                     runner.push(item)
+                    if num_valid == 0:  # no labelled row: no step, no count (as Snorkel)
+                        continue
                     log_manager.update(num_valid)
                     points += num_valid
                     if log_manager.trigger_evaluation():
