@@ -244,3 +244,28 @@ def test_batches_without_labels_are_skipped_like_snorkel(steps_per_call):
     trainer.fit(model, [dl])
     assert int(trainer.state.step) == 2 * 2  # 2 labelled batches per epoch
     assert trainer.metrics["task1/d/train/loss"] > 0
+
+
+def test_dropout_and_batchnorm_model_trains_and_scores(two_task_loaders):
+    import flax.linen as nn
+
+    from jaxmtl import Operation, Task
+
+    class Body(nn.Module):
+        @nn.compact
+        def __call__(self, x, train: bool):
+            x = nn.relu(nn.BatchNorm(use_running_average=not train)(nn.Dense(16)(x)))
+            return nn.Dropout(0.2, deterministic=not train)(x)
+
+    tasks = [Task(name, {"body": Body(), f"head_{name}": nn.Dense(2)},
+                  [Operation("body", [("_input_", "data")]), Operation(f"head_{name}", ["body"])])
+             for name in ("task1", "task2")]
+    model = MultitaskClassifier(tasks)
+    Trainer(n_epochs=5, lr=0.02, seed=0, progress_bar=False).fit(model, two_task_loaders)
+    stats = model.variables["batch_stats"]["body"]["BatchNorm_0"]
+    assert not np.allclose(np.asarray(stats["mean"]), 0.0)  # running means were updated
+    scores = model.score([dl for dl in two_task_loaders if dl.dataset.split == "valid"])
+    assert scores["task1/d1/valid/accuracy"] > 0.9 and scores["task2/d2/valid/accuracy"] > 0.9
+    # Evaluation is deterministic: dropout off, running statistics read-only.
+    again = model.score([dl for dl in two_task_loaders if dl.dataset.split == "valid"])
+    assert again == scores
