@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from .checkpoint import CHECKPOINTS_SUBDIR, CheckpointError, restore_checkpoint
@@ -129,3 +130,17 @@ def load_optimizer_state(path: str, current: TrainerConfig, params: Any
         logger.warning("Trainer.load: %s; restored the config only", error)
         return config, None
     return config, items["train"]
+
+
+def continue_optimizer(state: TrainState, loaded: dict[str, Any] | None) -> TrainState:
+    """``state`` with the optimizer state and update count of ``load_optimizer_state``.
+
+    A loaded state whose shapes do not match (another model) is ignored with a warning.
+    """
+    if loaded is None:
+        return state
+    if jax.tree.map(np.shape, loaded["opt_state"]) != jax.tree.map(np.shape, state.opt_state):
+        logger.warning("The loaded optimizer state does not match this model's parameters; "
+                       "starting a fresh optimizer.")
+        return state
+    return state.replace(opt_state=loaded["opt_state"], step=loaded["step"])

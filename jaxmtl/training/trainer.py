@@ -7,8 +7,6 @@ Training losses accumulate on the device and are read back only when logged.
 
 from __future__ import annotations
 
-import collections
-import inspect
 import itertools
 import logging
 import time
@@ -23,13 +21,19 @@ from tqdm import tqdm
 from ..classifier import MultitaskClassifier
 from ..data import DictDataLoader
 from ..parallel import choose_parallel
-from .balancers import BALANCER_FACTORIES, Balancer, make_balancer
+from .balancers import Balancer, balancer_for_tasks
 from .batch_schedulers import make_batch_scheduler
 from .checkpoint import DEFAULT_CHECKPOINT_DIR, Checkpointer
 from .config import TrainerConfig, from_dict, merge_config
 from .log_manager import LogManager
 from .lr_schedules import make_lr_schedule
-from .resume import load_optimizer_state, restore_training, save_optimizer_state, train_tree
+from .resume import (
+    continue_optimizer,
+    load_optimizer_state,
+    restore_training,
+    save_optimizer_state,
+    train_tree,
+)
 from .runners import FusedRunner, PerStepRunner, zero_loss_accumulator
 from .step import TrainState, make_optimizer
 from .writers import make_log_writer
@@ -46,16 +50,9 @@ def _make_balancer(config: TrainerConfig, model: MultitaskClassifier) -> Balance
         return config.balancer
     if config.balancer == "equal" and not config.balancer_config:
         return None
-    settings = dict(config.balancer_config)
-    parameters = inspect.signature(BALANCER_FACTORIES[config.balancer]).parameters
-    if "num_tasks" in parameters:
-        settings.setdefault("num_tasks", len(model.task_names))
-    if "shared" in parameters:
-        uses = collections.Counter(
-            op.module_name for name in model.task_names
-            for op in {o.module_name: o for o in model.op_sequences[name]}.values())
-        settings.setdefault("shared", sorted(m for m, n in uses.items() if n > 1))
-    return make_balancer(config.balancer, **settings)
+    task_modules = {name: {op.module_name for op in ops}
+                    for name, ops in model.op_sequences.items()}
+    return balancer_for_tasks(config.balancer, config.balancer_config, task_modules)
 
 
 class Trainer:
@@ -85,6 +82,7 @@ class Trainer:
         self.state: TrainState | None = None
         self.metrics: Metrics = {}
         self._compiled: dict[Any, tuple] = {}
+        self._loaded_optimizer: dict[str, Any] | None = None
 
     def fit(self, model: MultitaskClassifier, dataloaders: Sequence[DictDataLoader],
             resume_from: str | None = None) -> None:
@@ -124,9 +122,9 @@ class Trainer:
         tx, self.lr_schedule, self.warmup_steps, balancer, compiled = cached
         first_X, _ = train_loaders[0].batch_at(train_loaders[0].order(0), 0)
         variables = model._ensure_variables(first_X)
-        state = self._continue_optimizer(TrainState.create(
-            variables, tx, jax.random.PRNGKey(self.seed), balancer=balancer,
-            precision=config.precision))
+        state = TrainState.create(variables, tx, jax.random.PRNGKey(self.seed),
+                                  balancer=balancer, precision=config.precision)
+        state, self._loaded_optimizer = continue_optimizer(state, self._loaded_optimizer), None
         accumulator = zero_loss_accumulator(len(train_loaders), len(model.task_names))
 
         primary = jax.process_index() == 0  # the one process that writes logs
@@ -264,18 +262,6 @@ class Trainer:
         position = int(trainer_meta["epoch"]), int(trainer_meta["batch_in_epoch"])
         logger.info("Resumed from %s at epoch %s, batch %s", root, *position)
         return state, accumulator, position
-
-    def _continue_optimizer(self, state: TrainState) -> TrainState:
-        """Uses the optimizer state from ``load`` (if any) in place of a fresh one."""
-        loaded, self._loaded_optimizer = getattr(self, "_loaded_optimizer", None), None
-        if loaded is None:
-            return state
-        expected = jax.tree.map(np.shape, state.opt_state)
-        if jax.tree.map(np.shape, loaded["opt_state"]) != expected:
-            logger.warning("The loaded optimizer state does not match this model's "
-                           "parameters; starting a fresh optimizer.")
-            return state
-        return state.replace(opt_state=loaded["opt_state"], step=loaded["step"])
 
     def save(self, trainer_path: str) -> None:
         """Saves the config and the optimizer state (an Orbax directory ``trainer_path``).

@@ -96,6 +96,30 @@ def make_balancer(name: str = "equal", **config: Any) -> Balancer:
     return factory(**config)
 
 
+def balancer_for_tasks(name: str, config: dict[str, Any],
+                       task_modules: dict[str, set[str]]) -> Balancer:
+    """``make_balancer(name, **config)`` with ``num_tasks`` and ``shared`` filled in.
+
+    Args:
+      name: a balancer name (``BALANCER_NAMES``).
+      config: the method's settings; given keys are kept.
+      task_modules: task name -> the module names its ops use (in task order); a module
+        used by two or more tasks is shared.
+    """
+    settings = dict(config)
+    parameters = inspect.signature(BALANCER_FACTORIES[name]).parameters if \
+        name in BALANCER_FACTORIES else {}
+    if "num_tasks" in parameters:
+        settings.setdefault("num_tasks", len(task_modules))
+    if "shared" in parameters:
+        uses: dict[str, int] = {}
+        for modules in task_modules.values():
+            for module in modules:
+                uses[module] = uses.get(module, 0) + 1
+        settings.setdefault("shared", sorted(m for m, n in uses.items() if n > 1))
+    return make_balancer(name, **settings)
+
+
 __all__ = [
     "BALANCER_FACTORIES",
     "BALANCER_NAMES",
@@ -110,6 +134,7 @@ __all__ = [
     "UncertaintyState",
     "UpdateFn",
     "balanced_grads",
+    "balancer_for_tasks",
     "cagrad",
     "cagrad_dual_weights",
     "dwa",
