@@ -123,3 +123,21 @@ def test_bf16_compute_keeps_fp32_params_and_trains(two_task_loaders):
     scores = valid_scores(model, two_task_loaders)
     assert scores["model/all/valid/accuracy"] > 0.9
     assert isinstance(trainer.metrics["model/all/train/loss"], float)
+
+
+def test_balancer_for_tasks_fills_num_tasks_and_shared():
+    from jaxmtl.training.balancers import balancer_for_tasks
+
+    task_modules = {"a": {"body", "head_a"}, "b": {"body", "head_b"}, "c": {"body", "head_c"}}
+    dwa = balancer_for_tasks("dwa", {"temperature": 3.0}, task_modules)
+    state = dwa.init({"body": jnp.zeros(2)})
+    assert {np.shape(leaf)[-1] for leaf in jax.tree.leaves(state) if np.ndim(leaf)} == {3}
+    # "shared" = the body only: PCGrad then leaves the heads' gradients as they are.
+    pcgrad = balancer_for_tasks("pcgrad", {}, task_modules)
+    grads = {"body": jnp.array([[1.0, 0.0], [-1.0, 1.0], [0.0, 0.0]]),
+             "head_a": jnp.array([[2.0], [3.0], [4.0]])}
+    combined, _, _ = pcgrad.update(jnp.ones(3), grads, pcgrad.init(None), None,
+                                   jax.random.PRNGKey(0))
+    np.testing.assert_allclose(combined["head_a"], [9.0])
+    with pytest.raises(ValueError, match="Unknown balancer 'nope'"):
+        balancer_for_tasks("nope", {}, task_modules)
