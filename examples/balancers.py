@@ -5,7 +5,7 @@ Run: python examples/balancers.py [--plot balancers.png]   (needs matplotlib for
 Task "a" reads x0 + 0.5 x1 and carries loss weight 20; task "b" reads x2 - x0 and has a
 tenth of the rows. The shared body has one unit, so the tasks cannot both be solved: each
 method picks a different trade-off. The plain weighted sum ("equal") and PCGrad (which
-only removes conflicting components) keep the heavy task "a"; MGDA-UB's min-norm
+only removes conflicting components) keep the heavy task "a"; MGDA's min-norm
 combination of the two task gradients (computed together with ``jax.vmap`` inside the
 jitted step) ignores the loss scale and moves to task "b". Each method trains with the
 "mixed" batch scheduler (one batch of every task per step) and the same seed.

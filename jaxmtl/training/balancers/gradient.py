@@ -250,7 +250,7 @@ _MGDA_NORMALIZATIONS = ("none", "l2", "loss", "loss+")
 
 def mgda(*, normalization: str = "none", num_iters: int = 250,
          shared: SharedSpec = None) -> Balancer:
-    """MGDA-UB: the min-norm convex combination of the task gradients.
+    """MGDA: the min-norm convex combination of the task gradients (and MGDA-UB).
 
     Sener & Koltun 2018, "Multi-Task Learning as Multi-Objective Optimization"
     (NeurIPS): ``alpha = argmin_{alpha in simplex} ||sum_t alpha_t g_t||^2`` by their
