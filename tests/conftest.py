@@ -5,8 +5,14 @@ from __future__ import annotations
 import flax.linen as nn
 import numpy as np
 import pytest
+from hypothesis import settings
 
 import jaxmtl
+
+# Property tests draw the same examples on every run (a CI run must not fail on a new
+# random draw) and have no per-example deadline (compiles make timings noisy).
+settings.register_profile("jaxmtl", derandomize=True, deadline=None)
+settings.load_profile("jaxmtl")
 
 
 def make_task(name: str, suffixes: tuple[str, str] = ("A", "B"), n_classes: int = 2,
