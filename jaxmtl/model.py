@@ -194,6 +194,8 @@ def apply_ops(
     *,
     train: bool = False,
     rng: jax.Array | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    until: str | None = None,
 ) -> tuple[dict[str, Any], PyTree]:
     """Runs the ops of ``task_names`` on a batch.
 
@@ -206,14 +208,21 @@ def apply_ops(
         collections (e.g. ``batch_stats``) are mutable and returned updated.
       rng: PRNG key for the ``"dropout"`` stream (op ``i`` uses ``fold_in(rng, i)``);
         required when a module draws random numbers.
+      overrides: op name -> output to use instead of running that op (e.g. a shared
+        representation to differentiate with respect to).
+      until: stop after this op.
 
     Returns:
       (outputs, variables): outputs maps op name -> output, plus ``"_input_"`` -> X_dict;
       variables carries any updated mutable collections.
     """
-    outputs: dict[str, Any] = {INPUT_KEY: dict(X_dict)}
+    outputs: dict[str, Any] = {INPUT_KEY: dict(X_dict), **(overrides or {})}
     op_index = {name: i for i, name in enumerate(graph.op_names)}
     for op in graph.ops_for(task_names):
+        if op.name in outputs:
+            if op.name == until:
+                break
+            continue
         module = graph.module_pool[op.module_name]
         args = _op_args(op, outputs)
         if not is_flax_module(module):
@@ -230,7 +239,24 @@ def apply_ops(
         else:
             output = module.apply(module_vars, *args, **kwargs)
         outputs[op.name] = output
+        if op.name == until:
+            break
     return outputs, variables
+
+
+def shared_representation(graph: ModelGraph, task_names: Sequence[str]) -> str:
+    """The last op (in execution order) that every one of ``task_names`` runs.
+
+    Raises:
+      ValueError: if the tasks share no op.
+    """
+    common = set.intersection(*(
+        {op.name for op in graph.op_sequences[name]} for name in task_names))
+    shared = [op.name for op in graph.ops_for(task_names) if op.name in common]
+    if not shared:
+        raise ValueError(f"Tasks {list(task_names)} share no op: there is no shared "
+                         f"representation to differentiate with respect to")
+    return shared[-1]
 
 
 def task_logits(graph: ModelGraph, outputs: Mapping[str, Any], task_name: str) -> jax.Array:
@@ -292,6 +318,7 @@ def task_loss_terms(
     *,
     train: bool = False,
     rng: jax.Array | None = None,
+    overrides: Mapping[str, Any] | None = None,
 ) -> tuple[LossTerms, PyTree]:
     """Runs the batch's tasks and returns their masked loss terms and updated variables.
 
@@ -300,13 +327,14 @@ def task_loss_terms(
       Y_dict: label name -> [B] int labels (-1 = none) or [B, K] probabilities; labels
         whose name is not a task are ignored.
       mask: optional [B] bool, False on padded rows.
-      train, rng: as in ``apply_ops``.
+      train, rng, overrides: as in ``apply_ops``.
 
     Returns:
       (terms, variables): task -> (loss sum over active rows, active count).
     """
     task_names = [name for name in Y_dict if name in graph.op_sequences]
-    outputs, variables = apply_ops(graph, variables, X_dict, task_names, train=train, rng=rng)
+    outputs, variables = apply_ops(graph, variables, X_dict, task_names, train=train, rng=rng,
+                                   overrides=overrides)
     return losses_from_outputs(graph, outputs, Y_dict, mask), variables
 
 

@@ -141,3 +141,59 @@ def test_balancer_for_tasks_fills_num_tasks_and_shared():
     np.testing.assert_allclose(combined["head_a"], [9.0])
     with pytest.raises(ValueError, match="Unknown balancer 'nope'"):
         balancer_for_tasks("nope", {}, task_modules)
+
+
+def test_mgda_upper_bound_weights_come_from_representation_gradients():
+    import flax.linen as nn
+
+    from jaxmtl import Operation, Task, task_loss_terms
+    from jaxmtl.model import apply_ops
+    from jaxmtl.training.balancers import min_norm_weights
+    from jaxmtl.training.step import train_step_on
+
+    body = nn.Sequential([nn.Dense(8), nn.tanh])
+    tasks = [Task(t, {"body": body, f"head_{t}": nn.Dense(2)},
+                  [Operation("body", [("_input_", "x")]), Operation(f"head_{t}", ["body"])])
+             for t in ("a", "b")]
+    graph = build_graph(tasks)
+    rng = np.random.default_rng(0)
+    X = {"x": jnp.asarray(rng.normal(size=(16, 4)), jnp.float32)}
+    Y = {"a": jnp.asarray(rng.integers(0, 2, 16)), "b": jnp.asarray(rng.integers(0, 2, 16))}
+    mask = jnp.ones(16, bool)
+    variables = init_variables(graph, X, jax.random.PRNGKey(0))
+    balancer = make_balancer("mgda", upper_bound=True)
+    state = TrainState.create(variables, make_optimizer(TrainerConfig(lr=0.1), 0.1),
+                              jax.random.PRNGKey(0), balancer=balancer)
+    new_state, metrics = train_step_on(graph, state, ((X, Y, mask),))
+
+    Z = apply_ops(graph, variables, X, ["a", "b"], until="body")[0]["body"]
+
+    def head_loss(z, task):
+        terms, _ = task_loss_terms(graph, variables, X, {task: Y[task]}, mask,
+                                   overrides={"body": z})
+        return terms[task][0] / terms[task][1]
+
+    grads = jnp.stack([jax.grad(head_loss)(Z, t).ravel() for t in ("a", "b")])
+    expected = min_norm_weights(grads @ grads.T)
+    np.testing.assert_allclose(metrics["weights"], expected, rtol=1e-4, atol=1e-6)
+    assert 0 < float(metrics["weights"][0]) < 1  # a real trade-off, not a corner
+
+    def weighted(params):
+        terms, _ = task_loss_terms(graph, {"params": params}, X, Y, mask)
+        return sum(w * terms[t][0] / terms[t][1] for w, t in zip(expected, ("a", "b"),
+                                                                  strict=True))
+
+    tx = make_optimizer(TrainerConfig(lr=0.1), 0.1)
+    updates, _ = tx.update(jax.grad(weighted)(variables["params"]),
+                           tx.init(variables["params"]), variables["params"])
+    want = optax.apply_updates(variables["params"], updates)
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(new_state.params), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_mgda_upper_bound_trains_through_the_trainer(two_task_loaders):
+    model, _ = fit(two_task_loaders, batch_scheduler="mixed", balancer="mgda",
+                   balancer_config={"upper_bound": True}, n_epochs=6, lr=0.1)
+    assert valid_scores(model, two_task_loaders)["model/all/valid/accuracy"] > 0.85
+    with pytest.raises(ValueError, match="upper_bound=True solves on the representation"):
+        make_balancer("mgda", upper_bound=True, shared=["body"])

@@ -20,7 +20,15 @@ import numpy as np
 import optax
 from flax import struct
 
-from ..model import ModelGraph, PyTree, active_mask, task_loss_terms, total_loss
+from ..model import (
+    ModelGraph,
+    PyTree,
+    active_mask,
+    apply_ops,
+    shared_representation,
+    task_loss_terms,
+    total_loss,
+)
 from .balancers import Balancer, balanced_grads
 from .config import TrainerConfig
 
@@ -288,6 +296,10 @@ def train_step_on(
         grads, weights, balancer_state = out.grads, out.weights, out.state
         batch_terms, model_state = out.aux
         loss = jnp.sum(out.weights * out.task_losses)
+    elif state.balancer.representation_grads:
+        batch_terms, model_state, grads, weights, balancer_state, loss = _upper_bound_step(
+            graph, state, batches, forward, task_losses, task_mask, balancer_rng, rng,
+            compute_dtype, axis_name)
     else:
         # Gradient methods: each task is differentiated through the batches that carry it
         # only, so T tasks in T batches cost T forward/backward passes of one batch each
@@ -334,6 +346,67 @@ def train_step_on(
         return updated, {"batch_terms": batch_terms, "loss": loss, "weights": weights}
     new_state = jax.lax.cond(jnp.any(task_mask), lambda: updated, lambda: state)
     return new_state, {"batch_terms": batch_terms, "loss": loss, "weights": weights}
+
+
+def _upper_bound_step(graph: ModelGraph, state: TrainState, batches: Sequence[Batch],
+                      forward: Any, task_losses: Any, task_mask: jax.Array,
+                      balancer_rng: jax.Array, rng: jax.Array, compute_dtype: Any,
+                      axis_name: Any) -> tuple:
+    """MGDA-UB: task weights from the gradients w.r.t. the shared representation.
+
+    The representation is the output of the last op every task of the batches runs; the
+    task gradients with respect to it (stacked over the batches) are cheap, as only the
+    task heads are differentiated. The update is then the gradient of
+    ``sum_t weights_t L_t`` through the whole model.
+    """
+    if axis_name is not None:
+        raise ValueError("MGDA-UB (representation gradients) runs on one device; use "
+                         "parallel='single' or mgda without upper_bound")
+    tasks = list(dict.fromkeys(t for _, Y, _ in batches for t in Y if t in graph.op_sequences))
+    representation = shared_representation(graph, tasks)
+    params = state.params if compute_dtype is None else _cast_floats(state.params,
+                                                                      compute_dtype)
+    variables = {"params": params, **state.model_state}
+    prefixes = []
+    for index, (X_dict, Y_dict, _) in enumerate(batches):
+        if compute_dtype is not None:
+            X_dict = _cast_floats(X_dict, compute_dtype)
+        batch_rng = rng if len(batches) == 1 else jax.random.fold_in(rng, index)
+        names = [t for t in Y_dict if t in graph.op_sequences]
+        prefix, _ = apply_ops(graph, variables, X_dict, names, train=True, rng=batch_rng,
+                              until=representation)
+        prefixes.append(jax.lax.stop_gradient(prefix))
+
+    def head_losses(reps: list) -> jax.Array:
+        merged: dict[str, tuple] = {}
+        for index, ((X_dict, Y_dict, mask), prefix) in enumerate(zip(batches, prefixes,
+                                                                    strict=True)):
+            batch_rng = rng if len(batches) == 1 else jax.random.fold_in(rng, index)
+            overrides = {**prefix, representation: reps[index]}
+            terms, _ = task_loss_terms(graph, variables, X_dict, Y_dict, mask, train=True,
+                                       rng=batch_rng, overrides=overrides)
+            for task, (loss_sum, count) in terms.items():
+                if task in merged:
+                    loss_sum, count = merged[task][0] + loss_sum, merged[task][1] + count
+                merged[task] = (loss_sum, count)
+        return task_losses(merged)
+
+    reps = [prefix[representation] for prefix in prefixes]
+    losses, vjp_fn = jax.vjp(head_losses, reps)
+    basis = jnp.eye(losses.shape[0], dtype=losses.dtype)
+    (rep_grads,) = jax.vmap(vjp_fn)(basis)  # per batch: [T, B, ...]
+    _, weights, balancer_state = state.balancer.update(
+        jax.lax.stop_gradient(losses), rep_grads, state.balancer_state, state.params,
+        balancer_rng, task_mask)
+    weights = jax.lax.stop_gradient(weights)
+
+    def weighted(params: PyTree) -> tuple[jax.Array, tuple]:
+        batch_terms, merged, model_state = forward(params, state.model_state)
+        return jnp.sum(weights * task_losses(merged)), (batch_terms, model_state)
+
+    (loss, (batch_terms, model_state)), grads = jax.value_and_grad(
+        weighted, has_aux=True)(state.params)
+    return batch_terms, model_state, grads, weights, balancer_state, loss
 
 
 def _modules_used(graph: ModelGraph, batches: Sequence[Batch]) -> set[str]:

@@ -111,7 +111,7 @@ def balancer_for_tasks(name: str, config: dict[str, Any],
         name in BALANCER_FACTORIES else {}
     if "num_tasks" in parameters:
         settings.setdefault("num_tasks", len(task_modules))
-    if "shared" in parameters:
+    if "shared" in parameters and not settings.get("upper_bound"):
         uses: dict[str, int] = {}
         for modules in task_modules.values():
             for module in modules:

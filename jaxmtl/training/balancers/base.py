@@ -74,12 +74,16 @@ class Balancer(NamedTuple):
       weighted_loss: for methods with learnable parameters ("uncertainty"), the pure
         objective ``weighted_loss(task_losses, balancer_params, task_mask) -> scalar``
         whose ``balancer_params`` a caller may train alongside the model; None otherwise.
+      representation_grads: the method wants the task gradients with respect to the
+        shared representation (MGDA-UB), not the parameters; the caller then uses only
+        the returned weights and differentiates ``sum_t weights_t L_t`` itself.
     """
 
     init: InitFn
     update: UpdateFn
     needs_task_grads: bool
     weighted_loss: Callable[..., jax.Array] | None = None
+    representation_grads: bool = False
 
 
 def empty_state(params: PyTree) -> Any:

@@ -249,7 +249,7 @@ _MGDA_NORMALIZATIONS = ("none", "l2", "loss", "loss+")
 
 
 def mgda(*, normalization: str = "none", num_iters: int = 250,
-         shared: SharedSpec = None) -> Balancer:
+         shared: SharedSpec = None, upper_bound: bool = False) -> Balancer:
     """MGDA: the min-norm convex combination of the task gradients (and MGDA-UB).
 
     Sener & Koltun 2018, "Multi-Task Learning as Multi-Objective Optimization"
@@ -261,9 +261,10 @@ def mgda(*, normalization: str = "none", num_iters: int = 250,
     code back-propagates it; it is on the scale of a convex combination (1/T of
     "equal"'s sum for identical tasks).
 
-    The paper's "UB" variant uses gradients w.r.t. the shared *representation*: pass
-    those as ``task_grads`` (leaves [T, B, D]), keep the returned ``weights`` and
-    differentiate ``sum_t weights_t L_t`` yourself, ignoring ``combined``.
+    The paper's "UB" variant (``upper_bound=True``) uses gradients w.r.t. the shared
+    *representation*: pass those as ``task_grads`` (leaves [T, B, D]), keep the returned
+    ``weights`` and differentiate ``sum_t weights_t L_t`` yourself, ignoring
+    ``combined``; the jaxmtl train step does so when ``representation_grads`` is set.
 
     Masked tasks: weight 0; left out of the solver.
 
@@ -271,8 +272,13 @@ def mgda(*, normalization: str = "none", num_iters: int = 250,
       normalization: "none", "l2", "loss" or "loss+".
       num_iters: Frank-Wolfe iterations (reference: at most 250).
       shared: which leaves are shared (see ``shared_mask``); None = all leaves.
+      upper_bound: MGDA-UB: solve on the representation gradients (the returned
+        balancer has ``representation_grads=True``; ``shared`` must then be None).
     """
     check_choice("mgda", "normalization", normalization, _MGDA_NORMALIZATIONS)
+    if upper_bound and shared is not None:
+        raise ValueError("Balancer 'mgda': upper_bound=True solves on the representation "
+                         f"gradients, so shared must be None, got {shared!r}")
     _check_iters("mgda", num_iters)
 
     def update(task_losses: jax.Array, task_grads: PyTree | None, state: PyTree,
@@ -289,4 +295,5 @@ def mgda(*, normalization: str = "none", num_iters: int = 250,
         weights = min_norm_weights(gram, prep.mask, num_iters)
         return weighted_task_sum(prep.grads, weights), weights, state
 
-    return Balancer(empty_state, update, needs_task_grads=True)
+    return Balancer(empty_state, update, needs_task_grads=True,
+                    representation_grads=upper_bound)
