@@ -1,0 +1,138 @@
+"""The training state and its optimizer: what a train step reads and writes.
+
+``TrainState`` is one pytree (params, model state, optimizer state, step, PRNG key,
+balancer state) that is jitted, pmapped, donated and checkpointed; ``make_optimizer``
+builds the optax chain that Snorkel's torch optimizers correspond to.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+
+from ..model import PyTree
+from .balancers import Balancer
+from .config import TrainerConfig
+
+PRECISIONS = {"fp32": None, "bf16": jnp.bfloat16}
+
+
+class TrainState(struct.PyTreeNode):
+    """Everything a training step reads and writes, as one pytree.
+
+    Attributes:
+      step: number of optimizer updates applied (int32 scalar).
+      params: ``{module_name: params}`` (the Flax "params" collection).
+      model_state: the other collections, e.g. ``{"batch_stats": {...}}``.
+      opt_state: the optax state of ``tx``.
+      rng: PRNG key (uint32[2]); step ``s`` draws dropout keys from ``fold_in(rng, s)``.
+      balancer_state: the state of ``balancer`` (``optax.EmptyState()`` without one).
+      tx: the optax transformation (static, not a leaf).
+      balancer: the multi-task ``Balancer``, or None for the plain summed loss (static).
+      precision: "fp32", or "bf16" to compute the forward and backward pass in bfloat16
+        on float32 master parameters (static).
+    """
+
+    step: jax.Array
+    params: PyTree
+    model_state: PyTree
+    opt_state: PyTree
+    rng: jax.Array
+    balancer_state: PyTree
+    tx: optax.GradientTransformation = struct.field(pytree_node=False)
+    balancer: Balancer | None = struct.field(pytree_node=False, default=None)
+    precision: str = struct.field(pytree_node=False, default="fp32")
+
+    @classmethod
+    def create(cls, variables: PyTree, tx: optax.GradientTransformation, rng: jax.Array,
+               balancer: Balancer | None = None, precision: str = "fp32") -> TrainState:
+        """A fresh state: optimizer (and balancer) initialised on ``variables["params"]``."""
+        if precision not in PRECISIONS:
+            raise ValueError(
+                f"Unrecognized precision '{precision}'; expected one of {list(PRECISIONS)}"
+            )
+        params = variables.get("params", {})
+        model_state = {col: tree for col, tree in variables.items() if col != "params"}
+        balancer_state = balancer.init(params) if balancer is not None else optax.EmptyState()
+        return cls(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            model_state=model_state,
+            opt_state=_unaliased(tx.init(params)),
+            rng=rng,
+            balancer_state=_unaliased(balancer_state),
+            tx=tx,
+            balancer=balancer,
+            precision=precision,
+        )
+
+    @property
+    def variables(self) -> PyTree:
+        """``{"params": params, **model_state}``, the model's variables."""
+        return {"params": self.params, **self.model_state}
+
+
+def make_optimizer(config: TrainerConfig, learning_rate: optax.ScalarOrSchedule
+                   ) -> optax.GradientTransformation:
+    """The optax chain Snorkel's torch optimizers correspond to.
+
+    Clipping of the global gradient norm comes first (as ``clip_grad_norm_`` before
+    ``optimizer.step()``); then torch-style coupled L2 (``weight_decay``: the decay is
+    added to the gradient before the optimizer's moments); then the optimizer scaled by
+    ``-learning_rate``. A user-supplied ``optax.GradientTransformation`` replaces the
+    last two and is used as given. With ``grad_accumulation_steps = k > 1`` the whole
+    chain is wrapped in ``optax.MultiSteps``: parameters change every k-th step, on the
+    mean of the k gradients.
+    """
+    chain: list[optax.GradientTransformation] = []
+    if config.grad_clip:
+        chain.append(optax.clip_by_global_norm(config.grad_clip))
+    if isinstance(config.optimizer, optax.GradientTransformation):
+        chain.append(config.optimizer)
+        return _accumulate(optax.chain(*chain), config)
+    if config.l2:
+        chain.append(optax.add_decayed_weights(config.l2))
+    options = config.optimizer_config
+    if config.optimizer == "sgd":
+        if options.sgd_config.momentum:
+            chain.append(optax.trace(decay=options.sgd_config.momentum, nesterov=False))
+    elif config.optimizer == "adam":
+        b1, b2 = options.adam_config.betas
+        scale = optax.scale_by_amsgrad if options.adam_config.amsgrad else optax.scale_by_adam
+        chain.append(scale(b1=b1, b2=b2, eps=options.adam_config.eps))
+    elif config.optimizer == "adamax":
+        b1, b2 = options.adamax_config.betas
+        chain.append(optax.scale_by_adamax(b1=b1, b2=b2, eps=options.adamax_config.eps))
+    else:
+        raise ValueError(f"Unrecognized optimizer option '{config.optimizer}'")
+    chain.append(optax.scale_by_learning_rate(learning_rate))
+    return _accumulate(optax.chain(*chain), config)
+
+
+def _accumulate(tx: optax.GradientTransformation, config: TrainerConfig
+                ) -> optax.GradientTransformation:
+    if config.grad_accumulation_steps == 1:
+        return tx
+    return optax.MultiSteps(tx, every_k_schedule=config.grad_accumulation_steps).gradient_transformation()
+
+
+def _unaliased(tree: PyTree) -> PyTree:
+    """``tree`` with a repeated array object replaced by a host copy.
+
+    An init may put one array in two places; the step donates its inputs, and donating
+    one buffer twice is an error.
+    """
+    seen: set[int] = set()
+
+    def fresh(leaf: Any) -> Any:
+        if id(leaf) in seen:
+            return np.array(leaf)
+        seen.add(id(leaf))
+        return leaf
+
+    return jax.tree.map(fresh, tree)
