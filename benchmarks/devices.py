@@ -23,6 +23,7 @@ import os
 import subprocess
 from typing import Any
 
+from benchmarks.report import load_pyplot
 from benchmarks.runner import REPO_ROOT, Implementation
 from benchmarks.workload import N_PER_TASK, default_config
 
@@ -211,13 +212,9 @@ def render_markdown(run: dict[str, Any]) -> str:
 
 def plot(run: dict[str, Any], path: str) -> str | None:
     """Train points/s against device count, one line per (mode, global batch)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as error:
-        return f"no PNG: {error}"
+    plt, skipped = load_pyplot()
+    if plt is None:
+        return skipped
     rows = [r for r in _rows(run) if r.get("train_points_per_s_best")]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for batch in sorted({r["batch"] for r in rows}):

@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 from benchmarks.impl_logging import EVALUATION_FREQ
+from benchmarks.report import load_pyplot
 from benchmarks.runner import Implementation
 
 N_VALID = 2_000
@@ -144,13 +145,9 @@ def render_markdown(run: dict[str, Any]) -> str:
 
 def plot(run: dict[str, Any], path: str) -> str | None:
     """Bars of median and best epoch seconds per variant, A's best dashed at +5 %."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as error:
-        return f"no PNG: {error}"
+    plt, skipped = load_pyplot()
+    if plt is None:
+        return skipped
     rows = [(r["key"].removeprefix("log_"), _row(r)) for r in run["records"] if _row(r)]
     if not rows:
         return "no PNG: no results"

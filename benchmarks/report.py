@@ -155,15 +155,23 @@ FOOTNOTES = [
 ]
 
 
-def plot(run: dict[str, Any], path: str) -> str | None:
-    """Bar chart of train and predict throughput as ratios to Snorkel; returns a note if skipped."""
+def load_pyplot() -> tuple[Any, str | None]:
+    """``(matplotlib.pyplot, None)`` on the Agg backend, or ``(None, "no PNG: ...")``."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as error:
-        return f"no PNG: {error}"
+        return None, f"no PNG: {error}"
+    return plt, None
+
+
+def plot(run: dict[str, Any], path: str) -> str | None:
+    """Bar chart of train and predict throughput as ratios to Snorkel; returns a note if skipped."""
+    plt, skipped = load_pyplot()
+    if plt is None:
+        return skipped
     records = {r["key"]: r for r in run["records"]}
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, metric, targets in ((axes[0], "train", (6.0, 9.0)), (axes[1], "predict", (3.0,))):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from benchmarks.report import load_pyplot
 from benchmarks.workload import N_PER_TASK, default_config, flops_per_point
 
 BATCH_SIZES = (64, 256, 1024, 4096)
@@ -94,13 +95,9 @@ def render_markdown(run: dict[str, Any]) -> str:
 
 def plot(run: dict[str, Any], path: str) -> str | None:
     """Throughput vs batch size and vs width, one line per implementation."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as error:
-        return f"no PNG: {error}"
+    plt, skipped = load_pyplot()
+    if plt is None:
+        return skipped
     rates = _rates(run)
     configs_ = run["spec"]["configs"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
