@@ -28,8 +28,8 @@ from .model import (
     task_loss_terms,
     task_probs,
 )
-from .parallel import DataParallel, choose_parallel, local_parallel
-from .task import Operation, Task
+from .parallel import DataParallel, choose_parallel
+from .task import Operation, Task, is_flax_module
 from .utils import probs_to_preds
 
 logger = logging.getLogger(__name__)
@@ -67,30 +67,59 @@ def _macro_averages(scores: Mapping[str, float]) -> dict[str, float]:
     return averages
 
 
+def _devices_for(device: int | None, dataparallel: bool) -> tuple[Any, ...] | None:
+    """The devices Snorkel's ``device`` argument selects (None: JAX's defaults)."""
+    if device is None:
+        return None
+    if isinstance(device, bool) or not isinstance(device, (int, np.integer)):
+        raise ValueError(f"MultitaskClassifier: device must be an int index or -1 for the "
+                         f"CPU, got {device!r}")
+    if device == -1:
+        devices = tuple(jax.devices("cpu"))
+        return devices if dataparallel else devices[:1]
+    local = tuple(jax.local_devices())
+    if not 0 <= device < len(local):
+        raise ValueError(f"MultitaskClassifier: device={device} is not one of the "
+                         f"{len(local)} local devices {list(local)} (or -1 for the CPU)")
+    return local if dataparallel else (local[device],)
+
+
 class MultitaskClassifier:
     """A multi-task classifier: tasks share modules (and weights) by module name.
 
     Args:
       tasks: the Tasks to model.
       name: model name; defaults to the class name.
-      seed: seed of parameter initialisation (``init`` may override it).
+      seed: seed of parameter initialisation. The rule, in one place: an explicit
+        ``init(..., seed=)`` wins; else this seed; else (None, the default) the seed of
+        the ``Trainer`` whose ``fit`` first initialises the model; else 0 (a model
+        initialised outside ``fit``, e.g. by ``score`` or ``init``). A model that already
+        has weights keeps them; only modules it lacks (a task added later) are created.
       dataparallel: use all local devices for data parallelism when there are several.
+      device: Snorkel's device: a device index into ``jax.local_devices()`` or -1 for
+        the CPU (``jax.devices("cpu")``); None (default) uses JAX's default devices.
+        With ``dataparallel`` all devices of that platform are used, else this one.
 
     Attributes:
       variables: ``{collection: {module_name: ...}}`` once initialised, else None.
       params: ``variables["params"]``.
     """
 
-    def __init__(self, tasks: Sequence[Task], name: str | None = None, seed: int = 0,
-                 dataparallel: bool = True) -> None:
+    def __init__(self, tasks: Sequence[Task], name: str | None = None,
+                 seed: int | None = None, dataparallel: bool = True,
+                 device: int | None = None) -> None:
         self.name = name if name is not None else type(self).__name__
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
+            raise ValueError(f"MultitaskClassifier: seed must be an int or None, got {seed!r}")
         self.seed = seed
         self.dataparallel = dataparallel
+        self.device = device
+        self.devices = _devices_for(device, dataparallel)
         self._tasks: list[Task] = []
         self.graph: ModelGraph = build_graph([])
         self.variables: PyTree | None = None
+        self._created: set[str] = set()  # modules init ran for (some have no variables)
         self._jitted: dict[Any, Any] = {}
-        self._owning_modules: set[str] | None = None
         self._parallel: DataParallel | None = None
         for task in tasks:
             self.add_task(task)
@@ -128,64 +157,109 @@ class MultitaskClassifier:
         """Adds a task; its modules join the pool (existing names keep their weights).
 
         Raises:
-          ValueError: as ``build_graph`` (duplicate task, conflicting module or op).
+          ValueError: as ``build_graph`` (duplicate task, conflicting module).
         """
         if not isinstance(task, Task):
             raise ValueError(f"add_task expects a Task, got {type(task).__name__}")
         self.graph = build_graph([*self._tasks, task])
         self._tasks.append(task)
-        self._jitted: dict[Any, Any] = {}
-        self._owning_modules: set[str] | None = None
-        self._parallel: DataParallel | None = None
+        self._jitted = {}
+        self._parallel = None
         if self.variables is not None:
-            logger.info("Task '%s' added to an initialised model; new modules are "
-                        "initialised on the next batch", task.name)
+            logger.info("Task '%s' added to an initialised model; its new modules are "
+                        "initialised from the first batch that carries it", task.name)
 
     # --- parameters ------------------------------------------------------------------
-    def init(self, X_dict: Mapping[str, Any], seed: int | None = None) -> PyTree:
-        """Initialises every module's variables from a batch of inputs.
+    def init_seed(self, fallback: int | None = None) -> int:
+        """The seed a fresh initialisation uses: the model's, else ``fallback``, else 0."""
+        if self.seed is not None:
+            return int(self.seed)
+        return 0 if fallback is None else int(fallback)
 
-        Modules already initialised keep their weights (so a task added later shares them).
+    def _missing_modules(self, task_names: Sequence[str]) -> list[str]:
+        """Flax modules the tasks run that have no variables and were never initialised."""
+        known = set(self._created)
+        if self.variables is not None:
+            known |= {name for tree in self.variables.values() for name in tree}
+        return [name for name in self.graph.modules_for(task_names)
+                if name not in known and is_flax_module(self.graph.module_pool[name])]
+
+    def init(self, X_dict: Mapping[str, Any], seed: int | None = None,
+             task_names: Sequence[str] | None = None) -> PyTree:
+        """Initialises the modules of ``task_names`` from a batch of their inputs.
+
+        Modules already initialised keep their weights (so a task added later shares
+        them); a module's initial weights depend on the seed and its place in the module
+        pool only, so initialising from several batches (one per dataset) in any order
+        gives the same weights.
 
         Args:
           X_dict: input name -> array [B, ...] (one batch is enough).
-          seed: initialisation seed; defaults to the model's ``seed``.
+          seed: initialisation seed; defaults to the model's ``seed`` (0 if None).
+          task_names: tasks to initialise; defaults to every task whose input keys are
+            all in ``X_dict``.
 
         Returns:
           The model's variables.
+
+        Raises:
+          ValueError: if ``X_dict`` holds the inputs of no task.
         """
-        rng = jax.random.PRNGKey(self.seed if seed is None else seed)
-        fresh = init_variables(self.graph, _as_device_batch(X_dict), rng)
-        if self.variables is not None:
-            for col, tree in self.variables.items():
-                fresh.setdefault(col, {}).update(tree)
-        self.variables = fresh
+        if task_names is None:
+            task_names = [t for t in self.task_names
+                          if (self.graph.input_keys([t]) or set()) <= set(X_dict)]
+            if not task_names:
+                needed = {t: sorted(self.graph.input_keys([t]) or ()) for t in self.task_names}
+                raise ValueError(
+                    f"init: X_dict has keys {sorted(X_dict)}, which hold the inputs of no "
+                    f"task; the tasks read {needed}")
+        rng = jax.random.PRNGKey(self.init_seed() if seed is None else seed)
+        self.variables = init_variables(self.graph, _as_device_batch(X_dict), rng,
+                                        task_names, self.variables)
+        self._created |= set(self.graph.modules_for(task_names))
         return self.variables
 
-    def _ensure_variables(self, X_dict: Mapping[str, Any]) -> PyTree:
-        known = set() if self.variables is None else {
-            name for tree in self.variables.values() for name in tree
-        }
-        if self.variables is None or not known >= self._param_modules_needed(X_dict):
-            self.init(X_dict)
+    def init_from_loaders(self, dataloaders: Sequence[DictDataLoader],
+                          seed: int | None = None,
+                          remap_labels: Mapping[str, str | None] | None = None) -> PyTree:
+        """Creates every module the loaders' tasks need, from one batch of each loader.
+
+        A loader's tasks are its dataset's label names that are tasks (after
+        ``remap_labels``). Each module is created from the first loader whose tasks run
+        it, so every dataset needs only its own tasks' input keys. Nothing is computed
+        for a model that already has all the modules.
+
+        Args:
+          dataloaders: DictDataLoaders, in order.
+          seed: the fallback seed when the model's ``seed`` is None (the Trainer's).
+          remap_labels: label name -> task name, as in ``predict``.
+
+        Returns:
+          The model's variables (None if no loader carries a task).
+        """
+        for dataloader in dataloaders:
+            tasks = list(dict.fromkeys(self._labels_to_tasks(
+                list(dataloader.dataset.Y_dict), remap_labels or {}).values()))
+            if tasks and self._missing_modules(tasks):
+                X_dict, _ = dataloader.batch_at(dataloader.order(0), 0)
+                self.init(X_dict, seed=self.init_seed(seed), task_names=tasks)
         return self.variables
 
-    def _param_modules_needed(self, X_dict: Mapping[str, Any]) -> set[str]:
-        # Modules that own variables: those init would create (found without compute).
-        if self._owning_modules is None:
-            shapes = jax.eval_shape(
-                lambda x: init_variables(self.graph, x, jax.random.PRNGKey(0)),
-                _as_device_batch(X_dict),
-            )
-            self._owning_modules = {name for tree in shapes.values() for name in tree}
-        return self._owning_modules
+    def _ensure_variables(self, X_dict: Mapping[str, Any], task_names: Sequence[str]
+                          ) -> PyTree:
+        if self._missing_modules(task_names):
+            self.init(X_dict, task_names=task_names)
+        if self.variables is None:
+            self.variables = {"params": {}}
+        return self.variables
 
     # --- jitted entry points -----------------------------------------------------------
     @property
     def parallel(self) -> DataParallel:
         """How predict, score and calculate_loss use the local devices (``dataparallel``)."""
         if self._parallel is None:
-            self._parallel = local_parallel(self.dataparallel)
+            devices = self.devices if self.devices is not None else jax.local_devices()
+            self._parallel = choose_parallel("auto", self.dataparallel, devices)
         return self._parallel
 
     def _compiled(self, kind: str, task_names: tuple[str, ...], parallel: DataParallel) -> Any:
@@ -203,8 +277,8 @@ class MultitaskClassifier:
 
     def forward(self, X_dict: Mapping[str, Any], task_names: Sequence[str]) -> dict[str, Any]:
         """Evaluation-mode outputs of every op the tasks need, plus "_input_" -> X_dict."""
-        variables = self._ensure_variables(X_dict)
-        single = choose_parallel("single")
+        variables = self._ensure_variables(X_dict, task_names)
+        single = choose_parallel("single", devices=self.devices)
         return self._compiled("forward", tuple(task_names), single)(
             variables, _as_device_batch(X_dict))
 
@@ -215,8 +289,8 @@ class MultitaskClassifier:
 
         Rows whose label is -1 are ignored; label names that are not tasks are skipped.
         """
-        variables = self._ensure_variables(X_dict)
         tasks = tuple(name for name in Y_dict if name in self.graph.op_sequences)
+        variables = self._ensure_variables(X_dict, tasks)
         parallel = self.parallel
         batch = parallel.put_batch(X_dict, {t: Y_dict[t] for t in tasks},
                                    np.ones(len(next(iter(X_dict.values()))), bool))
@@ -272,7 +346,7 @@ class MultitaskClassifier:
                 n_rows = len(next(iter(X_dict.values())))
                 mask = getattr(batch, "mask", np.ones(n_rows, bool))
                 if device_variables is None:
-                    device_variables = parallel.replicate(self._ensure_variables(X_dict))
+                    device_variables = parallel.replicate(self._ensure_variables(X_dict, tasks))
                 device_X, _, _ = parallel.put_batch(X_dict, {}, mask)
                 batch_probs = probs_fn(device_variables, device_X)
                 valid.append(int(mask.sum()))

@@ -1,4 +1,4 @@
-"""The pure functional core: a task graph and the functions of pytrees that run it.
+"""The pure functional core: the functions of pytrees that run a task graph.
 
 Variables are one pytree ``{collection: {module_name: subtree}}`` (Flax's collections:
 ``"params"``, ``"batch_stats"``, ...). A module used by several tasks or ops has one entry,
@@ -10,12 +10,15 @@ wrapped in ``jax.jit``, ``jax.grad``, ``jax.vmap`` or ``jax.pmap`` by a research
     outputs, _ = apply_ops(graph, variables, X_dict, graph.task_names, train=False)
     terms, _ = task_loss_terms(graph, variables, X_dict, Y_dict, mask)
     loss = total_loss(graph, terms)
+
+A batch runs only the ops of the tasks it carries, so each dataset needs only its own
+tasks' input keys; ``init_variables(..., task_names=...)`` initialises just those tasks'
+modules, and a module's initial weights depend on the seed and its place in the pool, not
+on which batch created them.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -23,123 +26,81 @@ import jax
 import jax.numpy as jnp
 
 from .data import INPUT_KEY
-from .task import Operation, Task, is_flax_module
+from .graph import ALL_OUTPUTS, ModelGraph, Node, build_graph, train_keywords
+from .task import is_flax_module
+
+__all__ = [
+    "MissingInputError", "ModelGraph", "active_mask", "apply_ops", "build_graph",
+    "init_variables", "losses_from_outputs", "shared_representation", "task_logits",
+    "task_loss_terms", "task_probs", "total_loss", "train_keywords",
+]
 
 PyTree = Any
 LossTerms = dict[str, tuple[jax.Array, jax.Array]]
 
 
-def _takes_train(module: Any) -> bool:
-    call = type(module).__call__ if is_flax_module(module) else module
-    try:
-        return "train" in inspect.signature(call).parameters
-    except (TypeError, ValueError):
-        return False
+class MissingInputError(KeyError):
+    """An op reads an input key or an output element that is not there (a ``KeyError``)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
-def _same_module(a: Any, b: Any) -> bool:
-    if a is b:
-        return True
-    try:
-        return bool(a == b)
-    except Exception:  # a module whose __eq__ fails cannot be shown equal
-        return False
+def _describe(value: Any) -> str:
+    if hasattr(value, "shape"):
+        return f"array {tuple(value.shape)}"
+    if isinstance(value, Mapping):
+        return f"dict with keys {sorted(map(str, value))}"
+    if isinstance(value, (tuple, list)):
+        return f"{type(value).__name__} of {len(value)}"
+    return type(value).__name__
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class ModelGraph:
-    """The merged computation of a set of tasks (static: closed over by jitted functions).
-
-    Attributes:
-      task_names: task names in insertion order.
-      module_pool: module name -> module, merged over tasks (first definition kept).
-      op_sequences: task name -> its ops.
-      loss_funcs, output_funcs, loss_weights: per task.
-    """
-
-    task_names: tuple[str, ...]
-    module_pool: Mapping[str, Any]
-    op_sequences: Mapping[str, tuple[Operation, ...]]
-    loss_funcs: Mapping[str, Callable]
-    output_funcs: Mapping[str, Callable]
-    loss_weights: Mapping[str, float]
-
-    @property
-    def op_names(self) -> tuple[str, ...]:
-        """All op names, in first-execution order over the tasks."""
-        return tuple(op.name for op in self.ops_for(self.task_names))
-
-    def ops_for(self, task_names: Sequence[str]) -> list[Operation]:
-        """The ops needed for ``task_names``, each once, in execution order."""
-        ops: dict[str, Operation] = {}
-        for task_name in task_names:
-            if task_name not in self.op_sequences:
-                raise ValueError(
-                    f"Unknown task '{task_name}'; the model has tasks {list(self.task_names)}"
-                )
-            for op in self.op_sequences[task_name]:
-                ops.setdefault(op.name, op)
-        return list(ops.values())
-
-    def takes_train(self, module_name: str) -> bool:
-        """Whether the module's ``__call__`` accepts a ``train`` keyword."""
-        return _takes_train(self.module_pool[module_name])
+def _quoted(names: Sequence[str]) -> str:
+    return ", ".join(f"'{name}'" for name in names)
 
 
-def build_graph(tasks: Sequence[Task]) -> ModelGraph:
-    """Merges tasks into one graph, checking that shared names mean the same thing.
-
-    Raises:
-      ValueError: on a duplicate task name; two different modules under one name; or two
-        different ops (module or inputs) under one name.
-    """
-    module_pool: dict[str, Any] = {}
-    ops: dict[str, tuple[str, Operation]] = {}
-    op_sequences, loss_funcs, output_funcs, loss_weights = {}, {}, {}, {}
-    for task in tasks:
-        if task.name in op_sequences:
-            raise ValueError(f"Found duplicate task '{task.name}'; task names must be unique")
-        for name, module in task.module_pool.items():
-            if name in module_pool and not _same_module(module_pool[name], module):
-                raise ValueError(
-                    f"Module name '{name}' is used for two different modules: "
-                    f"{module_pool[name]!r} and {module!r} (task '{task.name}'); modules "
-                    f"under one name share weights and must have the same configuration"
-                )
-            module_pool.setdefault(name, module)
-        for op in task.op_sequence:
-            if op.name in ops and ops[op.name][1] != op:
-                other_task, other = ops[op.name]
-                raise ValueError(
-                    f"Op '{op.name}' is defined differently by task '{other_task}' ({other}) "
-                    f"and task '{task.name}' ({op}); ops of one name are one computation"
-                )
-            ops.setdefault(op.name, (task.name, op))
-        op_sequences[task.name] = tuple(task.op_sequence)
-        loss_funcs[task.name] = task.loss_func
-        output_funcs[task.name] = task.output_func
-        loss_weights[task.name] = task.loss_weight
-    return ModelGraph(
-        task_names=tuple(op_sequences),
-        module_pool=module_pool,
-        op_sequences=op_sequences,
-        loss_funcs=loss_funcs,
-        output_funcs=output_funcs,
-        loss_weights=loss_weights,
-    )
+def _tasks_of(node: Node, task_names: Sequence[str]) -> str:
+    return _quoted([t for t in node.tasks if t in task_names] or list(node.tasks))
 
 
-def _op_args(op: Operation, outputs: dict[str, Any]) -> list[Any]:
-    if not op.inputs:
-        return [outputs]
+def _node_args(node: Node, outputs: Mapping[str, Any], task_names: Sequence[str]) -> list:
+    if node.inputs == (ALL_OUTPUTS,):
+        return [{INPUT_KEY: outputs[INPUT_KEY],
+                 **{name: outputs[node_id] for name, node_id in node.view}}]
     args = []
-    for op_input in op.inputs:
+    for op_input, written in zip(node.inputs, node.op.inputs, strict=True):
         if isinstance(op_input, str):
             args.append(outputs[op_input])
-        else:
-            source, field = op_input
-            args.append(outputs[source][field])
+            continue
+        source, field = op_input
+        value = outputs[source]
+        try:
+            args.append(value[field])
+        except (KeyError, IndexError, TypeError) as error:
+            where = (f"Op '{node.op.name}' (module '{node.module_name}') of task "
+                     f"{_tasks_of(node, task_names)}")
+            if source == INPUT_KEY:
+                raise MissingInputError(
+                    f"{where} reads input ('{INPUT_KEY}', {field!r}), which this batch does "
+                    f"not have; its X_dict keys are {sorted(value)}") from error
+            raise MissingInputError(
+                f"{where} reads {written!r}, but op '{written[0]}' returned "
+                f"{_describe(value)}, which has no element {field!r}") from error
     return args
+
+
+def _run_module(node: Node, task_names: Sequence[str], call: Callable[[], Any],
+                args: Sequence[Any]) -> Any:
+    """``call()``, with a failure annotated by the op, its tasks and its inputs' shapes."""
+    try:
+        return call()
+    except Exception as error:
+        error.add_note(
+            f"jaxmtl: raised in op '{node.op.name}' (module '{node.module_name}') of task "
+            f"{_tasks_of(node, task_names)}, called with "
+            f"{', '.join(_describe(a) for a in args) or 'no arguments'}")
+        raise
 
 
 def _module_variables(variables: PyTree, module_name: str) -> dict[str, Any]:
@@ -153,36 +114,57 @@ def _with_module_variables(variables: PyTree, module_name: str, updates: Mapping
     return new
 
 
-def init_variables(graph: ModelGraph, X_dict: Mapping[str, Any], rng: jax.Array) -> PyTree:
-    """Creates the variables of every module by running all ops once on ``X_dict``.
+def _mode_kwargs(graph: ModelGraph, module_name: str, train: bool) -> dict[str, bool]:
+    # ``deterministic`` is the inverse of ``train`` (Flax's Dropout convention).
+    return {name: value if train else not value
+            for name, value in graph.train_keywords(module_name).items()}
+
+
+def init_variables(
+    graph: ModelGraph,
+    X_dict: Mapping[str, Any],
+    rng: jax.Array,
+    task_names: Sequence[str] | None = None,
+    variables: PyTree | None = None,
+) -> PyTree:
+    """Creates the variables of the modules that ``task_names`` run, from one batch.
 
     Args:
       graph: the task graph.
-      X_dict: a batch of inputs (its shapes define the parameter shapes).
-      rng: a PRNG key; module ``i`` (in execution order) initialises from ``fold_in(rng, i)``.
+      X_dict: a batch of inputs for those tasks (its shapes define the parameter shapes).
+      rng: a PRNG key; module ``m`` initialises from ``fold_in(rng, graph.module_index(m))``,
+        so its weights do not depend on which batch or task set created it.
+      task_names: the tasks whose modules to create; defaults to every task.
+      variables: existing variables: their modules are kept as they are (shared weights
+        of a task added later) and only the others are created.
 
     Returns:
-      ``{collection: {module_name: subtree}}``; parameter-free modules have no entry.
+      ``{collection: {module_name: subtree}}`` (the given variables plus the new
+      modules'); parameter-free modules have no entry.
     """
-    variables: dict[str, dict[str, Any]] = {"params": {}}
+    task_names = graph.task_names if task_names is None else tuple(task_names)
+    variables = {"params": {}} if variables is None else {
+        col: dict(tree) for col, tree in variables.items()}
+    variables.setdefault("params", {})
+    existing = {name for tree in variables.values() for name in tree}
     outputs: dict[str, Any] = {INPUT_KEY: dict(X_dict)}
-    initialised: set[str] = set()
-    for index, op in enumerate(graph.ops_for(graph.task_names)):
-        module = graph.module_pool[op.module_name]
-        args = _op_args(op, outputs)
+    for node in graph.nodes_for(task_names):
+        module = graph.module_pool[node.module_name]
+        args = _node_args(node, outputs, task_names)
         if not is_flax_module(module):
-            outputs[op.name] = module(*args)
+            outputs[node.node_id] = _run_module(node, task_names, lambda: module(*args), args)
             continue
-        kwargs = {"train": False} if graph.takes_train(op.module_name) else {}
-        if op.module_name not in initialised:
-            key = jax.random.fold_in(rng, index)
+        kwargs = _mode_kwargs(graph, node.module_name, train=False)
+        if node.module_name not in existing:
+            key = jax.random.fold_in(rng, graph.module_index(node.module_name))
             params_key, dropout_key = jax.random.split(key)
-            module_vars = module.init({"params": params_key, "dropout": dropout_key}, *args,
-                                      **kwargs)
-            variables = _with_module_variables(variables, op.module_name, module_vars)
-            initialised.add(op.module_name)
-        outputs[op.name] = module.apply(_module_variables(variables, op.module_name), *args,
-                                        **kwargs)
+            module_vars = _run_module(node, task_names, lambda: module.init(
+                {"params": params_key, "dropout": dropout_key}, *args, **kwargs), args)
+            variables = _with_module_variables(variables, node.module_name, module_vars)
+            existing.add(node.module_name)
+        module_vars = _module_variables(variables, node.module_name)
+        outputs[node.node_id] = _run_module(
+            node, task_names, lambda: module.apply(module_vars, *args, **kwargs), args)
     return variables
 
 
@@ -197,62 +179,69 @@ def apply_ops(
     overrides: Mapping[str, Any] | None = None,
     until: str | None = None,
 ) -> tuple[dict[str, Any], PyTree]:
-    """Runs the ops of ``task_names`` on a batch.
+    """Runs the ops of ``task_names`` (and no others) on a batch.
 
     Args:
       graph: the task graph.
       variables: ``{collection: {module_name: subtree}}``.
-      X_dict: input name -> [B, ...] array.
-      task_names: tasks whose ops to run (shared ops run once).
-      train: passed to modules that take a ``train`` keyword; in training, non-param
-        collections (e.g. ``batch_stats``) are mutable and returned updated.
-      rng: PRNG key for the ``"dropout"`` stream (op ``i`` uses ``fold_in(rng, i)``);
-        required when a module draws random numbers.
-      overrides: op name -> output to use instead of running that op (e.g. a shared
+      X_dict: input name -> [B, ...] array; only the keys these tasks read are needed.
+      task_names: tasks whose ops to run (an op shared by several runs once).
+      train: modules that take a ``train``/``training`` keyword get ``train``, those that
+        take ``deterministic`` get ``not train``; in training, non-param collections
+        (e.g. ``batch_stats``) are mutable and returned updated.
+      rng: PRNG key for the ``"dropout"`` stream (node ``i`` of the graph uses
+        ``fold_in(rng, i)``); required when a module draws random numbers.
+      overrides: node id -> output to use instead of running that node (e.g. a shared
         representation to differentiate with respect to).
-      until: stop after this op.
+      until: stop after this node.
 
     Returns:
-      (outputs, variables): outputs maps op name -> output, plus ``"_input_"`` -> X_dict;
-      variables carries any updated mutable collections.
+      (outputs, variables): outputs maps node id (the op name, or ``op@task`` for a
+      second definition of a name) -> output, plus ``"_input_"`` -> X_dict; variables
+      carries any updated mutable collections.
+
+    Raises:
+      MissingInputError: (a KeyError) an op reads an input key the batch lacks, naming
+        the op, its tasks and the keys the batch has.
     """
     outputs: dict[str, Any] = {INPUT_KEY: dict(X_dict), **(overrides or {})}
-    op_index = {name: i for i, name in enumerate(graph.op_names)}
-    for op in graph.ops_for(task_names):
-        if op.name in outputs:
-            if op.name == until:
+    for node in graph.nodes_for(task_names):
+        if node.node_id in outputs:
+            if node.node_id == until:
                 break
             continue
-        module = graph.module_pool[op.module_name]
-        args = _op_args(op, outputs)
+        module = graph.module_pool[node.module_name]
+        args = _node_args(node, outputs, task_names)
         if not is_flax_module(module):
-            outputs[op.name] = module(*args)
-            continue
-        kwargs: dict[str, Any] = {"train": train} if graph.takes_train(op.module_name) else {}
-        if rng is not None:
-            kwargs["rngs"] = {"dropout": jax.random.fold_in(rng, op_index[op.name])}
-        module_vars = _module_variables(variables, op.module_name)
-        mutable = [col for col in module_vars if col != "params"] if train else []
-        if mutable:
-            output, updates = module.apply(module_vars, *args, mutable=mutable, **kwargs)
-            variables = _with_module_variables(variables, op.module_name, updates)
+            outputs[node.node_id] = _run_module(node, task_names, lambda: module(*args), args)
         else:
-            output = module.apply(module_vars, *args, **kwargs)
-        outputs[op.name] = output
-        if op.name == until:
+            kwargs: dict[str, Any] = _mode_kwargs(graph, node.module_name, train)
+            if rng is not None:
+                kwargs["rngs"] = {"dropout": jax.random.fold_in(
+                    rng, graph.node_index(node.node_id))}
+            module_vars = _module_variables(variables, node.module_name)
+            mutable = [col for col in module_vars if col != "params"] if train else []
+            if mutable:
+                output, updates = _run_module(node, task_names, lambda: module.apply(
+                    module_vars, *args, mutable=mutable, **kwargs), args)
+                variables = _with_module_variables(variables, node.module_name, updates)
+            else:
+                output = _run_module(node, task_names, lambda: module.apply(
+                    module_vars, *args, **kwargs), args)
+            outputs[node.node_id] = output
+        if node.node_id == until:
             break
     return outputs, variables
 
 
 def shared_representation(graph: ModelGraph, task_names: Sequence[str]) -> str:
-    """The last op (in execution order) that every one of ``task_names`` runs.
+    """The last node (in execution order) that every one of ``task_names`` runs.
 
     Raises:
       ValueError: if the tasks share no op.
     """
-    common = set.intersection(*(
-        {op.name for op in graph.op_sequences[name]} for name in task_names))
-    shared = [op.name for op in graph.ops_for(task_names) if op.name in common]
+    common = set.intersection(*(set(graph.task_nodes[name]) for name in task_names))
+    shared = [node.node_id for node in graph.nodes_for(task_names) if node.node_id in common]
     if not shared:
         raise ValueError(f"Tasks {list(task_names)} share no op: there is no shared "
                          f"representation to differentiate with respect to")
@@ -260,8 +249,24 @@ def shared_representation(graph: ModelGraph, task_names: Sequence[str]) -> str:
 
 
 def task_logits(graph: ModelGraph, outputs: Mapping[str, Any], task_name: str) -> jax.Array:
-    """The output of a task's last op: its logits [B, K]."""
-    return outputs[graph.op_sequences[task_name][-1].name]
+    """The output of a task's last op: its logits [B, K].
+
+    Raises:
+      ValueError: if that output is not an array of rank 2, naming the task and the op.
+    """
+    node_id = graph.output_node(task_name)
+    logits = outputs[node_id]
+    if not hasattr(logits, "shape") or not hasattr(logits, "dtype"):
+        raise ValueError(
+            f"Task '{task_name}': its last op '{graph.nodes[node_id].op.name}' returned "
+            f"{_describe(logits)}; the last op must return logits [B, K] (pick an element "
+            f"of a tuple or dict output with an (op_name, index_or_key) input)")
+    if logits.ndim != 2:
+        raise ValueError(
+            f"Task '{task_name}': its last op '{graph.nodes[node_id].op.name}' returned "
+            f"logits of shape {tuple(logits.shape)}; expected [B, K] (rank 2: pool or "
+            f"reshape sequence outputs before the head)")
+    return logits
 
 
 def active_mask(labels: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -277,6 +282,28 @@ def _safe_labels(labels: jax.Array, active: jax.Array) -> jax.Array:
         return jnp.where(active, labels, 0)
     one_hot_first = jnp.zeros_like(labels).at[:, 0].set(1.0)
     return jnp.where(active[:, None], labels, one_hot_first)
+
+
+def per_example_loss(loss_func: Callable, logits: jax.Array, labels: jax.Array,
+                     task_name: str = "") -> jax.Array:
+    """``loss_func``'s per-example losses [B], whichever of the two forms it has.
+
+    The documented form returns [B] losses. Snorkel's form returns their mean, a scalar
+    (``F.cross_entropy``, ``jaxmtl.cross_entropy``): it is then evaluated row by row
+    (``jax.vmap`` over one-row batches), which gives each row's loss, so both forms train
+    the same. Only the form that is used is compiled.
+
+    Raises:
+      ValueError: for any other output shape.
+    """
+    shape = jax.eval_shape(loss_func, logits, labels).shape
+    if shape == ():
+        return jax.vmap(lambda row, label: loss_func(row[None], label[None]))(logits, labels)
+    if shape != logits.shape[:1]:
+        raise ValueError(
+            f"Task '{task_name}': loss_func returned shape {shape}, expected per-example "
+            f"losses of shape {logits.shape[:1]} or a scalar mean over the rows")
+    return loss_func(logits, labels)
 
 
 def losses_from_outputs(
@@ -298,12 +325,8 @@ def losses_from_outputs(
         # Losses are float32 even when the forward pass runs in bfloat16.
         logits = task_logits(graph, outputs, task_name).astype(jnp.float32)
         active = active_mask(labels, mask)
-        per_example = graph.loss_funcs[task_name](logits, _safe_labels(labels, active))
-        if per_example.shape != active.shape:
-            raise ValueError(
-                f"Task '{task_name}': loss_func returned shape {per_example.shape}, expected "
-                f"per-example losses of shape {active.shape}"
-            )
+        per_example = per_example_loss(graph.loss_funcs[task_name], logits,
+                                       _safe_labels(labels, active), task_name)
         loss_sum = jnp.sum(jnp.where(active, per_example, 0.0).astype(jnp.float32))
         terms[task_name] = (loss_sum, jnp.sum(active).astype(jnp.float32))
     return terms

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -120,15 +121,20 @@ class Task:
       name: task name; also the label key in ``Y_dict`` the task trains on.
       module_pool: module name -> Flax Linen module, or a parameter-free callable (e.g.
         ``jax.nn.relu``). Modules with the same name across tasks share one set of
-        weights. A module whose ``__call__`` takes ``train`` gets ``train=True`` in
-        training steps and ``train=False`` elsewhere.
+        weights. A module whose ``__call__`` takes ``train`` or ``training`` gets True in
+        training steps and False elsewhere; one that takes ``deterministic`` (Flax's
+        Dropout convention) gets the inverse.
       op_sequence: the ops to run; the last op's output is the task's logits [B, K].
+        Another task may use the same op names with other inputs: each task runs its
+        own ops (weights are shared by module name, not by op name).
+      scorer: the Scorer for ``score``; defaults to ``Scorer(metrics=["accuracy"])``.
       loss_func: ``loss_func(outputs [B, K], labels [B] int or [B, K] probs) -> [B]``
         per-example losses; jittable; sees every row (padding and -1 rows included, with
-        labels replaced by a safe value) and is masked afterwards. Defaults to cross
-        entropy, hard or soft by label rank.
+        labels replaced by a safe value) and is masked afterwards. A loss_func that
+        returns a scalar mean over the rows (Snorkel's ``F.cross_entropy`` form, e.g.
+        ``jaxmtl.cross_entropy``) is evaluated row by row and trains the same. Defaults
+        to cross entropy, hard or soft by label rank.
       output_func: ``output_func(outputs [B, K]) -> probs [B, K]``; defaults to softmax.
-      scorer: the Scorer for ``score``; defaults to ``Scorer(metrics=["accuracy"])``.
       loss_weight: multiplies this task's loss in the summed training loss.
     """
 
@@ -137,9 +143,9 @@ class Task:
         name: str,
         module_pool: Mapping[str, Any],
         op_sequence: Sequence[Operation],
+        scorer: Scorer | None = None,
         loss_func: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
         output_func: Callable[[jax.Array], jax.Array] | None = None,
-        scorer: Scorer | None = None,
         loss_weight: float = 1.0,
     ) -> None:
         if not isinstance(name, str) or not name or "/" in name:
@@ -153,6 +159,20 @@ class Task:
                     f"expected a Flax module or a callable"
                 )
         validate_op_sequence(name, module_pool, op_sequence)
+        if scorer is not None and not isinstance(scorer, Scorer):
+            raise ValueError(
+                f"Task '{name}': scorer is {type(scorer).__name__}, expected a Scorer "
+                f"(the order is Snorkel's: name, module_pool, op_sequence, scorer, "
+                f"loss_func, output_func)")
+        for field_name, func in (("loss_func", loss_func), ("output_func", output_func)):
+            if func is not None and (isinstance(func, Scorer) or not callable(func)):
+                raise ValueError(
+                    f"Task '{name}': {field_name} is {type(func).__name__}, expected a "
+                    f"callable")
+        if isinstance(loss_weight, bool) or not isinstance(loss_weight, (int, float)) \
+                or not math.isfinite(loss_weight):
+            raise ValueError(
+                f"Task '{name}': loss_weight must be a finite number, got {loss_weight!r}")
         self.name = name
         self.module_pool = dict(module_pool)
         self.op_sequence = list(op_sequence)

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 from conftest import make_task
 
+import jaxmtl
+
 from jaxmtl import Operation, Task, build_graph, init_variables, task_loss_terms, total_loss
 from jaxmtl.model import apply_ops
 
@@ -36,10 +38,24 @@ def test_graph_errors():
     wide = make_task("task2", hidden=20)
     with pytest.raises(ValueError, match="Module name 'linear1A' is used for two different modules"):
         build_graph([make_task("task1"), wide])
-    pool = {"linear1A": nn.Dense(10), "linear2B": nn.Dense(2)}
-    clash = Task("task3", pool, [Operation("linear2B", [("_input_", "data")], name="op1A")])
-    with pytest.raises(ValueError, match="Op 'op1A' is defined differently by task 'task1'"):
-        build_graph([make_task("task1"), clash])
+
+
+def test_one_op_name_with_other_inputs_runs_per_task():
+    # Snorkel's tutorial names both body ops "base_mlp"; each task runs its own.
+    graph = build_graph([make_task("task1"), make_task("task3", input_key="other")])
+    assert graph.task_nodes["task3"] == ("op1A@task3", "reluA@task3", "op2task3")
+    rng = np.random.default_rng(0)
+    X = {key: jnp.asarray(rng.normal(size=(3, 2)), jnp.float32) for key in ("data", "other")}
+    variables = init_variables(graph, X, jax.random.PRNGKey(0))
+    assert sorted(variables["params"]) == ["linear1A", "linear2B"]  # still shared by name
+    outputs, _ = apply_ops(graph, variables, X, ["task1", "task3"])
+    kernel, bias = (np.asarray(variables["params"]["linear1A"][k]) for k in ("kernel", "bias"))
+    np.testing.assert_allclose(outputs["op1A"], np.asarray(X["data"]) @ kernel + bias,
+                               rtol=1e-5)
+    np.testing.assert_allclose(outputs["op1A@task3"], np.asarray(X["other"]) @ kernel + bias,
+                               rtol=1e-5)
+    # Identical definitions still run once.
+    assert build_graph([make_task("a"), make_task("b")]).task_nodes["b"][:2] == ("op1A", "reluA")
 
 
 def test_shared_module_has_one_set_of_weights():
@@ -104,11 +120,30 @@ def test_loss_weight_scales_task_loss():
 
 
 def test_bad_loss_func_shape_is_named():
-    graph = build_graph([make_task("t", loss_func=lambda out, y: jnp.mean(out))])
+    graph = build_graph([make_task("t", loss_func=lambda out, y: out)])
     X = {"data": jnp.ones((2, 2))}
     variables = init_variables(graph, X, jax.random.PRNGKey(0))
-    with pytest.raises(ValueError, match=r"Task 't': loss_func returned shape \(\)"):
+    with pytest.raises(ValueError, match=r"Task 't': loss_func returned shape \(2, 2\)"):
         task_loss_terms(graph, variables, X, {"t": jnp.array([0, 1])})
+
+
+def test_scalar_loss_func_is_evaluated_per_row():
+    # Snorkel's form: a mean over the rows, like F.cross_entropy.
+    rng = np.random.default_rng(3)
+    X = {"data": jnp.asarray(rng.normal(size=(5, 2)), jnp.float32)}
+    labels = jnp.array([0, 1, -1, 1, 0])
+    mask = jnp.array([True, True, True, True, False])
+    per_row = build_graph([make_task("t")])
+    scalar = build_graph([make_task("t", loss_func=jaxmtl.cross_entropy)])
+    variables = init_variables(per_row, X, jax.random.PRNGKey(0))
+    expected, _ = task_loss_terms(per_row, variables, X, {"t": labels}, mask)
+    got, _ = task_loss_terms(scalar, variables, X, {"t": labels}, mask)
+    logits, _ = apply_ops(per_row, variables, X, ["t"])
+    log_probs = np_log_softmax(np.asarray(logits["op2t"]))
+    by_hand = -(log_probs[0, 0] + log_probs[1, 1] + log_probs[3, 1])
+    np.testing.assert_allclose(got["t"][0], by_hand, rtol=1e-5)
+    np.testing.assert_allclose(got["t"][0], expected["t"][0], rtol=1e-6)
+    assert float(got["t"][1]) == 3.0
 
 
 class Noisy(nn.Module):

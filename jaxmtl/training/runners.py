@@ -32,6 +32,21 @@ from ..parallel import DataParallel, prefetch
 from .step import TrainState, train_step_on
 
 
+def own_buffers(tree: Any) -> Any:
+    """A copy of every array of ``tree``: buffers the step may donate.
+
+    The step donates its state; without the copy it would delete arrays the caller still
+    holds (the dict ``model.init`` returned, a ``model.params`` taken before ``fit``).
+    """
+    leaves, treedef = jax.tree.flatten(tree)
+    arrays = [i for i, leaf in enumerate(leaves) if isinstance(leaf, jax.Array)]
+    # A device-to-device copy: no program to compile (jnp.copy would compile per shape).
+    copies = jax.device_put([leaves[i] for i in arrays], may_alias=False)
+    for i, copy in zip(arrays, copies, strict=True):
+        leaves[i] = copy
+    return jax.tree.unflatten(treedef, leaves)
+
+
 def zero_loss_accumulator(n_loaders: int, n_tasks: int) -> dict[str, jax.Array]:
     """[n_loaders, n_tasks] loss sums and active counts, zero (two distinct buffers)."""
     return {"loss_sum": jnp.zeros((n_loaders, n_tasks), jnp.float32),
@@ -106,7 +121,7 @@ class PerStepRunner:
         # when the previous one is done.
         self._wait_for_previous_step = (parallel.mode != "single"
                                         and parallel.devices[0].platform == "cpu")
-        self.state = parallel.replicate(state)
+        self.state = parallel.replicate(own_buffers(state))
         self.accumulator = parallel.replicate(accumulator)
 
     @property
@@ -262,7 +277,7 @@ class FusedRunner(PerStepRunner):
             functools.partial(fused_steps, graph, self._batch_sizes), donate_argnums=(0, 1))
         self._proxies = [_IndexLoader(dl, i, task_names) for i, dl in enumerate(train_loaders)]
         self._pending: list[IndexBatch] = []
-        self.state = parallel.replicate(state)
+        self.state = parallel.replicate(own_buffers(state))
         self.accumulator = parallel.replicate(accumulator)
 
     @property

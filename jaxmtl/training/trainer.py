@@ -25,8 +25,10 @@ from .balancers import Balancer, balancer_for_tasks
 from .batch_schedulers import make_batch_scheduler
 from .checkpoint import DEFAULT_CHECKPOINT_DIR, Checkpointer
 from .config import TrainerConfig, from_dict, merge_config
+from .guards import DivergenceMonitor, InterruptGuard, all_finite
 from .log_manager import LogManager
 from .lr_schedules import make_lr_schedule
+from .preflight import check_labels_fit_heads, warn_unused_labels
 from .resume import (
     continue_optimizer,
     load_optimizer_state,
@@ -100,13 +102,14 @@ class Trainer:
         """
         config = self.config
         train_loaders = self._check_dataloaders(dataloaders)
+        warn_unused_labels(model, dataloaders, config.train_split)
         # Steps per epoch do not depend on the scheduler's seed (known only after resume).
         n_batches_per_epoch = make_batch_scheduler(config.batch_scheduler, 0).epoch_length(
             train_loaders)
         self.seed = config.seed if config.seed is not None else int(
             np.random.SeedSequence().entropy % 2**31
         )
-        self.parallel = choose_parallel(config.parallel, model.dataparallel)
+        self.parallel = choose_parallel(config.parallel, model.dataparallel, model.devices)
         # A later fit of the same model with the same settings reuses the optimizer and
         # the compiled step: nothing is traced or compiled again.
         cache_key = (model.graph, repr(config), n_batches_per_epoch, self.parallel,
@@ -120,9 +123,14 @@ class Trainer:
             cached = (make_optimizer(config, lr_schedule), lr_schedule, warmup_steps,
                       _make_balancer(config, model), None)
         tx, self.lr_schedule, self.warmup_steps, balancer, compiled = cached
-        first_X, _ = train_loaders[0].batch_at(train_loaders[0].order(0), 0)
-        variables = model._ensure_variables(first_X)
-        state = TrainState.create(variables, tx, jax.random.PRNGKey(self.seed),
+        # Every module is created before the first step, each from the first loader
+        # whose tasks use it (train loaders first), so a dataset needs only its own
+        # tasks' inputs; the weights follow from the seed alone.
+        model.init_from_loaders([*train_loaders, *(dl for dl in dataloaders
+                                                   if dl not in train_loaders)], self.seed)
+        check_labels_fit_heads(model, dataloaders)
+        user_variables = model.variables  # never donated: the step gets its own copies
+        state = TrainState.create(user_variables, tx, jax.random.PRNGKey(self.seed),
                                   balancer=balancer, precision=config.precision)
         state, self._loaded_optimizer = continue_optimizer(state, self._loaded_optimizer), None
         accumulator = zero_loss_accumulator(len(train_loaders), len(model.task_names))
@@ -138,6 +146,7 @@ class Trainer:
         if resume_from is not None:
             state, accumulator, (start_epoch, start_batch) = self._resume(
                 resume_from, model, train_loaders, state, accumulator, log_manager, checkpointer)
+            user_variables = model.variables
         if log_writer is not None:
             log_writer.write_config(config)
         batch_scheduler = make_batch_scheduler(config.batch_scheduler, self.seed)
@@ -149,6 +158,8 @@ class Trainer:
                                    train_loaders, compiled)
         self._compiled = {cache_key: (tx, self.lr_schedule, self.warmup_steps, balancer,
                                       runner.compiled)}
+        monitor = DivergenceMonitor(getattr(config, "on_nonfinite", "raise"))
+        guard = InterruptGuard().__enter__()  # a Ctrl-C never cuts a donating call in half
 
         try:
             for epoch in range(start_epoch, config.n_epochs):
@@ -156,40 +167,51 @@ class Trainer:
                     dl.set_epoch(epoch)
                 first = start_batch if epoch == start_epoch else 0
                 scheduled = batch_scheduler.get_batches(runner.scheduler_loaders, epoch)
-                progress = tqdm(runner.epoch(itertools.islice(scheduled, first, None)),
-                                total=n_batches_per_epoch, initial=first,
+                progress = tqdm(total=n_batches_per_epoch, initial=first,
                                 disable=not config.progress_bar, desc=f"Epoch {epoch}")
                 points, started, refreshed = 0, time.perf_counter(), time.perf_counter()
-                for batch_index, (item, num_valid) in enumerate(progress, start=first):
-                    runner.push(item)
+                batches = runner.epoch(itertools.islice(scheduled, first, None))
+                for batch_index, (item, num_valid) in enumerate(batches, start=first):
+                    with guard.critical():
+                        runner.push(item)
+                    progress.update(1)
                     if num_valid == 0:  # no labelled row: no step, no count (as Snorkel)
                         continue
                     log_manager.update(num_valid)
                     points += num_valid
+                    position = f"epoch {epoch}, batch {batch_index + 1}"
                     if log_manager.trigger_evaluation():
-                        runner.flush()
+                        with guard.critical():
+                            runner.flush()
                         host_state = runner.host_state()
+                        accumulated = runner.host_accumulator()
+                        finite = monitor.check_losses(accumulated["loss_sum"], position)
                         model.variables = host_state.variables
                         self.metrics = self._aggregate_losses(
-                            runner.host_accumulator(), train_loaders, model.task_names,
-                            host_state)
+                            accumulated, train_loaders, model.task_names, host_state)
                         self.metrics.update(self._evaluate(model, dataloaders))
                         self._log_metrics(log_writer, log_manager, self.metrics)
                         runner.reset_accumulator()
-                        if log_manager.trigger_checkpointing():
+                        if log_manager.trigger_checkpointing() and finite and monitor.check(
+                                all_finite(host_state.params), position, "the parameters"):
                             self._checkpoint(checkpointer, model, host_state,
                                              runner.host_accumulator(), log_manager,
                                              train_loaders, (epoch, batch_index + 1))
+                            monitor.last_checkpoint = (f"{checkpointer.checkpoint_dir} at "
+                                                       f"{position}")
                     now = time.perf_counter()
                     if config.progress_bar and now - refreshed > PROGRESS_REFRESH_SECONDS:
                         refreshed = now
-                        self._show_progress(progress, runner, train_loaders, model,
-                                            points / (now - started))
-                runner.flush()
-                if config.progress_bar:
-                    self._show_progress(progress, runner, train_loaders, model,
-                                        points / (time.perf_counter() - started))
-                    progress.close()
+                        self._show_progress(progress, runner, train_loaders, model, monitor,
+                                            position, points / (now - started))
+                with guard.critical():
+                    runner.flush()
+                # Read at every epoch's end (one host sync an epoch): the running loss for
+                # the progress bar, and the divergence check.
+                self._show_progress(progress, runner, train_loaders, model, monitor,
+                                    f"the end of epoch {epoch}",
+                                    points / max(time.perf_counter() - started, 1e-9))
+                progress.close()
         except BaseException:
             # Flush what was logged and finish pending checkpoint writes before failing.
             if log_writer is not None:
@@ -198,14 +220,31 @@ class Trainer:
                 checkpointer.close()
             raise
         finally:
-            self.state = runner.host_state()
-            model.variables = self.state.variables
+            guard.__exit__()
+            self._hand_back(runner, model, user_variables)
+        monitor.check(all_finite(self.state.params), "the end of training", "the parameters")
         if checkpointer is not None and self.parallel.multiprocess:
             checkpointer.wait_until_finished()
             multihost_utils.sync_global_devices("jaxmtl: checkpoints written")
         log_manager.cleanup(model)
         if checkpointer is not None:
             checkpointer.close()
+
+    def _hand_back(self, runner: PerStepRunner, model: MultitaskClassifier,
+                   user_variables: Any) -> None:
+        """Gives the model the last completed step's weights (the state's own buffers).
+
+        Should the state ever hold donated (deleted) buffers, the model keeps the
+        weights it had before ``fit`` instead of unreadable arrays.
+        """
+        state = runner.host_state()
+        if any(getattr(leaf, "is_deleted", lambda: False)() for leaf in jax.tree.leaves(state)):
+            logger.warning("fit was interrupted inside a training step; the model keeps "
+                           "the weights it had before fit")
+            model.variables = user_variables
+            return
+        self.state = state
+        model.variables = state.variables
 
     # --- checkpoints and resume ---------------------------------------------------------
     def _make_checkpointer(self, log_writer: Any) -> Checkpointer:
@@ -329,13 +368,19 @@ class Trainer:
 
     def _show_progress(self, progress: tqdm, runner: PerStepRunner,
                        train_loaders: Sequence[DictDataLoader], model: MultitaskClassifier,
+                       monitor: DivergenceMonitor, position: str,
                        points_per_second: float) -> None:
         # Reading the running loss waits for the queued steps, so it runs at most once a
         # second (and at the end of each epoch), never per step.
-        running = self._aggregate_losses(runner.host_accumulator(), train_loaders,
-                                         model.task_names)
-        progress.set_postfix(loss=running.get("model/all/train/loss", float("nan")),
-                             points_per_s=round(points_per_second))
+        accumulated = runner.host_accumulator()
+        monitor.check_losses(accumulated["loss_sum"], position)
+        if progress.disable:
+            return
+        running = self._aggregate_losses(accumulated, train_loaders, model.task_names)
+        # Right after an evaluation the accumulator is empty: show what it logged.
+        loss = running.get("model/all/train/loss",
+                           self.metrics.get("model/all/train/loss", float("nan")))
+        progress.set_postfix(loss=f"{loss:.4g}", points_per_s=round(points_per_second))
 
     def _log_metrics(self, log_writer: Any, log_manager: LogManager, metrics: Metrics) -> None:
         if log_writer is not None:

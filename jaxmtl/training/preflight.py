@@ -1,0 +1,95 @@
+"""Checks of a model and its loaders before the first step: mistakes that train nothing.
+
+Each is a pure function of the model's graph and the loaders' data, run once per ``fit``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+
+from ..classifier import MultitaskClassifier
+from ..data import DictDataLoader, is_active
+from ..model import apply_ops, task_logits
+
+logger = logging.getLogger(__name__)
+
+
+def warn_unused_labels(model: MultitaskClassifier, dataloaders: Sequence[DictDataLoader],
+                       train_split: str) -> None:
+    """Warns about label names that match no task, and a train split that labels none.
+
+    A typo in a ``Y_dict`` key trains nothing and scores nothing; Snorkel is silent.
+    """
+    tasks = set(model.task_names)
+    for dl in dataloaders:
+        unknown = sorted(set(dl.dataset.Y_dict) - tasks)
+        if unknown:
+            logger.warning(
+                "Dataset '%s' (%s): labels %s match no task of the model and are ignored; "
+                "the tasks are %s", dl.dataset.name, dl.dataset.split, unknown,
+                model.task_names)
+    train = [dl for dl in dataloaders if dl.dataset.split == train_split]
+    if train and not any(set(dl.dataset.Y_dict) & tasks for dl in train):
+        logger.warning(
+            "No '%s' dataloader labels any task of the model (its label names: %s; the "
+            "tasks: %s): fit will not train anything", train_split,
+            sorted({key for dl in train for key in dl.dataset.Y_dict}), model.task_names)
+
+
+def output_widths(model: MultitaskClassifier, dataloaders: Sequence[DictDataLoader]
+                  ) -> dict[str, int]:
+    """Task name -> K, the width of its logits [B, K], from shapes alone (no compute).
+
+    Each task's width is traced from the first loader that labels it.
+    """
+    widths: dict[str, int] = {}
+    for dl in dataloaders:
+        tasks = [t for t in dl.dataset.Y_dict if t in model.graph.op_sequences
+                 and t not in widths]
+        if not tasks:
+            continue
+        X_dict, _ = dl.batch_at(dl.order(0), 0)
+        graph = model.graph
+        shapes = jax.eval_shape(
+            lambda variables, x, tasks=tuple(tasks): {
+                t: task_logits(graph, apply_ops(graph, variables, x, tasks)[0], t)
+                for t in tasks},
+            model.variables, X_dict)
+        widths.update({t: int(shape.shape[-1]) for t, shape in shapes.items()})
+    return widths
+
+
+def check_labels_fit_heads(model: MultitaskClassifier,
+                           dataloaders: Sequence[DictDataLoader]) -> None:
+    """Hard labels must lie in [0, K) and soft labels have K columns, K the head's width.
+
+    Raises:
+      ValueError: naming the task, the dataset, the offending value and K (a label K on
+        a K-class head, the usual 1-indexed mistake, would otherwise train on NaN).
+    """
+    widths = output_widths(model, dataloaders)
+    for dl in dataloaders:
+        dataset = dl.dataset
+        for task, labels in dataset.Y_dict.items():
+            if task not in widths:
+                continue
+            k = widths[task]
+            where = f"Task '{task}', dataset '{dataset.name}' ({dataset.split})"
+            if labels.ndim == 2:
+                if labels.shape[1] != k:
+                    raise ValueError(
+                        f"{where}: soft labels have {labels.shape[1]} columns, but the "
+                        f"task's head outputs K = {k} classes")
+                continue
+            labelled = labels[is_active(labels)]
+            if labelled.size and int(labelled.max()) >= k:
+                bad = int(labelled.max())
+                row = int(np.flatnonzero(labels == bad)[0])
+                raise ValueError(
+                    f"{where}: label {bad} (row {row}) is outside the head's K = {k} "
+                    f"classes; hard labels must be 0 .. {k - 1} (-1 = no label). "
+                    f"1-indexed labels? Subtract 1.")
