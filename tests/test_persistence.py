@@ -19,7 +19,7 @@ from jaxmtl.persistence import (
     encode_params,
     variables_checksum,
 )
-from jaxmtl.training.checkpoint import Checkpointer
+from jaxmtl.training.checkpoint import Checkpointer, CheckpointError
 
 METRIC = "task1/ds/valid/accuracy"
 BEST = f"best_model_{METRIC.replace('/', '_')}"
@@ -263,6 +263,19 @@ def test_checkpoint_that_does_not_fit_is_refused(checkpoint_dir):
                                          r"model's module pool"):
         other.load(os.path.join(checkpoint_dir, BEST))
     assert other.variables is None
+
+
+def test_load_best_model_in_a_new_process_on_a_fresh_model(model, checkpoint_dir, tmp_path):
+    # A new Checkpointer over the same directory has tracked nothing in this process.
+    checkpointer = Checkpointer(checkpoint_dir=checkpoint_dir, checkpoint_metric=f"{METRIC}:max")
+    fresh = two_tasks(seed=9)
+    assert checkpointer.load_best_model(fresh) is fresh
+    assert_same(host(model.variables), host(fresh.variables))
+    checkpointer.close()
+    empty = Checkpointer(checkpoint_dir=str(tmp_path), checkpoint_metric=f"{METRIC}:max")
+    with pytest.raises(CheckpointError, match=rf"No best model of {METRIC} in .*{BEST}, and the "
+                                              rf"model is uninitialised"):
+        empty.load_best_model(two_tasks())
 
 
 def test_load_survives_an_unused_parameter_free_flax_module(tmp_path):
