@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
-from flax import serialization
 
 from .analysis.scorer import metrics_dict_to_dataframe
 from .data import DictDataLoader
@@ -29,14 +28,11 @@ from .model import (
     task_probs,
 )
 from .parallel import DataParallel, choose_parallel
+from .persistence import load_variables, save_params
 from .task import Operation, Task, is_flax_module
 from .utils import probs_to_preds
 
 logger = logging.getLogger(__name__)
-
-SAVE_FORMAT = "jaxmtl.params"
-SAVE_VERSION = 1
-
 
 def _as_device_batch(tree: Mapping[str, Any]) -> dict[str, jax.Array]:
     return {key: jnp.asarray(value) for key, value in tree.items()}
@@ -398,56 +394,36 @@ class MultitaskClassifier:
         return metrics_dict_to_dataframe(scores) if as_dataframe else scores
 
     # --- persistence -----------------------------------------------------------------
-    def save(self, path: str | os.PathLike) -> None:
-        """Saves the variables to ``path``: a msgpack file (``flax.serialization``).
+    def save(self, model_path: str | os.PathLike) -> None:
+        """Saves the variables to ``model_path``: a msgpack file, written atomically.
 
-        Layout: ``{"format": "jaxmtl.params", "version": 1, "model": name,
-        "task_names": [...], "variables": {collection: {module: {...: ndarray}}}}``.
+        The layout (``persistence.encode_params``): ``{"format": "jaxmtl.params",
+        "version": 2, "model", "task_names", "module_pool", "checksum", "variables"}``.
+
+        Raises:
+          ValueError: if the model is uninitialised.
         """
         if self.variables is None:
             raise ValueError("Cannot save an uninitialised model: call init or train it first")
-        payload = {
-            "format": SAVE_FORMAT,
-            "version": SAVE_VERSION,
-            "model": self.name,
-            "task_names": self.task_names,
-            "variables": jax.tree.map(np.asarray, self.variables),
-        }
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{path}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(serialization.msgpack_serialize(payload))
-        os.replace(tmp, path)  # atomic: a crash never leaves half a file at ``path``
+        save_params(model_path, self.variables, self.name, self.task_names,
+                    list(self.graph.module_pool))
 
-    def load(self, path: str | os.PathLike) -> None:
-        """Loads variables saved by ``save``; works on an uninitialised model.
+    def load(self, model_path: str | os.PathLike) -> None:
+        """Loads variables from a ``save`` file or a Checkpointer directory; all or nothing.
+
+        Works on an uninitialised model. ``model_path`` may be a file written by ``save``
+        (version 1 or 2), a ``best_model_<metric>`` directory, a step directory inside it,
+        or a ``checkpoints/<n>`` step of a checkpoint_dir.
 
         Raises:
-          ValueError: if the file is not a jaxmtl params file, names modules this model does
-            not have, or (for an initialised model) differs in structure or shapes. The
+          FileNotFoundError: if ``model_path`` does not exist.
+          ValueError: if it is neither kind of source, is corrupt (checksum, format,
+            version, malformed payload), or does not fit this model (task names, missing
+            or unexpected modules, a leaf's shape or dtype); see ``persistence``. The
             model is unchanged when loading fails.
         """
-        with open(path, "rb") as f:
-            try:
-                payload = serialization.msgpack_restore(f.read())
-            except Exception as error:
-                raise ValueError(f"{path}: not a jaxmtl params file ({error})") from error
-        if not isinstance(payload, dict) or payload.get("format") != SAVE_FORMAT:
-            raise ValueError(f"{path}: not a jaxmtl params file (format tag missing)")
-        variables = payload["variables"]
-        unknown = sorted({name for tree in variables.values() for name in tree}
-                         - set(self.graph.module_pool))
-        if unknown:
-            raise ValueError(
-                f"{path}: saved modules {unknown} are not in this model's module pool "
-                f"{sorted(self.graph.module_pool)}"
-            )
-        if self.variables is not None:
-            expected = jax.tree.map(np.shape, self.variables)
-            found = jax.tree.map(np.shape, variables)
-            if expected != found:
-                raise ValueError(
-                    f"{path}: saved variables do not match the model's: expected "
-                    f"{expected}, found {found}"
-                )
+        variables = load_variables(model_path, self.task_names, self.graph.module_pool,
+                                   self.variables)
         self.variables = jax.tree.map(jnp.asarray, variables)
+        # Every module is now what the file says (a module without variables has none).
+        self._created = set(self.graph.module_pool)

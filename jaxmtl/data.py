@@ -34,7 +34,50 @@ def _pad_ragged(key: str, rows: Sequence[Any]) -> np.ndarray:
     return out
 
 
+def _x64_enabled() -> bool:
+    # Imported here: data.py is numpy-only, and jax's config is read at call time.
+    import jax
+
+    return bool(jax.config.jax_enable_x64)
+
+
+def _first_bad_row(bad: np.ndarray) -> int:
+    """The leading-axis index of the first True entry of ``bad`` (any shape)."""
+    return int(np.argwhere(bad)[0][0])
+
+
+def _narrow_integers(name: str, array: np.ndarray) -> np.ndarray:
+    """64-bit integers -> int32 when every value fits; else int64 (x64 on) or a ValueError.
+
+    JAX without ``jax_enable_x64`` turns int64 into int32 by wrapping, so an out-of-range
+    value would silently become another number.
+    """
+    if array.dtype.itemsize <= 4 or array.size == 0:
+        return array
+    info = np.iinfo(np.int32)
+    outside = (array < info.min) | (array > info.max)
+    if not np.any(outside):
+        return array.astype(np.int32)
+    row = _first_bad_row(outside)
+    value = array[np.nonzero(outside)][0]
+    fits_int64 = array.dtype != np.uint64 or array.max() <= np.iinfo(np.int64).max
+    if _x64_enabled() and fits_int64:
+        return array.astype(np.int64)
+    raise ValueError(
+        f"{name}: value {value} at row {row} is outside int32's range "
+        f"[{info.min}, {info.max}]; JAX would wrap it without jax_enable_x64 "
+        f"(enable it to keep int64, or remap the values)"
+    )
+
+
 def _as_input_array(key: str, value: Any) -> np.ndarray:
+    """One input as a numeric array [N, ...]: floats become float32, 64-bit ints int32.
+
+    Raises:
+      ValueError: for a non-numeric dtype, a scalar, a value that is not finite as float32
+        (nan, inf, or beyond float32's range), or a 64-bit integer outside int32's range
+        while ``jax_enable_x64`` is off.
+    """
     if isinstance(value, np.ndarray):
         array = value
     elif isinstance(value, (list, tuple)) and value and np.ndim(value[0]) == 1 and (
@@ -53,16 +96,35 @@ def _as_input_array(key: str, value: Any) -> np.ndarray:
     if array.ndim == 0:
         raise ValueError(f"X_dict['{key}']: expected an array with a leading [N] axis, got a scalar")
     if np.issubdtype(array.dtype, np.floating):
-        if not np.all(np.isfinite(array)):
-            bad = int(np.argwhere(~np.isfinite(array))[0][0])
-            raise ValueError(f"X_dict['{key}']: non-finite value (nan or inf) at row {bad}")
-        array = array.astype(np.float32, copy=False)
-    elif np.issubdtype(array.dtype, np.integer) and array.dtype.itemsize > 4:
-        array = array.astype(np.int32)
+        # The finite check runs on the float32 values the model will see: a float64 beyond
+        # float32's range becomes inf in the cast.
+        with np.errstate(over="ignore"):
+            cast = array.astype(np.float32, copy=False)
+        not_finite = ~np.isfinite(cast)
+        if np.any(not_finite):
+            row = _first_bad_row(not_finite)
+            original = array[np.nonzero(not_finite)][0]
+            if np.isfinite(original):
+                raise ValueError(
+                    f"X_dict['{key}']: value {original} at row {row} overflows float32 "
+                    f"(largest {np.finfo(np.float32).max:.6g}); inputs are cast to float32, "
+                    f"rescale them first"
+                )
+            raise ValueError(f"X_dict['{key}']: non-finite value ({original}) at row {row}")
+        return cast
+    if np.issubdtype(array.dtype, np.integer):
+        return _narrow_integers(f"X_dict['{key}']", array)
     return array
 
 
 def _as_label_array(key: str, value: Any) -> np.ndarray:
+    """One label set: hard labels [N] (int32, -1 = no label) or soft labels [N, K] float32.
+
+    Raises:
+      ValueError: for non-integral or out-of-range hard labels, a [N, 1] column (hard labels
+        with a trailing axis, or K=1 probabilities, which no classifier can use), soft
+        labels outside [0, 1] or whose rows do not sum to 1, or any other shape.
+    """
     array = np.asarray(value)
     if array.ndim == 1:
         if np.issubdtype(array.dtype, np.floating):
@@ -71,18 +133,32 @@ def _as_label_array(key: str, value: Any) -> np.ndarray:
                     f"Y_dict['{key}']: hard labels [N] must be integers (-1 = no label); "
                     f"got non-integral values"
                 )
+            too_big = np.abs(array) >= 2.0**63
+            if np.any(too_big):
+                raise ValueError(
+                    f"Y_dict['{key}']: value {array[too_big][0]} at row "
+                    f"{_first_bad_row(too_big)} is outside int32's range; hard labels are "
+                    f"class indices (-1 = no label)"
+                )
+            array = array.astype(np.int64)
         elif not np.issubdtype(array.dtype, np.integer):
             raise ValueError(f"Y_dict['{key}']: labels of dtype {array.dtype} are not numeric")
-        array = array.astype(np.int32)
-        if np.any(array < -1):
+        if array.size and np.any(array < -1):
             raise ValueError(
                 f"Y_dict['{key}']: hard labels must be >= -1 (-1 = no label), got {array.min()}"
             )
-        return array
+        array = _narrow_integers(f"Y_dict['{key}']", array)
+        return array if array.dtype == np.int64 else array.astype(np.int32)
+    if array.ndim == 2 and array.shape[1] == 1:
+        raise ValueError(
+            f"Y_dict['{key}']: shape {array.shape} (a [N, 1] column) looks like a column of "
+            f"hard labels; pass y.ravel() ([N] ints) or [N, K] probabilities with K >= 2"
+        )
     if array.ndim == 2:
-        array = array.astype(np.float32)
+        with np.errstate(over="ignore"):
+            array = array.astype(np.float32)
         if not np.all(np.isfinite(array)):
-            bad = int(np.argwhere(~np.isfinite(array))[0][0])
+            bad = _first_bad_row(~np.isfinite(array))
             raise ValueError(f"Y_dict['{key}']: non-finite soft label at row {bad}")
         unlabelled = np.all(array == -1, axis=1)
         labelled = array[~unlabelled]
@@ -125,8 +201,10 @@ class DictDataset:
         soft labels float [N, K] (rows sum to 1; a row of all -1 = no label).
 
     Raises:
-      ValueError: on mismatched lengths, non-finite values, soft-label rows that do not
-        sum to 1 (tolerance 1e-3), non-numeric inputs or an empty dataset.
+      ValueError: on mismatched lengths, values not finite as float32, 64-bit integers
+        outside int32's range (unless ``jax_enable_x64`` is on), a [N, 1] label column,
+        soft-label rows that do not sum to 1 (tolerance 1e-3), non-numeric inputs, an empty
+        dataset, or a name, split or label name that contains '/'.
     """
 
     def __init__(
@@ -136,6 +214,18 @@ class DictDataset:
         X_dict: Mapping[str, Any],
         Y_dict: Mapping[str, Any],
     ) -> None:
+        for field, value in (("name", name), ("split", split)):
+            if not isinstance(value, str) or "/" in value:
+                raise ValueError(
+                    f"DictDataset '{name}' ({split}): {field} {value!r} must be a string "
+                    f"without '/' (metric keys are 'task/dataset/split/metric')"
+                )
+        slashed = [key for key in (Y_dict or {}) if "/" in str(key)]
+        if slashed:
+            raise ValueError(
+                f"DictDataset '{name}' ({split}): label names {slashed} contain '/' "
+                f"(metric keys are 'label/dataset/split/metric')"
+            )
         self.name = name
         self.split = split
         if not X_dict:

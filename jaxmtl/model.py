@@ -90,16 +90,16 @@ def _node_args(node: Node, outputs: Mapping[str, Any], task_names: Sequence[str]
     return args
 
 
-def _run_module(node: Node, task_names: Sequence[str], call: Callable[[], Any],
-                args: Sequence[Any]) -> Any:
-    """``call()``, with a failure annotated by the op, its tasks and its inputs' shapes."""
+def _run_module(node: Node, task_names: Sequence[str], inputs: Sequence[Any], fn: Callable,
+                *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)``; a failure is annotated with the op, its tasks and inputs."""
     try:
-        return call()
+        return fn(*args, **kwargs)
     except Exception as error:
         error.add_note(
             f"jaxmtl: raised in op '{node.op.name}' (module '{node.module_name}') of task "
             f"{_tasks_of(node, task_names)}, called with "
-            f"{', '.join(_describe(a) for a in args) or 'no arguments'}")
+            f"{', '.join(_describe(a) for a in inputs) or 'no arguments'}")
         raise
 
 
@@ -152,19 +152,20 @@ def init_variables(
         module = graph.module_pool[node.module_name]
         args = _node_args(node, outputs, task_names)
         if not is_flax_module(module):
-            outputs[node.node_id] = _run_module(node, task_names, lambda: module(*args), args)
+            outputs[node.node_id] = _run_module(node, task_names, args, module, *args)
             continue
         kwargs = _mode_kwargs(graph, node.module_name, train=False)
         if node.module_name not in existing:
             key = jax.random.fold_in(rng, graph.module_index(node.module_name))
             params_key, dropout_key = jax.random.split(key)
-            module_vars = _run_module(node, task_names, lambda: module.init(
-                {"params": params_key, "dropout": dropout_key}, *args, **kwargs), args)
+            module_vars = _run_module(node, task_names, args, module.init,
+                                      {"params": params_key, "dropout": dropout_key}, *args,
+                                      **kwargs)
             variables = _with_module_variables(variables, node.module_name, module_vars)
             existing.add(node.module_name)
         module_vars = _module_variables(variables, node.module_name)
-        outputs[node.node_id] = _run_module(
-            node, task_names, lambda: module.apply(module_vars, *args, **kwargs), args)
+        outputs[node.node_id] = _run_module(node, task_names, args, module.apply, module_vars,
+                                            *args, **kwargs)
     return variables
 
 
@@ -213,7 +214,7 @@ def apply_ops(
         module = graph.module_pool[node.module_name]
         args = _node_args(node, outputs, task_names)
         if not is_flax_module(module):
-            outputs[node.node_id] = _run_module(node, task_names, lambda: module(*args), args)
+            outputs[node.node_id] = _run_module(node, task_names, args, module, *args)
         else:
             kwargs: dict[str, Any] = _mode_kwargs(graph, node.module_name, train)
             if rng is not None:
@@ -222,12 +223,12 @@ def apply_ops(
             module_vars = _module_variables(variables, node.module_name)
             mutable = [col for col in module_vars if col != "params"] if train else []
             if mutable:
-                output, updates = _run_module(node, task_names, lambda: module.apply(
-                    module_vars, *args, mutable=mutable, **kwargs), args)
+                output, updates = _run_module(node, task_names, args, module.apply, module_vars,
+                                              *args, mutable=mutable, **kwargs)
                 variables = _with_module_variables(variables, node.module_name, updates)
             else:
-                output = _run_module(node, task_names, lambda: module.apply(
-                    module_vars, *args, **kwargs), args)
+                output = _run_module(node, task_names, args, module.apply, module_vars, *args,
+                                     **kwargs)
             outputs[node.node_id] = output
         if node.node_id == until:
             break

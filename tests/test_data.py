@@ -100,3 +100,70 @@ def test_loader_shuffle_is_a_function_of_seed_and_epoch():
 def test_loader_bad_batch_size():
     with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
         DictDataLoader(make_dataset(), batch_size=0)
+
+
+# --- no silent corruption of inputs and labels ---------------------------------------------
+@pytest.mark.parametrize(
+    "X, Y, message",
+    [
+        # float64 beyond float32's range would become inf in the float32 cast.
+        ({"x": np.array([[1.0], [1e300]])}, {"t": np.array([0, 1])},
+         r"X_dict\['x'\]: value 1e\+300 at row 1 overflows float32 \(largest 3.40282e\+38\)"),
+        ({"x": np.array([[1.0], [np.inf]])}, {"t": np.array([0, 1])},
+         r"X_dict\['x'\]: non-finite value \(inf\) at row 1"),
+        # 2**31 and -2**31 - 1 would wrap to -2**31 and 2**31 - 1 in int32.
+        ({"ids": np.array([3, 2**31], np.int64)}, {"t": np.array([0, 1])},
+         r"X_dict\['ids'\]: value 2147483648 at row 1 is outside int32's range"),
+        ({"ids": np.array([-(2**31) - 1, 0], np.int64)}, {"t": np.array([0, 1])},
+         r"X_dict\['ids'\]: value -2147483649 at row 0 is outside int32's range"),
+        ({"ids": np.array([0, 2**63], np.uint64)}, {"t": np.array([0, 1])},
+         r"X_dict\['ids'\]: value 9223372036854775808 at row 1 is outside int32's range"),
+        ({"x": np.ones((2, 1))}, {"t": np.array([0, 2**32 + 1], np.int64)},
+         r"Y_dict\['t'\]: value 4294967297 at row 1 is outside int32's range"),
+        ({"x": np.ones((2, 1))}, {"t": np.array([[0], [1]])},
+         r"Y_dict\['t'\]: shape \(2, 1\) \(a \[N, 1\] column\) looks like a column of hard "
+         r"labels; pass y.ravel\(\) \(\[N\] ints\) or \[N, K\] probabilities"),
+        # K=1 "probabilities" are rejected the same way: a classifier needs K >= 2.
+        ({"x": np.ones((2, 1))}, {"t": np.array([[1.0], [1.0]])}, r"shape \(2, 1\)"),
+    ],
+)
+def test_dataset_rejects_values_that_would_be_corrupted(X, Y, message):
+    with pytest.raises(ValueError, match=message):
+        DictDataset("d", "train", X, Y)
+
+
+def test_in_range_int64_becomes_int32_with_the_same_values():
+    ids = np.array([-(2**31), 5, 2**31 - 1], np.int64)
+    ds = DictDataset("d", "train", {"ids": ids}, {"t": np.array([0, 1, 2], np.uint64)})
+    assert ds.X_dict["ids"].dtype == np.int32 and ds.Y_dict["t"].dtype == np.int32
+    np.testing.assert_array_equal(ds.X_dict["ids"], ids)
+    big = np.array([1e38, -3e38])  # within float32's range: kept (rounded to float32)
+    x = DictDataset("d", "train", {"x": big}, {"t": np.array([0, 1])}).X_dict["x"]
+    np.testing.assert_array_equal(x, big.astype(np.float32))
+
+
+def test_out_of_range_int64_kept_when_x64_is_enabled():
+    import jax
+
+    ids = np.array([3, 2**40], np.int64)
+    labels = np.array([0, 2**33], np.int64)
+    with jax.enable_x64(True):
+        ds = DictDataset("d", "train", {"ids": ids}, {"t": labels})
+    assert ds.X_dict["ids"].dtype == np.int64 and ds.Y_dict["t"].dtype == np.int64
+    np.testing.assert_array_equal(ds.X_dict["ids"], ids)
+    np.testing.assert_array_equal(ds.Y_dict["t"], labels)
+
+
+@pytest.mark.parametrize(
+    "name, split, labels, message",
+    [
+        ("a/b", "train", "t", r"DictDataset 'a/b' \(train\): name 'a/b' must be a string "
+                              r"without '/' \(metric keys are 'task/dataset/split/metric'\)"),
+        ("d", "train/1", "t", r"DictDataset 'd' \(train/1\): split 'train/1' must be a string "
+                              r"without '/'"),
+        ("d", "train", "t/x", r"DictDataset 'd' \(train\): label names \['t/x'\] contain '/'"),
+    ],
+)
+def test_names_with_slash_rejected(name, split, labels, message):
+    with pytest.raises(ValueError, match=message):
+        DictDataset(name, split, {"x": np.ones((2, 1))}, {labels: np.array([0, 1])})

@@ -8,7 +8,6 @@ import pytest
 from conftest import make_task
 
 import jaxmtl
-
 from jaxmtl import Operation, Task, build_graph, init_variables, task_loss_terms, total_loss
 from jaxmtl.model import apply_ops
 

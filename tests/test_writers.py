@@ -178,3 +178,54 @@ def test_make_log_writer(tmp_path) -> None:
     tb_writer.cleanup()
     with pytest.raises(ValueError, match="Unrecognized writer option 'foo'"):
         make_log_writer("foo", config)
+
+
+# --- atomic writes (jaxmtl._io.atomic_write) -----------------------------------------------
+def test_write_json_failure_leaves_old_file_and_no_temp_file(tmp_path) -> None:
+    writer = LogWriter(log_dir=str(tmp_path), run_name="run")
+    writer.write_json({"a": [1, 2]}, "log.json")
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        # json.dump writes '{"a": ' before it meets the set: a torn file if not atomic.
+        writer.write_json({"a": {1, 2}}, "log.json")
+    assert os.listdir(writer.log_dir) == ["log.json"]
+    with open(os.path.join(writer.log_dir, "log.json")) as f:
+        assert json.load(f) == {"a": [1, 2]}
+
+
+def test_concurrent_write_json_to_one_path_leaves_a_whole_file(tmp_path) -> None:
+    import threading
+
+    writer = LogWriter(log_dir=str(tmp_path), run_name="run")
+    objects = [{"writer": k, "values": list(range(20_000))} for k in range(2)]
+    errors: list[BaseException] = []
+
+    def write_many(obj) -> None:
+        try:
+            for _ in range(20):
+                writer.write_json(obj, "log.json")
+        except BaseException as error:  # a shared temp file: FileNotFoundError on replace
+            errors.append(error)
+
+    threads = [threading.Thread(target=write_many, args=(obj,)) for obj in objects]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert os.listdir(writer.log_dir) == ["log.json"]
+    with open(os.path.join(writer.log_dir, "log.json")) as f:
+        assert json.load(f) in objects
+
+
+def test_atomic_write_bytes_text_and_mode(tmp_path) -> None:
+    from jaxmtl._io import atomic_write
+
+    path = tmp_path / "sub" / "f.bin"
+    atomic_write(path, b"\x00\x01")
+    assert path.read_bytes() == b"\x00\x01"
+    os.chmod(path, 0o640)
+    atomic_write(path, "héllo")  # text: UTF-8; the replaced file's mode is kept
+    assert path.read_text(encoding="utf-8") == "héllo"
+    assert os.stat(path).st_mode & 0o777 == 0o640
+    atomic_write(tmp_path / "new.txt", "x")
+    assert os.stat(tmp_path / "new.txt").st_mode & 0o777 == 0o644

@@ -332,15 +332,29 @@ class Checkpointer:
         shutil.rmtree(os.path.join(self.checkpoint_dir, CHECKPOINTS_SUBDIR), ignore_errors=True)
 
     def load_best_model(self, model: Any) -> Any:
-        """Loads the best model by ``checkpoint_metric`` into ``model`` (if one was saved)."""
+        """Loads the best model by ``checkpoint_metric`` into ``model`` (``model.load``).
+
+        The best model is the one tracked by this Checkpointer; one that has saved nothing
+        yet (e.g. built in a new process over the same ``checkpoint_dir``) loads the best
+        model on disk, into an uninitialised model too.
+
+        Raises:
+          CheckpointError: if there is no best model and ``model`` is uninitialised.
+          ValueError: as ``model.load``, if the best model does not fit ``model``.
+        """
         metric = next(iter(self.checkpoint_metric))
-        if metric not in self.best_metric_dict:
+        directory = os.path.join(self.checkpoint_dir, self.best_subdir(metric))
+        on_disk = self.save_count == 0 and os.path.isdir(directory)
+        if metric not in self.best_metric_dict and not on_disk:
+            if model.variables is None:
+                raise CheckpointError(
+                    f"No best model of {metric} in {directory}, and the model is "
+                    f"uninitialised: there is nothing to load and no model to keep"
+                )
             logger.info("No best model found for %s; keeping the current model.", metric)
             return model
         self.wait_until_finished()
-        directory = os.path.join(self.checkpoint_dir, self.best_subdir(metric))
-        items, _ = restore_checkpoint(directory, None, {"model": jax.device_get(model.variables)})
-        model.variables = items["model"]
+        model.load(directory)
         return model
 
     def state_dict(self) -> dict[str, Any]:

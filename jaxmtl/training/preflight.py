@@ -5,15 +5,17 @@ Each is a pure function of the model's graph and the loaders' data, run once per
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
 
 from ..classifier import MultitaskClassifier
 from ..data import DictDataLoader, is_active
-from ..model import apply_ops, task_logits
+from ..model import ModelGraph, apply_ops, task_logits
 
 logger = logging.getLogger(__name__)
 
@@ -53,14 +55,16 @@ def output_widths(model: MultitaskClassifier, dataloaders: Sequence[DictDataLoad
         if not tasks:
             continue
         X_dict, _ = dl.batch_at(dl.order(0), 0)
-        graph = model.graph
-        shapes = jax.eval_shape(
-            lambda variables, x, tasks=tuple(tasks): {
-                t: task_logits(graph, apply_ops(graph, variables, x, tasks)[0], t)
-                for t in tasks},
-            model.variables, X_dict)
+        shapes = jax.eval_shape(functools.partial(_logits, model.graph, tuple(tasks)),
+                                model.variables, X_dict)
         widths.update({t: int(shape.shape[-1]) for t, shape in shapes.items()})
     return widths
+
+
+def _logits(graph: ModelGraph, tasks: tuple[str, ...], variables: Any, X_dict: Any
+            ) -> dict[str, Any]:
+    outputs, _ = apply_ops(graph, variables, X_dict, tasks)
+    return {t: task_logits(graph, outputs, t) for t in tasks}
 
 
 def check_labels_fit_heads(model: MultitaskClassifier,

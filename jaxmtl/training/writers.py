@@ -20,6 +20,7 @@ import numpy as np
 import optax
 from tensorboardX import SummaryWriter
 
+from jaxmtl._io import atomic_write
 from jaxmtl.training.config import LOG_WRITERS, LogWriterConfig, from_dict, merge_config
 
 
@@ -137,14 +138,10 @@ class LogWriter:
 
         Args:
           obj: the object; non-finite floats are written as JSON's NaN/Infinity.
-          filename: file name inside the run directory.
+          filename: file name inside the run directory; written atomically (``atomic_write``),
+            so a reader or a crash never sees half a file.
         """
-        path = os.path.join(self.log_dir, filename)
-        # Write then rename, so that a crash mid-write never leaves a truncated log.
-        tmp_path = f"{path}.tmp"
-        with open(tmp_path, "w") as f:
-            json.dump(obj, f)
-        os.replace(tmp_path, path)
+        atomic_write(os.path.join(self.log_dir, filename), lambda f: json.dump(obj, f), text=True)
 
     def cleanup(self) -> None:
         """Writes ``log.json``; call once training ends (the context manager does)."""
