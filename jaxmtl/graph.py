@@ -63,7 +63,11 @@ def train_keywords(module: Any) -> dict[str, bool]:
         parameters = inspect.signature(call).parameters
     except (TypeError, ValueError):
         return {}
-    return {name: value for name, value in TRAIN_KEYWORDS.items() if name in parameters}
+    # A mode fixed at construction (``nn.Dropout(0.5, deterministic=True)``) is kept:
+    # Flax refuses the same flag at construction and at call time.
+    fields = getattr(module, "__dataclass_fields__", {})
+    return {name: value for name, value in TRAIN_KEYWORDS.items()
+            if name in parameters and not (name in fields and getattr(module, name) is not None)}
 
 
 def _same_module(a: Any, b: Any) -> bool:

@@ -129,7 +129,8 @@ class Trainer:
         model.init_from_loaders([*train_loaders, *(dl for dl in dataloaders
                                                    if dl not in train_loaders)], self.seed)
         check_labels_fit_heads(model, dataloaders)
-        user_variables = model.variables  # never donated: the step gets its own copies
+        # Never donated: the step gets its own copies. (None: no loader labels a task.)
+        user_variables = model.variables if model.variables is not None else {"params": {}}
         state = TrainState.create(user_variables, tx, jax.random.PRNGKey(self.seed),
                                   balancer=balancer, precision=config.precision)
         state, self._loaded_optimizer = continue_optimizer(state, self._loaded_optimizer), None
