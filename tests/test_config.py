@@ -143,3 +143,27 @@ def test_on_nonfinite_choices(on_nonfinite):
 def test_unknown_keys_keep_raising(kwargs, message):
     with pytest.raises(ValueError, match=message):
         Trainer(**kwargs)
+
+
+def test_snorkel_class_names_build_the_nested_configs():
+    from jaxmtl.training.config import (
+        AdamaxOptimizerConfig,
+        AdamOptimizerConfig,
+        ExponentialLRSchedulerConfig,
+        SGDOptimizerConfig,
+        StepLRSchedulerConfig,
+    )
+
+    config = TrainerConfig(
+        optimizer_config={"sgd_config": SGDOptimizerConfig(momentum=0.5),
+                          "adam_config": AdamOptimizerConfig(amsgrad=True),
+                          "adamax_config": AdamaxOptimizerConfig(eps=1e-6)},
+        lr_scheduler_config={"exponential_config": ExponentialLRSchedulerConfig(gamma=0.5),
+                             "step_config": StepLRSchedulerConfig(step_size=2)},
+    )
+    assert config.optimizer_config.sgd_config.momentum == 0.5
+    assert config.optimizer_config.adam_config.amsgrad is True
+    assert config.optimizer_config.adamax_config.eps == 1e-6
+    assert config.lr_scheduler_config.exponential_config.gamma == 0.5
+    assert (config.lr_scheduler_config.step_config.step_size,
+            config.lr_scheduler_config.step_config.gamma) == (2, 0.9)

@@ -350,3 +350,12 @@ class TrainerConfig(_NestedConfig):
         _check_finite_non_negative("TrainerConfig", "l2", self.l2)
         if self.grad_clip is not None:
             _check_finite_non_negative("TrainerConfig", "grad_clip", self.grad_clip)
+
+
+# Snorkel 0.10's class names for the nested configs (snorkel.utils.optimizers and
+# snorkel.utils.lr_schedulers), so that code constructing them by name ports unchanged.
+SGDOptimizerConfig = SGDConfig
+AdamOptimizerConfig = AdamConfig
+AdamaxOptimizerConfig = AdamaxConfig
+ExponentialLRSchedulerConfig = ExponentialConfig
+StepLRSchedulerConfig = StepConfig
