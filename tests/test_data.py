@@ -1,3 +1,7 @@
+import re
+import threading
+import time
+
 import numpy as np
 import pytest
 
@@ -167,3 +171,157 @@ def test_out_of_range_int64_kept_when_x64_is_enabled():
 def test_names_with_slash_rejected(name, split, labels, message):
     with pytest.raises(ValueError, match=message):
         DictDataset(name, split, {"x": np.ones((2, 1))}, {labels: np.array([0, 1])})
+
+# --- torch DataLoader keywords, background preparation, seeds -------------------------
+
+def _loader_threads():
+    return [t for t in threading.enumerate() if t.name.startswith("jaxmtl-DictDataLoader")]
+
+
+def _flatten(batches):
+    return [(b[0], b[1], b.mask) for b in batches]
+
+
+def _assert_same_batches(expected, actual):
+    assert len(expected) == len(actual)
+    for (X0, Y0, m0), (X1, Y1, m1) in zip(expected, actual, strict=True):
+        np.testing.assert_array_equal(m0, m1)
+        for key in X0:
+            np.testing.assert_array_equal(X0[key], X1[key])
+        for key in Y0:
+            np.testing.assert_array_equal(Y0[key], Y1[key])
+
+
+@pytest.mark.parametrize("num_workers, prefetch_factor", [(1, None), (3, 1), (2, 4)])
+def test_workers_yield_the_same_batches_in_the_same_order(num_workers, prefetch_factor):
+    ds = make_dataset(23)
+    plain = DictDataLoader(ds, batch_size=4, shuffle=True, seed=3)
+    background = DictDataLoader(ds, batch_size=4, shuffle=True, seed=3,
+                                num_workers=num_workers, prefetch_factor=prefetch_factor)
+    for _ in range(2):  # two epochs: different permutations, same on both loaders
+        _assert_same_batches(_flatten(plain), _flatten(background))
+    assert background.epoch == 2
+    assert _loader_threads() == []
+
+
+def test_stopping_early_joins_the_worker_threads():
+    dl = DictDataLoader(make_dataset(40), batch_size=2, num_workers=2, prefetch_factor=3)
+    iterator = iter(dl)
+    first = next(iterator)
+    np.testing.assert_array_equal(first[0]["x"][:, 0], [0, 2])
+    assert len(_loader_threads()) >= 1  # preparing batches ahead
+    iterator.close()
+    assert _loader_threads() == []
+    for index, _batch in enumerate(dl):  # a `for` that breaks drops its iterator
+        if index == 1:
+            break
+    assert _loader_threads() == []
+
+
+def test_worker_error_reaches_the_consumer_and_threads_end(monkeypatch):
+    dl = DictDataLoader(make_dataset(10), batch_size=2, num_workers=2)
+    original = DictDataLoader.batch_at
+
+    def failing(self, order, index):
+        if index == 3:
+            raise KeyError("boom")
+        return original(self, order, index)
+
+    monkeypatch.setattr(DictDataLoader, "batch_at", failing)
+    seen = []
+    with pytest.raises(KeyError, match="boom"):
+        for batch in dl:
+            seen.append(batch.num_valid)
+    assert seen == [2, 2, 2]
+    assert _loader_threads() == []
+
+
+def test_timeout_raises_runtime_error(monkeypatch):
+    dl = DictDataLoader(make_dataset(4), batch_size=2, num_workers=1, timeout=0.01)
+    original = DictDataLoader.batch_at
+
+    def slow(self, order, index):
+        time.sleep(0.2)
+        return original(self, order, index)
+
+    monkeypatch.setattr(DictDataLoader, "batch_at", slow)
+    with pytest.raises(RuntimeError, match=r"DictDataLoader timed out after 0.01 seconds"):
+        list(dl)
+    assert _loader_threads() == []
+
+
+def test_accepted_torch_keywords_change_nothing():
+    ds = make_dataset(9)
+    plain = _flatten(DictDataLoader(ds, batch_size=4))
+    dl = DictDataLoader(ds, batch_size=4, num_workers=2, prefetch_factor=2, pin_memory=True,
+                        persistent_workers=True, timeout=5, multiprocessing_context="spawn",
+                        pin_memory_device="cuda", in_order=False)
+    _assert_same_batches(plain, _flatten(dl))
+    assert (dl.num_workers, dl.prefetch_factor, dl.pin_memory, dl.timeout) == (2, 2, True, 5.0)
+
+
+@pytest.mark.parametrize("keyword", ["collate_fn", "sampler", "batch_sampler", "worker_init_fn"])
+def test_unsupported_torch_keywords_explain_what_to_use(keyword):
+    with pytest.raises(ValueError) as info:
+        DictDataLoader(make_dataset(), **{keyword: object()})
+    message = str(info.value)
+    assert message.startswith(f"DictDataLoader: {keyword}=<object object at ")
+    assert "is not supported: jaxmtl batches are fixed-shape dicts of numpy arrays" in message
+    assert "padded with repeats of its rows and masked" in message
+
+
+def test_snorkel_positional_collate_fn_is_named():
+    with pytest.raises(ValueError, match="DictDataLoader: collate_fn=<function"):
+        DictDataLoader(make_dataset(), lambda batch: batch)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"num_workers": -1}, "num_workers must be an int >= 0, got -1"),
+        ({"num_workers": True}, "num_workers must be an int >= 0, got True"),
+        ({"prefetch_factor": 2}, "prefetch_factor=2 needs num_workers > 0"),
+        ({"num_workers": 1, "prefetch_factor": 0}, "prefetch_factor must be an int >= 1, got 0"),
+        ({"persistent_workers": True}, "persistent_workers=True needs num_workers > 0"),
+        ({"timeout": -1}, "timeout must be a number of seconds >= 0, got -1"),
+        ({"seed": -3}, "seed must be an int >= 0, got -3"),
+        ({"generator": np.random.default_rng(0)}, "generator must be a torch.Generator"),
+    ],
+)
+def test_loader_keyword_errors(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(f"DictDataLoader: {message}")):
+        DictDataLoader(make_dataset(), **kwargs)
+
+
+class _TorchLikeGenerator:
+    def __init__(self, seed):
+        self._seed = seed
+
+    def initial_seed(self):
+        return self._seed
+
+
+def test_generator_initial_seed_is_the_seed():
+    ds = make_dataset(30)
+    from_generator = DictDataLoader(ds, batch_size=4, shuffle=True,
+                                    generator=_TorchLikeGenerator(11))
+    assert (from_generator.seed, from_generator.seed_given) == (11, True)
+    np.testing.assert_array_equal(from_generator.order(0),
+                                  DictDataLoader(ds, shuffle=True, seed=11).order(0))
+    with pytest.raises(ValueError, match="seed=12 and generator \\(initial_seed 11\\) disagree"):
+        DictDataLoader(ds, seed=12, generator=_TorchLikeGenerator(11))
+
+
+def test_derive_seed_only_replaces_a_drawn_seed():
+    ds = make_dataset(30)
+    drawn = DictDataLoader(ds, shuffle=True)
+    assert drawn.seed_given is False
+    expected = int(np.random.SeedSequence((5, 1)).generate_state(1)[0])
+    assert drawn.derive_seed(5, 1) == expected == drawn.seed
+    # Deterministic in (trainer seed, loader index); another index gives another seed.
+    other = DictDataLoader(ds, shuffle=True)
+    assert other.derive_seed(5, 1) == expected and other.derive_seed(5, 0) != expected
+    assert drawn.derive_seed(6, 1) != expected  # a later fit with another seed re-derives
+    given = DictDataLoader(ds, shuffle=True, seed=0)
+    assert given.seed_given is True
+    assert given.derive_seed(5, 1) == 0 == given.seed

@@ -92,9 +92,10 @@ CASES = {
                  "step_config": {"step_size": 3, "gamma": 0.1}}, 2,
         [0.0, 0.05, 0.1, 0.1, 0.1, 0.01, 0.01, 0.01, 0.005, 0.005],
     ),
+    # Snorkel 0.10's StepLRSchedulerConfig: step_size 5, gamma 0.9.
     "step_default_config": (
         "step", {}, 0,
-        [0.1] * 5 + [0.01] * 5,
+        [0.1] * 5 + [0.09] * 5,
     ),
     "cosine": (
         "cosine", {}, 0,

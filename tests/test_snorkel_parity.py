@@ -257,3 +257,28 @@ def test_logits_of_rank_three_are_named():
     with pytest.raises(ValueError, match=r"Task 't': its last op 'lin' returned logits of "
                                          r"shape \(3, 4, 2\); expected \[B, K\]"):
         jaxmtl.task_loss_terms(graph, variables, X, {"t": np.zeros(3, np.int32)})
+
+
+def test_one_trainer_seed_makes_the_run_reproducible():
+    params = []
+    for _ in range(2):
+        loaders = disjoint_loaders(loader_seed=None)  # each loader draws its own seed
+        model = jaxmtl.MultitaskClassifier(tutorial_tasks())
+        jaxmtl.Trainer(n_epochs=1, lr=0.05, seed=11, progress_bar=False).fit(model, loaders)
+        params.append(model.params)
+    for a, b in zip(jax.tree.leaves(params[0]), jax.tree.leaves(params[1]), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_progress_bar_shows_the_loss_at_every_epoch_end(capsys):
+    loaders = disjoint_loaders()
+    model = jaxmtl.MultitaskClassifier(tutorial_tasks())
+    trainer = jaxmtl.Trainer(n_epochs=2, lr=0.05, seed=0)
+    trainer.fit(model, loaders)
+    err = capsys.readouterr().err
+    for epoch in range(2):
+        final = [line for line in err.replace("\r", "\n").splitlines()
+                 if line.startswith(f"Epoch {epoch}: 100%")]
+        assert final and "loss=" in final[-1], final
+    shown = float(final[-1].split("loss=")[1].split(",")[0])
+    np.testing.assert_allclose(shown, trainer.metrics["model/all/train/loss"], rtol=1e-3)

@@ -115,7 +115,7 @@ def test_write_config_dataclasses_and_optax(tmp_path) -> None:
     assert written["optimizer"] == repr(optimizer)
     assert written["lr_scheduler_config"]["warmup_steps"] == 2
     assert written["optimizer_config"]["adam_config"]["betas"] == [0.9, 0.999]
-    assert written["checkpointer_config"]["checkpoint_dir"] is None
+    assert written["checkpointer_config"]["checkpoint_dir"] == "checkpoints"
 
 
 def test_default_run_name_is_timestamp(tmp_path) -> None:

@@ -8,6 +8,8 @@ allowed set raise ``ValueError`` naming the field, the value and what is allowed
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -25,6 +27,7 @@ PRECISIONS = ("fp32", "bf16")
 LOG_WRITERS = ("json", "tensorboard")
 COUNTER_UNITS = ("points", "batches", "epochs")
 WARMUP_UNITS = ("batches", "epochs")
+ON_NONFINITE = ("raise", "warn")
 
 
 def _check_choice(owner: str, field_name: str, value: Any, allowed: tuple[str, ...],
@@ -38,6 +41,21 @@ def _check_choice(owner: str, field_name: str, value: Any, allowed: tuple[str, .
 def _check_non_negative(owner: str, field_name: str, value: float) -> None:
     if value is None or value < 0:
         raise ValueError(f"{owner}.{field_name} must be >= 0, got {value!r}")
+
+
+def _check_finite(owner: str, field_name: str, value: Any) -> None:
+    """A real, finite number (numpy scalars included); strings and bools are not."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(
+            f"{owner}.{field_name} must be a number, got {value!r} ({type(value).__name__})"
+        )
+    if not math.isfinite(value):
+        raise ValueError(f"{owner}.{field_name} must be a finite number, got {value!r}")
+
+
+def _check_finite_non_negative(owner: str, field_name: str, value: Any) -> None:
+    _check_finite(owner, field_name, value)
+    _check_non_negative(owner, field_name, value)
 
 
 def from_dict(cls: type[ConfigT], value: Any) -> ConfigT:
@@ -133,7 +151,7 @@ class StepConfig:
     """Step decay: multiply by ``gamma`` every ``step_size`` steps after warm-up."""
 
     step_size: int = 5
-    gamma: float = 0.1
+    gamma: float = 0.9
 
 
 @dataclass(frozen=True)
@@ -151,16 +169,19 @@ class LRSchedulerConfig(_NestedConfig):
         self._convert_nested()
         _check_choice("LRSchedulerConfig", "warmup_unit", self.warmup_unit, WARMUP_UNITS,
                       "Unrecognized warmup_unit")
-        if self.warmup_steps is not None and self.warmup_steps < 0:
-            raise ValueError(
-                f"warmup_steps must be greater or equal than 0, got {self.warmup_steps}"
-            )
+        if self.warmup_steps is not None:
+            _check_finite("LRSchedulerConfig", "warmup_steps", self.warmup_steps)
+            if self.warmup_steps < 0:
+                raise ValueError(
+                    f"warmup_steps must be greater or equal than 0, got {self.warmup_steps}"
+                )
+        _check_finite("LRSchedulerConfig", "warmup_percentage", self.warmup_percentage)
         if not 0.0 <= self.warmup_percentage <= 1.0:
             raise ValueError(
                 f"LRSchedulerConfig.warmup_percentage must be in [0, 1], got "
                 f"{self.warmup_percentage}"
             )
-        _check_non_negative("LRSchedulerConfig", "min_lr", self.min_lr)
+        _check_finite_non_negative("LRSchedulerConfig", "min_lr", self.min_lr)
 
 
 @dataclass(frozen=True)
@@ -181,9 +202,13 @@ class LogManagerConfig:
 
 @dataclass(frozen=True)
 class CheckpointerConfig:
-    """Checkpointing settings, as Snorkel's ``CheckpointerConfig``."""
+    """Checkpointing settings, as Snorkel's ``CheckpointerConfig``.
 
-    checkpoint_dir: str | None = None
+    ``checkpoint_dir`` defaults to "checkpoints" as in Snorkel 0.10; None puts the
+    checkpoints beside the logs when logging is on (else in "checkpoints").
+    """
+
+    checkpoint_dir: str | None = "checkpoints"
     checkpoint_factor: int = 1
     checkpoint_metric: str = "model/all/train/loss:min"
     checkpoint_task_metrics: tuple[str, ...] | None = None
@@ -197,6 +222,18 @@ class LogWriterConfig:
 
     log_dir: str = "logs"
     run_name: str | None = None
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    """Snorkel's ``ClassifierConfig`` (``TrainerConfig.model_config``).
+
+    Accepted so that Snorkel configs load unchanged; as in Snorkel, the Trainer does not
+    read it. Pass ``device`` and ``dataparallel`` to ``MultitaskClassifier`` instead.
+    """
+
+    device: int = 0
+    dataparallel: bool = True
 
 
 @dataclass(frozen=True)
@@ -214,6 +251,7 @@ class TrainerConfig(_NestedConfig):
       grad_clip: clip the global gradient norm to this value; 0 or None disables clipping.
       train_split, valid_split, test_split: split names of the dataloaders.
       progress_bar: show a tqdm bar per epoch.
+      model_config: Snorkel's ``ClassifierConfig``; accepted and, as in Snorkel, unused.
       log_manager_config, checkpointing, checkpointer_config, logging, log_writer,
         log_writer_config: evaluation cadence, checkpoints and logs (Snorkel's).
       optimizer: "sgd", "adam", "adamax" or any ``optax.GradientTransformation`` (used as
@@ -239,6 +277,8 @@ class TrainerConfig(_NestedConfig):
       parallel: with several local devices (and the model's ``dataparallel``): "auto" or
         "pmap" (``jax.pmap``), "sharded" (``jax.jit`` over a ``NamedSharding`` mesh) or
         "single" (one device). The loaders' batch size is the global batch.
+      on_nonfinite: what ``fit`` does when a training loss is NaN or infinite: "raise"
+        (stop with ``FloatingPointError``) or "warn" (log a warning and continue).
     """
 
     seed: int | None = None
@@ -250,6 +290,7 @@ class TrainerConfig(_NestedConfig):
     valid_split: str = "valid"
     test_split: str = "test"
     progress_bar: bool = True
+    model_config: ClassifierConfig = field(default_factory=ClassifierConfig)
     log_manager_config: LogManagerConfig = field(default_factory=LogManagerConfig)
     checkpointing: bool = False
     checkpointer_config: CheckpointerConfig = field(default_factory=CheckpointerConfig)
@@ -267,6 +308,7 @@ class TrainerConfig(_NestedConfig):
     balancer_config: dict = field(default_factory=dict)
     grad_accumulation_steps: int = 1
     precision: str = "fp32"
+    on_nonfinite: str = "raise"
 
     def __post_init__(self) -> None:
         self._convert_nested()
@@ -283,6 +325,8 @@ class TrainerConfig(_NestedConfig):
                       "Unrecognized writer option")
         _check_choice("TrainerConfig", "precision", self.precision, PRECISIONS,
                       "Unrecognized precision")
+        _check_choice("TrainerConfig", "on_nonfinite", self.on_nonfinite, ON_NONFINITE,
+                      "Unrecognized on_nonfinite option")
         if isinstance(self.balancer, str):
             _check_choice("TrainerConfig", "balancer", self.balancer, BALANCER_NAMES,
                           "Unrecognized balancer")
@@ -302,7 +346,16 @@ class TrainerConfig(_NestedConfig):
             )
         if not isinstance(self.n_epochs, int) or self.n_epochs < 0:
             raise ValueError(f"TrainerConfig.n_epochs must be an int >= 0, got {self.n_epochs!r}")
-        _check_non_negative("TrainerConfig", "lr", self.lr)
-        _check_non_negative("TrainerConfig", "l2", self.l2)
+        _check_finite_non_negative("TrainerConfig", "lr", self.lr)
+        _check_finite_non_negative("TrainerConfig", "l2", self.l2)
         if self.grad_clip is not None:
-            _check_non_negative("TrainerConfig", "grad_clip", self.grad_clip)
+            _check_finite_non_negative("TrainerConfig", "grad_clip", self.grad_clip)
+
+
+# Snorkel 0.10's class names for the nested configs (snorkel.utils.optimizers and
+# snorkel.utils.lr_schedulers), so that code constructing them by name ports unchanged.
+SGDOptimizerConfig = SGDConfig
+AdamOptimizerConfig = AdamConfig
+AdamaxOptimizerConfig = AdamaxConfig
+ExponentialLRSchedulerConfig = ExponentialConfig
+StepLRSchedulerConfig = StepConfig

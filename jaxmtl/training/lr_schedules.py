@@ -14,6 +14,9 @@ function of the optimizer's update count ``t`` (0-based), with ``W`` warm-up ste
               lr * gamma ** (s // step_size)       step
               min_lr + (lr - min_lr) * (1 + cos(pi * s / (T - W))) / 2    cosine
 
+Defaults, as Snorkel 0.10's: exponential ``gamma = 0.9``; step ``step_size = 5``,
+``gamma = 0.9``.
+
 The schedule is indexed by the optimizer's update count, i.e. the optimizer state's
 ``count`` before the update, which is what optax passes to a schedule given as the
 learning rate. Snorkel logs ``model/all/train/lr`` after the scheduler stepped, so the

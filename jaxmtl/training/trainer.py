@@ -109,6 +109,8 @@ class Trainer:
         self.seed = config.seed if config.seed is not None else int(
             np.random.SeedSequence().entropy % 2**31
         )
+        for index, dl in enumerate(train_loaders):
+            dl.derive_seed(self.seed, index)  # one seed makes the run reproducible
         self.parallel = choose_parallel(config.parallel, model.dataparallel, model.devices)
         # A later fit of the same model with the same settings reuses the optimizer and
         # the compiled step: nothing is traced or compiled again.
@@ -159,7 +161,7 @@ class Trainer:
                                    train_loaders, compiled)
         self._compiled = {cache_key: (tx, self.lr_schedule, self.warmup_steps, balancer,
                                       runner.compiled)}
-        monitor = DivergenceMonitor(getattr(config, "on_nonfinite", "raise"))
+        monitor = DivergenceMonitor(config.on_nonfinite)
         guard = InterruptGuard().__enter__()  # a Ctrl-C never cuts a donating call in half
 
         try:
