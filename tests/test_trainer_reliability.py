@@ -1,0 +1,73 @@
+"""A run that goes wrong leaves a usable model: interrupts, divergence (issue 12)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+
+import jax
+import numpy as np
+import pytest
+from test_snorkel_parity import disjoint_loaders, tutorial_tasks
+
+import jaxmtl
+
+
+def _interrupt_after(seconds: float) -> None:
+    """Delivers SIGINT (what Ctrl-C and a notebook's stop button send) after ``seconds``."""
+    signal.signal(signal.SIGALRM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+
+
+def test_ctrl_c_never_leaves_deleted_arrays(tmp_path):
+    loaders = disjoint_loaders()
+    model = jaxmtl.MultitaskClassifier(tutorial_tasks())
+    trainer = jaxmtl.Trainer(n_epochs=100_000, lr=0.01, seed=0, progress_bar=False)
+    # Early ones land in set-up (init, compile), later ones among the steps.
+    delays = np.random.default_rng(0).uniform(0.05, 2.0, size=6)
+    steps = []
+    for delay in delays:
+        _interrupt_after(float(delay))
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                trainer.fit(model, loaders)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        held = jax.tree.leaves(model.variables)
+        if trainer.state is not None:
+            held += jax.tree.leaves(trainer.state)
+            steps.append(int(trainer.state.step))
+        for leaf in held:
+            assert not leaf.is_deleted()
+            assert np.all(np.isfinite(np.asarray(leaf)))
+    assert max(steps) > 0  # some interrupts landed among the training steps
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    model.save(tmp_path / "after_interrupts.msgpack")
+    jaxmtl.Trainer(n_epochs=1, lr=0.01, seed=0, progress_bar=False).fit(model, loaders)
+
+
+def _diverging_trainer(tmp_path, on_nonfinite: str) -> jaxmtl.Trainer:
+    return jaxmtl.Trainer(
+        n_epochs=3, lr=1e30, optimizer="sgd", seed=0, progress_bar=False,
+        on_nonfinite=on_nonfinite, checkpointing=True,
+        checkpointer_config={"checkpoint_dir": str(tmp_path / "ckpt"),
+                             "checkpoint_metric": "model/all/valid/accuracy:max"})
+
+
+def test_divergence_stops_the_run_and_is_never_the_best_model(tmp_path):
+    model = jaxmtl.MultitaskClassifier(tutorial_tasks())
+    with pytest.raises(FloatingPointError, match=r"Training diverged: the train loss became "
+                                                 r"NaN or infinite between the start of "
+                                                 r"training and epoch 0, batch 16"):
+        _diverging_trainer(tmp_path, "raise").fit(model, disjoint_loaders())
+    assert not (tmp_path / "ckpt" / "best_model_model_all_valid_accuracy").exists()
+
+
+def test_divergence_warns_and_never_checkpoints_a_nonfinite_model(tmp_path, caplog):
+    model = jaxmtl.MultitaskClassifier(tutorial_tasks())
+    with caplog.at_level(logging.WARNING, logger="jaxmtl"):
+        _diverging_trainer(tmp_path, "warn").fit(model, disjoint_loaders())
+    assert "Training diverged" in caplog.text
+    assert not (tmp_path / "ckpt" / "best_model_model_all_valid_accuracy").exists()
