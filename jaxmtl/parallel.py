@@ -11,8 +11,12 @@ Three modes run the same pure functions:
   devices, the state replicated, and XLA inserts the reductions (the modern equivalent of
   pmap, which is in maintenance mode upstream).
 
-A batch whose size does not divide by the device count is padded with masked rows (label
--1, mask False), so the loss and the metrics are unchanged.
+A batch whose size does not divide by the device count: under pmap it is padded with
+repeats of its own rows (label -1, mask False), as ``DictDataLoader`` pads a partial batch,
+so the loss and the metrics are unchanged and BatchNorm's per-device statistics see real
+rows, never zeros; the sharded mode does not pad it but places it whole on every device
+(computed replicated, so BatchNorm statistics and dropout masks are the single-device
+ones, at the cost of the speed-up).
 
 Several processes (hosts) run pmap over all their devices together: every process iterates
 the same global batches (same seeds) and feeds only its own slice of each to its local
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import inspect
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -39,14 +44,33 @@ PARALLEL_MODES = ("auto", "pmap", "sharded", "single")
 PyTree = Any
 
 
-def pad_rows(tree: Mapping[str, np.ndarray], size: int, fill: Any) -> dict[str, np.ndarray]:
-    """Pads every array's leading axis to ``size`` rows filled with ``fill``."""
+def pad_rows(tree: Mapping[str, np.ndarray], size: int, fill: Any = None
+             ) -> dict[str, np.ndarray]:
+    """Pads every array's leading axis to ``size`` rows.
+
+    Args:
+      tree: name -> [n, ...] arrays, all with the same n >= 1.
+      size: the rows wanted, >= n.
+      fill: the value of the added rows; None repeats the arrays' own rows cyclically
+        (rows 0, 1, ... of the batch), as ``DictDataLoader`` pads its last batch.
+
+    Returns:
+      name -> [size, ...] arrays.
+    """
     out = {}
     for key, value in tree.items():
         value = np.asarray(value)
         missing = size - value.shape[0]
+        if missing < 0:
+            raise ValueError(f"pad_rows: '{key}' has {value.shape[0]} rows, more than the "
+                             f"size {size} to pad to")
         if missing:
-            pad = np.full((missing, *value.shape[1:]), fill, dtype=value.dtype)
+            if fill is None:
+                if value.shape[0] == 0:
+                    raise ValueError(f"pad_rows: '{key}' has no rows to repeat")
+                pad = np.take(value, np.arange(missing) % value.shape[0], axis=0)
+            else:
+                pad = np.full((missing, *value.shape[1:]), fill, dtype=value.dtype)
             value = np.concatenate([value, pad])
         out[key] = value
     return out
@@ -108,16 +132,22 @@ class DataParallel:
 
     def put_batch(self, X_dict: Mapping[str, np.ndarray], Y_dict: Mapping[str, np.ndarray],
                   mask: np.ndarray) -> tuple[dict, dict, jax.Array]:
-        """Pads a batch to a multiple of the device count and sends it to the devices.
+        """Sends a batch to the devices, padded to a multiple of the device count if need be.
 
-        Padded rows get mask False and label -1, so they count nowhere. On one device the
-        numpy arrays go to the jitted call as they are: its C++ dispatch copies them to the
-        device more cheaply than a Python-level ``jax.device_put`` per batch.
+        Padded rows repeat the batch's own rows and get mask False and label -1, so they
+        count in no loss, gradient or metric, and BatchNorm's batch statistics (per device
+        under pmap) see in-distribution rows, as for ``DictDataLoader``'s last batch. The
+        sharded mode does not pad: a batch that does not divide goes whole to every device
+        (``replicate``), so its statistics and dropout masks are those of one device. On
+        one device the numpy arrays go to the jitted call as they are: its C++ dispatch
+        copies them to the device more cheaply than a Python-level ``jax.device_put``.
         """
         if self.mode == "single":
             return dict(X_dict), dict(Y_dict), mask
+        if self.mode == "sharded" and len(mask) % self.n_devices:
+            return self.replicate((dict(X_dict), dict(Y_dict), mask))
         size = self.padded_size(len(mask))
-        X_dict = pad_rows(X_dict, size, 0)
+        X_dict = pad_rows(X_dict, size)
         Y_dict = pad_rows(Y_dict, size, -1)
         mask = pad_rows({"mask": mask}, size, False)["mask"]
         return self.shard((X_dict, Y_dict, mask))
@@ -208,27 +238,148 @@ def choose_parallel(mode: str = "auto", dataparallel: bool = True,
     return DataParallel("pmap" if mode == "auto" else mode, devices)
 
 
+def check_balancer_parallel(balancer: Any, balancer_config: Mapping[str, Any],
+                            mode: str, devices: Iterable[Any] | None = None) -> None:
+    """Refuses a balancer that cannot run in the data-parallel mode ``mode`` would pick.
+
+    MGDA-UB (``balancer="mgda"`` with ``balancer_config={"upper_bound": True}``, or any
+    ``Balancer`` with ``representation_grads``) solves on the gradients with respect to
+    the whole batch's shared representation, which a pmapped step holds only per device;
+    the sharded mode (and one device) runs it. The Trainer calls this at construction, so
+    the error comes before any data is read or step compiled. Devices are looked up only
+    for MGDA-UB. A model with ``dataparallel=False`` would run on one device, but the
+    config alone decides here: such a model needs ``parallel='single'``.
+
+    Args:
+      balancer: ``TrainerConfig.balancer`` (a name or a ``Balancer``).
+      balancer_config: ``TrainerConfig.balancer_config``.
+      mode: ``TrainerConfig.parallel``.
+      devices: as ``choose_parallel`` (default: all devices of all processes).
+
+    Raises:
+      ValueError: for MGDA-UB when ``mode`` resolves to pmap.
+    """
+    if isinstance(balancer, str):
+        upper_bound = balancer == "mgda" and bool((balancer_config or {}).get("upper_bound"))
+        what = "balancer='mgda' with balancer_config upper_bound=True (MGDA-UB)"
+    else:
+        upper_bound = bool(getattr(balancer, "representation_grads", False))
+        what = "a balancer with representation_grads=True (MGDA-UB)"
+    if not upper_bound:
+        return
+    devices = tuple(devices) if devices is not None else tuple(jax.devices())
+    n_processes = len({d.process_index for d in devices})
+    if n_processes > 1:
+        raise ValueError(
+            f"{what} does not run across {n_processes} processes (only parallel='pmap' "
+            f"spans processes, got parallel='{mode}'); run it in one process with "
+            f"parallel='sharded', or use mgda without upper_bound")
+    if choose_parallel(mode, True, devices).mode == "pmap":
+        raise ValueError(
+            f"{what} does not run under pmap, which parallel='{mode}' selects over "
+            f"{len(devices)} devices; use parallel='sharded' (same result as one device) "
+            f"or parallel='single'")
+
+
 def local_parallel(dataparallel: bool = True) -> DataParallel:
     """Data parallelism over this process's devices only (no cross-process collectives)."""
     return choose_parallel("auto", dataparallel, jax.local_devices())
 
 
+DISTRIBUTED_TIMEOUTS = ("initialization_timeout", "heartbeat_timeout_seconds",
+                        "shutdown_timeout_seconds")
+
+
+def distributed_arguments(coordinator_address: str, num_processes: int, process_id: int,
+                          local_device_ids: Sequence[int] | None = None,
+                          accepted: Iterable[str] | None = None,
+                          **timeouts: int | None) -> dict[str, Any]:
+    """The keyword arguments ``initialize_multihost`` gives ``jax.distributed.initialize``.
+
+    Args:
+      coordinator_address, num_processes, process_id, local_device_ids: as
+        ``initialize_multihost``.
+      accepted: the parameter names ``jax.distributed.initialize`` takes; defaults to its
+        signature in the installed JAX.
+      **timeouts: ``DISTRIBUTED_TIMEOUTS`` names -> seconds; None leaves JAX's default.
+
+    Raises:
+      ValueError: for a timeout that is not a positive int, or that the installed JAX
+        does not take.
+    """
+    if accepted is None:
+        parameters = inspect.signature(jax.distributed.initialize).parameters
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+        accepted = DISTRIBUTED_TIMEOUTS if takes_any else parameters
+    accepted = set(accepted)
+    arguments: dict[str, Any] = {"num_processes": num_processes, "process_id": process_id,
+                                 "local_device_ids": local_device_ids}
+    for name, seconds in timeouts.items():
+        if name not in DISTRIBUTED_TIMEOUTS:
+            raise ValueError(f"initialize_multihost: unknown timeout '{name}'; expected one "
+                             f"of {list(DISTRIBUTED_TIMEOUTS)}")
+        if seconds is None:
+            continue
+        if isinstance(seconds, bool) or not isinstance(seconds, int) or seconds <= 0:
+            raise ValueError(f"initialize_multihost: {name}={seconds!r}; expected a "
+                             f"positive int (seconds)")
+        if name not in accepted:
+            raise ValueError(f"initialize_multihost: {name}={seconds} is not supported by "
+                             f"jax.distributed.initialize in JAX {jax.__version__}; it takes "
+                             f"{sorted(accepted)}")
+        arguments[name] = seconds
+    return {"coordinator_address": coordinator_address, **arguments}
+
+
 def initialize_multihost(coordinator_address: str, num_processes: int, process_id: int,
-                         local_device_ids: Sequence[int] | None = None) -> None:
+                         local_device_ids: Sequence[int] | None = None, *,
+                         initialization_timeout: int | None = None,
+                         heartbeat_timeout_seconds: int | None = None,
+                         shutdown_timeout_seconds: int | None = None) -> None:
     """Joins a multi-process JAX run (``jax.distributed.initialize``).
 
     Call it in every process before any other JAX call. On CPU it selects the gloo
     collectives, which cross-process ``psum`` needs.
+
+    What a peer's death does (measured on CPU, gloo collectives, JAX 0.10.2; other
+    backends may differ): if process 0, which hosts JAX's coordination service, dies, the
+    others are terminated at once. If another process dies, a survivor inside a
+    cross-process collective (a train step) gets a Python exception at once ("Gloo
+    all-reduce failed ... Connection reset by peer"), so ``fit`` flushes its logs and
+    finishes pending checkpoint writes; a survivor elsewhere (evaluating, compiling, in a
+    barrier) notices nothing until ``heartbeat_timeout_seconds`` (JAX's default: 100 s)
+    have passed without the peer's heartbeat. Then the coordination service terminates
+    every survivor with a fatal error from its C++ runtime (exit status 134, SIGABRT): no
+    Python exception, no ``finally`` or ``atexit`` code, and a process that had caught the
+    exception is ended too (at that moment or when it exits). Checkpoints already
+    finished are intact (Orbax writes atomically): restart all the processes and resume
+    from the latest. A shorter heartbeat timeout ends the wait sooner, but also ends
+    healthy runs whose heartbeats (sent by a background thread) are delayed that long,
+    e.g. by an overloaded host or a network hiccup.
 
     Args:
       coordinator_address: "host:port" of process 0, e.g. "127.0.0.1:12355".
       num_processes: number of processes.
       process_id: this process's index, 0 .. num_processes - 1.
       local_device_ids: optional devices this process uses.
+      initialization_timeout: seconds to wait for all processes to join (JAX's default
+        if None).
+      heartbeat_timeout_seconds: seconds without a heartbeat after which a process counts
+        as dead and the run is ended (JAX's default if None).
+      shutdown_timeout_seconds: seconds ``jax.distributed.shutdown`` waits for the others
+        at exit (JAX's default if None).
+
+    Raises:
+      ValueError: for a timeout that is not a positive int, or one that the installed
+        JAX's ``jax.distributed.initialize`` does not take.
     """
+    arguments = distributed_arguments(
+        coordinator_address, num_processes, process_id, local_device_ids,
+        initialization_timeout=initialization_timeout,
+        heartbeat_timeout_seconds=heartbeat_timeout_seconds,
+        shutdown_timeout_seconds=shutdown_timeout_seconds)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address, num_processes=num_processes,
-                               process_id=process_id, local_device_ids=local_device_ids)
+    jax.distributed.initialize(**arguments)
 
 
 def prefetch(iterator: Iterable[Any], put: Callable[[Any], Any], size: int = 1

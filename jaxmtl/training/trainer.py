@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from ..classifier import MultitaskClassifier
 from ..data import DictDataLoader
-from ..parallel import choose_parallel
+from ..parallel import check_balancer_parallel, choose_parallel
 from .balancers import Balancer, balancer_for_tasks
 from .batch_schedulers import make_batch_scheduler
 from .checkpoint import DEFAULT_CHECKPOINT_DIR, Checkpointer
@@ -78,6 +78,8 @@ class Trainer:
     def __init__(self, name: str | None = None, config: TrainerConfig | dict | None = None,
                  **kwargs: Any) -> None:
         self.config: TrainerConfig = merge_config(from_dict(TrainerConfig, config), kwargs)
+        check_balancer_parallel(self.config.balancer, self.config.balancer_config,
+                                self.config.parallel)
         self.name = name if name is not None else type(self).__name__
         self.warmup_steps = 0
         self.seed: int | None = self.config.seed
