@@ -43,8 +43,14 @@ task's input key; the op ``base_mlp`` reads ``circle_data`` in one task and
 ``loss_func`` that returns a scalar mean; ``MultitaskClassifier(tasks)`` seeded by the
 Trainer.
 
-Thresholds: Snorkel 0.10 + torch on the same data and settings (benchmarks/
-tutorial_snorkel.py, see THRESHOLDS below) over 20 seeds.
+Thresholds: Snorkel 0.10 + torch on the same data and settings (``.venv-bench/bin/python
+-m benchmarks.tutorial_snorkel --seeds $(seq 0 19)``, data seed = torch seed), 20 seeds: the
+lowest accuracy over tasks and splits is 0.86-0.95 after the first fit and 0.89-0.96 after
+the second on 18 seeds; on 2 seeds the square task gets stuck near its majority rate
+(0.70-0.79; the 2 -> 8 -> 4 ReLU body is small). Mean over seeds after the second fit: circle
+0.94, square 0.93-0.94, inv_circle 0.95 (valid and test). Flax initialises differently
+(LeCun-normal weights, zero biases), so a jaxmtl run is compared with that distribution,
+not with one Snorkel seed.
 """
 
 import sys
@@ -56,10 +62,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
-# Thresholds: below every Snorkel seed's score but the stuck ones (a unit-width ReLU body
-# can die and leave a task at its majority rate; see the test's docstring).
 N = 1000  # Data points per dataset
 N_EPOCHS = 10
+# Below Snorkel's lowest accuracy on each of its 18 of 20 seeds that do not get stuck
+# (module docstring); majority rates are 0.79 (circle), 0.74 (square), 0.81 (inv_circle).
 STAGE1_MIN = 0.85  # circle and square, every split, after the first fit
 STAGE2_MIN = 0.85  # all three tasks, every split, after add_task + fit
 
