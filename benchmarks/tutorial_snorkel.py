@@ -9,7 +9,7 @@ seed, so each run seeds ``random``, ``numpy`` and ``torch`` itself, as the tutor
 Run (from the repository root, in the bench venv):
 
     .venv-bench/bin/python -m benchmarks.tutorial_snorkel --seeds 0 1 2 3 4
-    .venv-bench/bin/python -m benchmarks.tutorial_snorkel --seeds 0 1 2 3 4 --with-jaxmtl
+    .venv-bench/bin/python -m benchmarks.tutorial_snorkel --seeds 0 1 2 3 4 --impls snorkel jaxmtl
 
 Prints per-seed train/valid/test accuracies per task and stage, then mean +- std over seeds.
 """
@@ -97,6 +97,9 @@ def run_jaxmtl(seed: int, n_epochs: int = 10, lr: float = 0.02, n: int = 1000,
                            verbose=False)}
 
 
+RUNNERS = {"snorkel": run_snorkel, "jaxmtl": run_jaxmtl}
+
+
 def accuracy_rows(scores: Mapping[str, Mapping[str, float]]) -> dict[tuple[str, str, str], float]:
     """(stage, task, split) -> accuracy for every split."""
     rows = {}
@@ -126,19 +129,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=0.02)
     parser.add_argument("--n", type=int, default=1000, help="points per task")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--with-jaxmtl", action="store_true",
-                        help="also run examples/per_task_inputs.main with the same settings")
+    parser.add_argument("--impls", nargs="+", choices=list(RUNNERS), default=["snorkel"],
+                        help="jaxmtl runs examples/per_task_inputs.main with the same settings")
     args = parser.parse_args(argv)
 
-    import torch
+    if "snorkel" in args.impls:
+        import torch
 
-    torch.set_num_threads(1)
+        torch.set_num_threads(1)
     settings = dict(n_epochs=args.n_epochs, lr=args.lr, n=args.n, batch_size=args.batch_size)
     print(f"settings: {settings}, seeds {args.seeds}")
-    runners = {"snorkel": run_snorkel}
-    if args.with_jaxmtl:
-        runners["jaxmtl"] = run_jaxmtl
-    for name, run in runners.items():
+    for name in args.impls:
+        run = RUNNERS[name]
         per_seed = []
         for seed in args.seeds:
             rows = accuracy_rows(run(seed, **settings))
