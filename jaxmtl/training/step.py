@@ -1,9 +1,12 @@
 """The pure train step: a ``TrainState`` pytree in, a ``TrainState`` and metrics out.
 
-    state = TrainState.create(variables, tx, jax.random.PRNGKey(0))
+    state = TrainState.create(variables, optax.adam(1e-2), jax.random.PRNGKey(0))
     step = jax.jit(functools.partial(train_step, graph), donate_argnums=0)
-    for X, Y in loader:
+    for batch in loader:                  # a DictDataLoader: fixed shapes, one compile
+        X, Y = batch
         state, metrics = step(state, X, Y, batch.mask)
+
+(README's "Your own loop" runs this in full.)
 
 ``train_step_on`` takes several batches at once (one per task loader, as the "mixed"
 batch scheduler gives them) and a ``Balancer`` that combines the tasks' gradients.
@@ -243,8 +246,9 @@ def _upper_bound_step(graph: ModelGraph, state: TrainState, batches: Sequence[Ba
     ``sum_t weights_t L_t`` through the whole model.
     """
     if axis_name is not None:
-        raise ValueError("MGDA-UB (representation gradients) runs on one device; use "
-                         "parallel='single' or mgda without upper_bound")
+        raise ValueError("MGDA-UB (balancer_config upper_bound=True) does not run under "
+                         "pmap; use parallel='sharded' (same result as one device) or "
+                         "parallel='single'")
     tasks = list(dict.fromkeys(t for _, Y, _ in batches for t in Y if t in graph.op_sequences))
     representation = shared_representation(graph, tasks)
     params = state.params if compute_dtype is None else _cast_floats(state.params,
