@@ -23,7 +23,12 @@ from ..data import DictDataLoader
 from ..parallel import choose_parallel
 from .balancers import Balancer, balancer_for_tasks
 from .batch_schedulers import make_batch_scheduler
-from .checkpoint import DEFAULT_CHECKPOINT_DIR, Checkpointer
+from .checkpoint import (
+    DEFAULT_CHECKPOINT_DIR,
+    Checkpointer,
+    agree_run_name,
+    resolve_checkpoint_dir,
+)
 from .config import TrainerConfig, from_dict, merge_config
 from .log_manager import LogManager
 from .lr_schedules import make_lr_schedule
@@ -191,11 +196,9 @@ class Trainer:
                                         points / (time.perf_counter() - started))
                     progress.close()
         except BaseException:
-            # Flush what was logged and finish pending checkpoint writes before failing.
-            if log_writer is not None:
-                log_writer.cleanup()
-            if checkpointer is not None:
-                checkpointer.close()
+            # Flush what was logged and finish pending checkpoint writes before failing;
+            # the original error propagates even if closing fails.
+            log_manager.close_after_failure()
             raise
         finally:
             self.state = runner.host_state()
@@ -209,14 +212,19 @@ class Trainer:
 
     # --- checkpoints and resume ---------------------------------------------------------
     def _make_checkpointer(self, log_writer: Any) -> Checkpointer:
-        checkpoint_dir = self.config.checkpointer_config.checkpoint_dir
-        if checkpoint_dir is None:  # Snorkel's default: beside the logs, if any
-            checkpoint_dir = log_writer.log_dir if log_writer is not None \
-                else DEFAULT_CHECKPOINT_DIR
-        manager_config = self.config.log_manager_config
+        config = self.config
+        run_name = None
+        if config.checkpointer_config.checkpoint_dir is None and config.logging \
+                and config.log_writer_config.run_name is None:
+            # Snorkel's default: beside the logs, in the run named by process 0's writer.
+            run_name = agree_run_name(log_writer.run_name if log_writer is not None else None)
+        checkpoint_dir = resolve_checkpoint_dir(config.checkpointer_config.checkpoint_dir,
+                                                config.logging, config.log_writer_config,
+                                                run_name)
+        manager_config = config.log_manager_config
         return Checkpointer(manager_config.counter_unit, manager_config.evaluation_freq,
-                            config=self.config.checkpointer_config,
-                            checkpoint_dir=checkpoint_dir)
+                            config=config.checkpointer_config, checkpoint_dir=checkpoint_dir,
+                            log_writer=log_writer)
 
     def _checkpoint(self, checkpointer: Checkpointer, model: MultitaskClassifier,
                     state: TrainState, accumulator: dict[str, jax.Array],
@@ -248,15 +256,22 @@ class Trainer:
         if resume_from == "latest":
             root = checkpointer.checkpoint_dir if checkpointer is not None else (
                 self.config.checkpointer_config.checkpoint_dir or DEFAULT_CHECKPOINT_DIR)
-        state, accumulator, meta = restore_training(root, model.task_names, len(train_loaders),
-                                                    state, accumulator)
-        trainer_meta = meta["trainer"]
+        try:
+            state, accumulator, meta = restore_training(
+                root, model.task_names, len(train_loaders), state, accumulator,
+                n_epochs=self.config.n_epochs, n_batches_per_epoch=log_manager.n_batches_per_epoch)
+            trainer_meta = meta["trainer"]
+            log_manager.load_state_dict(trainer_meta["log_manager"])
+            if log_manager.log_writer is not None:  # continue the resumed run's log
+                log_manager.log_writer.continue_log(meta.get("log_dir"), log_manager.point_total)
+            if checkpointer is not None:  # its best models, carried here if root is elsewhere
+                checkpointer.resume(meta, root)
+        except BaseException:
+            log_manager.close_after_failure()  # release the directories before failing
+            raise
         self.seed = int(trainer_meta["seed"])
         for dl, seed in zip(train_loaders, trainer_meta["loader_seeds"], strict=True):
             dl.seed = int(seed)  # a loader built with seed=None drew another one
-        log_manager.load_state_dict(trainer_meta["log_manager"])
-        if checkpointer is not None:
-            checkpointer.load_state_dict(meta)
         self.metrics = dict(trainer_meta.get("metrics", {}))
         model.variables = state.variables
         position = int(trainer_meta["epoch"]), int(trainer_meta["batch_in_epoch"])
