@@ -209,9 +209,9 @@ def test_refused_save_is_an_error(model, tmp_path, monkeypatch):
     checkpointer.close()
 
 
-def write_lock(directory, pid, host=None):
+def write_lock(directory, pid, host=None, **extra):
     path = directory / ".jaxmtl-checkpoint.lock"
-    path.write_text(json.dumps({"pid": pid, "host": host or socket.gethostname()}))
+    path.write_text(json.dumps({"pid": pid, "host": host or socket.gethostname(), **extra}))
     return path
 
 
@@ -223,6 +223,9 @@ def test_checkpoint_dir_held_by_a_live_process_fails_fast(tmp_path):
                            match=rf"checkpoint_dir {tmp_path} is in use by another run "
                                  rf"\(pid {sleeper.pid} on host {socket.gethostname()}"):
             Checkpointer(checkpoint_dir=str(tmp_path))
+        # The same pid with another start time: the owner died and the pid was reused.
+        write_lock(tmp_path, sleeper.pid, start=1)
+        Checkpointer(checkpoint_dir=str(tmp_path)).close()
     finally:
         sleeper.kill()
         sleeper.wait()

@@ -3,6 +3,9 @@ their log and best models (also from another directory), failures keep the first
 
 import json
 import os
+import socket
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -189,3 +192,25 @@ def test_resume_checks_the_number_of_loaders(tmp_path, uninterrupted):
     run = trainer(tmp_path / "ck", tmp_path / "logs", "run")
     with pytest.raises(ValueError, match="checkpoint was trained on 1 train loaders, got 2"):
         run.fit(new_model(), [*loaders(), extra], resume_from=str(uninterrupted["ck"]))
+
+
+@pytest.mark.slow
+def test_two_processes_agree_on_the_default_checkpoint_dir(tmp_path):
+    script = os.path.join(os.path.dirname(__file__), "default_dir_run.py")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    processes = [subprocess.Popen([sys.executable, script, str(tmp_path / "logs"), str(pid),
+                                   "2", str(port)], cwd=os.path.dirname(script),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for pid in range(2)]
+    results = []
+    for process in processes:
+        stdout, stderr = process.communicate(timeout=600)
+        assert process.returncode == 0, stderr[-3000:]
+        results.append(stdout.split("RESULT ")[1].split())
+    (date,) = os.listdir(tmp_path / "logs")
+    (time,) = os.listdir(tmp_path / "logs" / date)
+    expected = os.path.join(str(tmp_path / "logs"), date, time, "")
+    assert [directory for directory, _ in results] == [expected, expected]
+    assert results[0][1] == results[1][1]  # both loaded the same best model

@@ -23,6 +23,16 @@ class DirectoryLockedError(RuntimeError):
     """Another live run holds the directory."""
 
 
+def _start_time(pid: int) -> int | None:
+    """The process's start time (clock ticks since boot, Linux); None where unknown."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            # Field 22; the command name (field 2) may hold spaces, so split after its ")".
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -68,7 +78,7 @@ class DirectoryLock:
         """Takes the lock (taking over a stale one); returns ``self``."""
         os.makedirs(self.directory, exist_ok=True)
         owner_record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                   "token": self.token})
+                                   "start": _start_time(os.getpid()), "token": self.token})
         for _ in range(3):  # a stale lock removed between our reads may race once or twice
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -88,9 +98,16 @@ class DirectoryLock:
     def _take_over_if_stale(self, owner: dict) -> None:
         pid, host = owner.get("pid"), owner.get("host")
         here = socket.gethostname()
-        if isinstance(pid, int) and host == here and (pid == os.getpid()
-                                                      or not _pid_alive(pid)):
-            reason = "left by this process" if pid == os.getpid() else "its process has exited"
+        if isinstance(pid, int) and host == here and pid == os.getpid():
+            reason = "left by this process"
+        elif isinstance(pid, int) and host == here and not _pid_alive(pid):
+            reason = "its process has exited"
+        elif isinstance(pid, int) and host == here and owner.get("start") is not None \
+                and _start_time(pid) not in (None, owner["start"]):
+            reason = "its pid now belongs to another process"
+        else:
+            reason = None
+        if reason is not None:
             logger.warning("Taking over the stale lock %s of pid %s (%s)", self.path, pid,
                            reason)
             try:
