@@ -14,6 +14,7 @@ from conftest import linear_data, make_task
 
 import jaxmtl
 from jaxmtl.training.checkpoint import Checkpointer
+from jaxmtl.training.locks import DirectoryLockedError
 from jaxmtl.training.writers import LogWriter
 
 # 300 rows in batches of 16: 19 batches per epoch, 38 in all; an evaluation and a
@@ -214,3 +215,19 @@ def test_two_processes_agree_on_the_default_checkpoint_dir(tmp_path):
     expected = os.path.join(str(tmp_path / "logs"), date, time, "")
     assert [directory for directory, _ in results] == [expected, expected]
     assert results[0][1] == results[1][1]  # both loaded the same best model
+
+
+@pytest.mark.parametrize("held", ["ck/.jaxmtl-checkpoint.lock", "logs/run/.jaxmtl-log.lock"])
+def test_fit_in_a_directory_held_by_a_live_run_fails_fast(tmp_path, held):
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        lock = tmp_path / held
+        lock.parent.mkdir(parents=True)
+        lock.write_text(json.dumps({"pid": sleeper.pid, "host": socket.gethostname()}))
+        with pytest.raises(DirectoryLockedError,
+                           match=rf"{lock.parent} is in use by another run \(pid {sleeper.pid}"):
+            fit(tmp_path / "ck", tmp_path / "logs", "run")
+        assert json.loads(lock.read_text())["pid"] == sleeper.pid  # left alone
+    finally:
+        sleeper.kill()
+        sleeper.wait()
