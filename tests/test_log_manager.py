@@ -182,3 +182,15 @@ def test_close_after_failure_closes_both_and_never_raises(caplog) -> None:
     assert calls == ["writer", "checkpointer"]
     assert [r.exc_info[1].args[0] for r in caplog.records] == ["disk full", "orbax failed"]
     LogManager(10).close_after_failure()  # nothing to close
+
+
+def test_close_after_failed_resume_releases_without_writing() -> None:
+    class Writer(FakeWriter):
+        released = 0
+
+        def release(self) -> None:
+            self.released += 1
+
+    writer = Writer()
+    LogManager(10, log_writer=writer).close_after_failure(write_log=False)
+    assert (writer.cleaned, writer.released) == (0, 1)

@@ -102,7 +102,7 @@ def uninterrupted(tmp_path_factory):
     # 7 evaluations; the best (max train loss) is the first, the final state is not it.
     assert len(log["model/all/train/loss"]) == 7
     return {"best": jax.device_get(model.params), "final": jax.device_get(run.state.params),
-            "log": log, "ck": path / "ck"}
+            "log": log, "ck": path / "ck", "logs": path / "logs"}
 
 
 def test_second_run_in_a_used_dir_replaces_the_first(tmp_path, uninterrupted, caplog):
@@ -179,11 +179,14 @@ def test_failed_fit_raises_its_own_error_and_closes_everything(tmp_path, monkeyp
     ({"n_epochs": 0}, r"checkpoint at epoch 1, batch 16, past this run's n_epochs=0"),
 ])
 def test_resume_checks_the_saved_position(tmp_path, uninterrupted, kwargs, message):
-    run = trainer(tmp_path / "ck", tmp_path / "logs", "run", **kwargs)
+    # Logging into the resumed run's own log directory.
+    run = trainer(tmp_path / "ck", uninterrupted["logs"], "full", **kwargs)
     with pytest.raises(ValueError, match=message):
         run.fit(new_model(), loaders(), resume_from=str(uninterrupted["ck"]))
-    # The failed resume released its directories.
+    # The failed resume released its directories and left the resumed run's log alone.
     assert not [n for n in os.listdir(tmp_path / "ck") if n.endswith(".lock")]
+    assert not [n for n in os.listdir(uninterrupted["logs"] / "full") if n.endswith(".lock")]
+    assert read_log(uninterrupted["logs"], "full") == uninterrupted["log"]
 
 
 def test_resume_checks_the_number_of_loaders(tmp_path, uninterrupted):

@@ -267,7 +267,8 @@ class Trainer:
             if checkpointer is not None:  # its best models, carried here if root is elsewhere
                 checkpointer.resume(meta, root)
         except BaseException:
-            log_manager.close_after_failure()  # release the directories before failing
+            # Release the directories; the resumed run's log stays as it was.
+            log_manager.close_after_failure(write_log=False)
             raise
         self.seed = int(trainer_meta["seed"])
         for dl, seed in zip(train_loaders, trainer_meta["loader_seeds"], strict=True):

@@ -236,6 +236,11 @@ class LogWriter:
             raise ValueError(f"{path}: not a jaxmtl JSON log ({error})") from error
         logger.info("Continuing the log %s up to step %s", path, up_to_step)
 
+    def release(self) -> None:
+        """Releases the run directory without writing anything (a run that failed before
+        it started must not replace the log already there)."""
+        self._lock.release()
+
     def cleanup(self) -> None:
         """Writes ``log.json`` and releases the run directory; call once training ends
         (the context manager does)."""
@@ -335,6 +340,13 @@ class TensorBoardWriter(LogWriter):
                 if name.startswith("events.out.tfevents."):
                     shutil.copy2(os.path.join(previous_log_dir, name), self.log_dir)
         self.writer = self._open_event_file(purge_step=int(up_to_step) + 1)
+
+    def release(self) -> None:
+        """Closes the event file and releases the run directory."""
+        try:
+            self.writer.close()
+        finally:
+            self._lock.release()
 
     def cleanup(self) -> None:
         """Flushes and closes the event file and releases the run directory (safe to
