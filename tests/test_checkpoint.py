@@ -2,14 +2,27 @@
 
 import json
 import os
+import socket
+import subprocess
+from types import SimpleNamespace
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import make_task
 
 from jaxmtl import MultitaskClassifier, Trainer
-from jaxmtl.training.checkpoint import Checkpointer, restore_checkpoint
+from jaxmtl.training.checkpoint import (
+    Checkpointer,
+    agree_run_name,
+    resolve_checkpoint_dir,
+    restore_checkpoint,
+)
+from jaxmtl.training.config import TrainerConfig
+from jaxmtl.training.locks import DirectoryLockedError
+from jaxmtl.training.resume import save_optimizer_state
+from jaxmtl.training.state import make_optimizer
 
 METRIC = "task/dataset/valid/f1"
 
@@ -46,8 +59,8 @@ def test_best_model_by_metric_with_runway(model, tmp_path, mode, values, best):
     checkpointer.load_best_model(with_kernel(model, -1.0))
     assert kernel(model) == pytest.approx(best)
     checkpointer.clear()
+    checkpointer.close()  # releases the lock file too
     assert sorted(os.listdir(tmp_path)) == [f"best_model_{METRIC.replace('/', '_')}"]
-    checkpointer.close()
 
 
 def test_task_metrics_each_keep_their_best(model, tmp_path):
@@ -166,3 +179,103 @@ def test_trainer_save_load_continues_optimizer(two_task_loaders, tmp_path):
     assert fresh.config.lr == 0.01 and getattr(fresh, "_loaded_optimizer", None) is None
     with pytest.raises(ValueError, match="nothing to save"):
         Trainer().save(str(tmp_path / "x"))
+
+
+# --- one run per directory: replacement, locks, refused saves --------------------------------
+
+def test_fresh_checkpointer_replaces_an_earlier_run(model, tmp_path, caplog):
+    first = Checkpointer(checkpoint_dir=str(tmp_path), checkpoint_metric=f"{METRIC}:max")
+    for step in range(3):  # steps 0, 1, 2; best (0.9) at step 2
+        first.checkpoint(step + 1, with_kernel(model, 5.0 + step), {METRIC: 0.7 + 0.1 * step})
+    first.close()
+    second = Checkpointer(checkpoint_dir=str(tmp_path), checkpoint_metric=f"{METRIC}:max")
+    with caplog.at_level("INFO", logger="jaxmtl.training.checkpoint"):
+        second.checkpoint(1, with_kernel(model, 1.0), {METRIC: 0.1})  # worse than run 1's
+    assert "holds an earlier run's" in caplog.text
+    second.wait_until_finished()
+    assert os.listdir(tmp_path / "checkpoints") == ["0"]
+    assert kernel(second.load_best_model(with_kernel(model, -1.0))) == 1.0  # not run 1's 7.0
+    second.close()
+
+
+def test_refused_save_is_an_error(model, tmp_path, monkeypatch):
+    import orbax.checkpoint as ocp
+
+    checkpointer = Checkpointer(checkpoint_dir=str(tmp_path), checkpoint_metric=f"{METRIC}:max")
+    monkeypatch.setattr(ocp.CheckpointManager, "save", lambda self, step, args=None: False)
+    with pytest.raises(ValueError, match=r"checkpoints: Orbax declined to save checkpoint 0"):
+        checkpointer.checkpoint(1, model, {METRIC: 1.0})
+    monkeypatch.undo()
+    checkpointer.close()
+
+
+def write_lock(directory, pid, host=None, **extra):
+    path = directory / ".jaxmtl-checkpoint.lock"
+    path.write_text(json.dumps({"pid": pid, "host": host or socket.gethostname(), **extra}))
+    return path
+
+
+def test_checkpoint_dir_held_by_a_live_process_fails_fast(tmp_path):
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        write_lock(tmp_path, sleeper.pid)
+        with pytest.raises(DirectoryLockedError,
+                           match=rf"checkpoint_dir {tmp_path} is in use by another run "
+                                 rf"\(pid {sleeper.pid} on host {socket.gethostname()}"):
+            Checkpointer(checkpoint_dir=str(tmp_path))
+        # The same pid with another start time: the owner died and the pid was reused.
+        write_lock(tmp_path, sleeper.pid, start=1)
+        Checkpointer(checkpoint_dir=str(tmp_path)).close()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    # A lock on another host cannot be checked: it holds.
+    write_lock(tmp_path, 1, host="some-other-host")
+    with pytest.raises(DirectoryLockedError, match="pid 1 on host some-other-host"):
+        Checkpointer(checkpoint_dir=str(tmp_path))
+
+
+def test_stale_lock_is_taken_over_and_released_on_close(tmp_path, caplog):
+    finished = subprocess.Popen(["true"])
+    finished.wait()  # its pid is dead now
+    lock = write_lock(tmp_path, finished.pid)
+    with caplog.at_level("WARNING", logger="jaxmtl.training.locks"):
+        checkpointer = Checkpointer(checkpoint_dir=str(tmp_path))
+    assert f"Taking over the stale lock {lock} of pid {finished.pid}" in caplog.text
+    assert json.loads(lock.read_text())["pid"] == os.getpid()
+    checkpointer.close()
+    assert not lock.exists()
+
+
+def test_checkpoint_dir_is_the_same_on_every_process(tmp_path):
+    config = {"log_dir": str(tmp_path), "run_name": None}
+    # Process 1 has no log writer: the directory comes from the config and the agreed name.
+    assert resolve_checkpoint_dir(None, True, config, "2026_01_01/10_00_00/") == \
+        os.path.join(str(tmp_path), "2026_01_01/10_00_00/")
+    assert resolve_checkpoint_dir(None, True, {"log_dir": "logs", "run_name": "r"}, "ignored") \
+        == os.path.join("logs", "r")
+    assert resolve_checkpoint_dir(None, False, config, None) == "checkpoints"
+    assert resolve_checkpoint_dir("mine", True, config, "x") == "mine"
+    with pytest.raises(ValueError, match=r"run_name must be a plain directory name.*'\.\./up'"):
+        resolve_checkpoint_dir(None, True, {"run_name": "../up"}, None)
+    assert agree_run_name("2026_01_01/10_00_00/") == "2026_01_01/10_00_00/"  # one process
+
+
+def test_trainer_load_of_a_corrupt_optimizer_state_raises(model, tmp_path):
+    config = TrainerConfig()
+    tx = make_optimizer(config, lambda count: config.lr)
+    state = SimpleNamespace(opt_state=tx.init(model.params), step=jnp.asarray(5, jnp.int32))
+    save_optimizer_state(str(tmp_path / "trainer"), state, config)
+    loaded = Trainer()
+    loaded.load(str(tmp_path / "trainer"), model)
+    assert int(loaded._loaded_optimizer["step"]) == 5
+    for folder, _, files in os.walk(tmp_path / "trainer"):
+        if "train" in os.path.relpath(folder, tmp_path / "trainer").split(os.sep):
+            for name in files:
+                path = os.path.join(folder, name)
+                with open(path, "r+b") as f:
+                    f.truncate(os.path.getsize(path) // 3)
+    with pytest.raises(ValueError, match=r"trainer: cannot read checkpoint 1 \(corrupt"):
+        Trainer().load(str(tmp_path / "trainer"), model)
+    with pytest.raises(ValueError, match="not a jaxmtl trainer checkpoint"):
+        Trainer().load(str(tmp_path / "missing"), model)

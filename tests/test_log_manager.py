@@ -161,3 +161,36 @@ def test_load_state_dict_rejects_mismatch() -> None:
     del state["batch_total"]
     with pytest.raises(ValueError, match="missing"):
         LogManager(4, counter_unit="batches").load_state_dict(state)
+
+
+def test_close_after_failure_closes_both_and_never_raises(caplog) -> None:
+    calls = []
+
+    class BrokenWriter:
+        def cleanup(self) -> None:
+            calls.append("writer")
+            raise OSError("disk full")
+
+    class BrokenCheckpointer(FakeCheckpointer):
+        def close(self) -> None:
+            calls.append("checkpointer")
+            raise RuntimeError("orbax failed")
+
+    manager = LogManager(10, log_writer=BrokenWriter(), checkpointer=BrokenCheckpointer())
+    with caplog.at_level("ERROR", logger="jaxmtl.training.log_manager"):
+        manager.close_after_failure()
+    assert calls == ["writer", "checkpointer"]
+    assert [r.exc_info[1].args[0] for r in caplog.records] == ["disk full", "orbax failed"]
+    LogManager(10).close_after_failure()  # nothing to close
+
+
+def test_close_after_failed_resume_releases_without_writing() -> None:
+    class Writer(FakeWriter):
+        released = 0
+
+        def release(self) -> None:
+            self.released += 1
+
+    writer = Writer()
+    LogManager(10, log_writer=writer).close_after_failure(write_log=False)
+    assert (writer.cleaned, writer.released) == (0, 1)

@@ -3,7 +3,10 @@
 import glob
 import json
 import os
+import re
+import socket
 import struct
+import subprocess
 from dataclasses import dataclass
 
 import jax.numpy as jnp
@@ -14,6 +17,7 @@ from tensorboardX.crc32c import crc32c
 from tensorboardX.proto import event_pb2
 
 from jaxmtl.training.config import LogWriterConfig, TrainerConfig
+from jaxmtl.training.locks import DirectoryLockedError
 from jaxmtl.training.writers import LogWriter, TensorBoardWriter, make_log_writer
 
 
@@ -229,3 +233,74 @@ def test_atomic_write_bytes_text_and_mode(tmp_path) -> None:
     assert os.stat(path).st_mode & 0o777 == 0o640
     atomic_write(tmp_path / "new.txt", "x")
     assert os.stat(tmp_path / "new.txt").st_mode & 0o777 == 0o644
+
+@pytest.mark.parametrize("run_name", ["../escape", "/abs/run", "a/b", "..", ".", ""])
+@pytest.mark.parametrize("writer_class", [LogWriter, TensorBoardWriter])
+def test_run_name_must_be_one_directory_name(tmp_path, run_name, writer_class) -> None:
+    message = rf"run_name must be a plain directory name .* got '{re.escape(run_name)}'"
+    with pytest.raises(ValueError, match=message):
+        writer_class(log_dir=str(tmp_path / "logs"), run_name=run_name)
+    with pytest.raises(ValueError, match=message):
+        make_log_writer("json", {"log_dir": str(tmp_path / "logs"), "run_name": run_name})
+    assert not os.path.exists(tmp_path / "abs") and not os.path.exists(tmp_path / "escape")
+
+
+def test_continue_log_keeps_points_up_to_the_checkpoint(tmp_path) -> None:
+    first = LogWriter(log_dir=str(tmp_path), run_name="first")
+    for step in (10, 20, 30):
+        first.add_scalar("loss", step / 100, step)
+    first.add_scalar("late_only", 1.0, 30)
+    first.cleanup()
+    for run_name in ("first", "second"):  # the same run directory, or another one
+        writer = LogWriter(log_dir=str(tmp_path), run_name=run_name)
+        writer.continue_log(str(tmp_path / "first"), up_to_step=20)
+        assert dict(writer.run_log) == {"loss": [[10, 0.1], [20, 0.2]]}
+        writer.add_scalar("loss", 0.35, 30)
+        writer.cleanup()
+        assert _read_json(tmp_path / run_name / "log.json") == {
+            "loss": [[10, 0.1], [20, 0.2], [30, 0.35]]}
+    fresh = LogWriter(log_dir=str(tmp_path), run_name="third")
+    fresh.add_scalar("x", 1.0, 1)
+    fresh.continue_log(None, 5)  # the resumed run had no log
+    assert dict(fresh.run_log) == {}
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "log.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"bad/log.json: not a jaxmtl JSON log"):
+        fresh.continue_log(str(tmp_path / "bad"), 5)
+    fresh.cleanup()
+
+
+def test_tensorboard_continue_log_purges_points_after_the_checkpoint(tmp_path) -> None:
+    with TensorBoardWriter(log_dir=str(tmp_path), run_name="first") as first:
+        for step in (10, 20, 30):
+            first.add_scalar("loss", step / 100, step)
+    with TensorBoardWriter(log_dir=str(tmp_path), run_name="second") as second:
+        second.continue_log(str(tmp_path / "first"), up_to_step=20)
+        second.add_scalar("loss", 0.35, 30)
+    files = sorted(glob.glob(str(tmp_path / "second" / "events.out.tfevents.*")))
+    assert len(files) == 2  # the copy of the first run's and the new one
+    events = [event for path in files for event in read_events(path)]
+    scalars = [(e.step, round(v.simple_value, 6)) for e in events for v in e.summary.value]
+    assert sorted(scalars) == [(10, 0.1), (20, 0.2), (30, 0.3), (30, 0.35)]
+    # TensorBoard hides the old points at steps >= 21 when it reads the START at step 21.
+    starts = [e.step for e in events if e.HasField("session_log")
+              and e.session_log.status == event_pb2.SessionLog.START]
+    assert starts == [21]
+
+
+def test_log_dir_held_by_a_live_process_fails_fast(tmp_path) -> None:
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        (tmp_path / "r").mkdir()
+        (tmp_path / "r" / ".jaxmtl-log.lock").write_text(
+            json.dumps({"pid": sleeper.pid, "host": socket.gethostname()}))
+        with pytest.raises(DirectoryLockedError,
+                           match=rf"log directory {tmp_path}/r is in use by another run "
+                                 rf"\(pid {sleeper.pid} on host"):
+            LogWriter(log_dir=str(tmp_path), run_name="r")
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    writer = LogWriter(log_dir=str(tmp_path), run_name="r")  # now stale: taken over
+    writer.cleanup()
+    assert not (tmp_path / "r" / ".jaxmtl-log.lock").exists()

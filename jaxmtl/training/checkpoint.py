@@ -10,6 +10,12 @@ Layout of ``checkpoint_dir``::
     best_model_<metric>/<n>/    the best checkpoint for each tracked metric ("/" -> "_"):
         model/, meta/
 
+One run owns the directory at a time: the writing process holds the lock file
+``.jaxmtl-checkpoint.lock`` (pid, host) while it runs. A fresh run (not a resume) replaces an
+earlier run's ``checkpoints/`` and ``best_model_*/`` when it writes its first checkpoint, so
+runs never mix and a run never loads another run's best model. A run resumed from another
+directory carries that run's best models into its own directory.
+
 Each checkpoint is written by ``orbax.checkpoint.CheckpointManager``: into a temporary
 directory that is renamed when complete, so a crash mid-save never leaves a checkpoint that
 loads half-written. Arrays are copied to the host before an (asynchronous) save returns, so
@@ -29,8 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from .config import CheckpointerConfig, from_dict, merge_config
-from .writers import to_jsonable
+from .config import CheckpointerConfig, LogWriterConfig, from_dict, merge_config
+from .locks import DirectoryLock
+from .writers import run_directory, to_jsonable
 
 logger = logging.getLogger(__name__)
 
@@ -38,10 +45,73 @@ PyTree = Any
 Metrics = Mapping[str, float]
 CHECKPOINTS_SUBDIR = "checkpoints"
 DEFAULT_CHECKPOINT_DIR = "checkpoints"
+BEST_MODEL_PREFIX = "best_model_"
+CHECKPOINT_LOCK_FILE = ".jaxmtl-checkpoint.lock"
 
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable or does not match the model."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """A readable checkpoint whose trees do not match the model (another model's)."""
+
+
+def run_entries(checkpoint_dir: str) -> list[str]:
+    """Names of a run's entries in ``checkpoint_dir``: ``checkpoints`` and ``best_model_*``."""
+    if not os.path.isdir(checkpoint_dir):
+        return []
+    return sorted(name for name in os.listdir(checkpoint_dir)
+                  if name == CHECKPOINTS_SUBDIR or name.startswith(BEST_MODEL_PREFIX))
+
+
+def resolve_checkpoint_dir(checkpoint_dir: str | None, logging_enabled: bool,
+                           log_writer_config: LogWriterConfig | dict | None,
+                           run_name: str | None) -> str:
+    """The directory a run checkpoints into; the same on every process of a run.
+
+    As Snorkel: the configured ``checkpoint_dir``; else, with logging, the run's log
+    directory ``{log_dir}/{run_name}`` (computed from the config, so processes without a
+    log writer get it too); else ``DEFAULT_CHECKPOINT_DIR``.
+
+    Args:
+      checkpoint_dir: ``CheckpointerConfig.checkpoint_dir``.
+      logging_enabled: ``TrainerConfig.logging``.
+      log_writer_config: ``TrainerConfig.log_writer_config``.
+      run_name: the run name to use when the config has none (the default timestamp,
+        agreed by all processes); ignored when the config names the run.
+
+    Raises:
+      ValueError: for an invalid ``run_name`` in the config, or when logging names no
+        run at all.
+    """
+    if checkpoint_dir is not None:
+        return checkpoint_dir
+    if not logging_enabled:
+        return DEFAULT_CHECKPOINT_DIR
+    return run_directory(from_dict(LogWriterConfig, log_writer_config), run_name)
+
+
+def agree_run_name(run_name: str | None, max_bytes: int = 1024) -> str | None:
+    """Process 0's ``run_name`` on every process (a collective: all processes must call it).
+
+    The default run name is a timestamp taken by process 0's log writer; the other
+    processes have no writer and need the same name to find the checkpoints.
+    """
+    if jax.process_count() == 1:
+        return run_name
+    from jax.experimental import multihost_utils
+
+    data = np.zeros(max_bytes + 1, np.uint8)  # [0]: 1 if there is a name
+    if jax.process_index() == 0 and run_name is not None:
+        encoded = run_name.encode()
+        if len(encoded) > max_bytes:
+            raise ValueError(f"run_name {run_name!r} is longer than {max_bytes} bytes")
+        data[0], data[1:1 + len(encoded)] = 1, np.frombuffer(encoded, np.uint8)
+    data = np.asarray(multihost_utils.broadcast_one_to_all(data))
+    if not data[0]:
+        return None
+    return bytes(data[1:]).rstrip(b"\0").decode()
 
 
 def _metric_modes(metric_modes: Iterable[str] | None) -> dict[str, str]:
@@ -159,7 +229,7 @@ def restore_checkpoint(directory: str, step: int | None, target: Mapping[str, Py
             saved_shapes = leaf_shapes(getattr(saved, "tree", saved), lambda m: m.shape)
             mismatch = describe_mismatch(leaf_shapes(tree), saved_shapes)
             if mismatch:
-                raise CheckpointError(
+                raise CheckpointMismatchError(
                     f"{directory}/{step}: saved '{name}' does not match the model: {mismatch}"
                 )
             restored = manager.restore(
@@ -193,15 +263,20 @@ class Checkpointer:
       async_save: write checkpoints in the background (Orbax async checkpointing).
       write: whether this process writes; by default only process 0 does (every process
         still tracks the best metrics, so all of them load the same best model).
+      log_writer: the run's log writer, if any: flushed before each checkpoint, and its
+        directory recorded, so that a resumed run continues its log.
 
     Raises:
       ValueError: for a negative runway, a non-positive checkpoint frequency, or a
         malformed metric ("task/dataset/split/metric:mode", mode "min" or "max").
+      DirectoryLockedError: (writing process) if another live run holds
+        ``checkpoint_dir``.
     """
 
     def __init__(self, counter_unit: str = "epochs", evaluation_freq: float = 1.0,
                  config: CheckpointerConfig | dict | None = None, max_to_keep: int = 2,
-                 async_save: bool = True, write: bool | None = None, **kwargs: Any) -> None:
+                 async_save: bool = True, write: bool | None = None, log_writer: Any = None,
+                 **kwargs: Any) -> None:
         self.config = merge_config(from_dict(CheckpointerConfig, config), kwargs)
         if self.config.checkpoint_runway is None or self.config.checkpoint_runway < 0:
             raise ValueError(
@@ -227,7 +302,14 @@ class Checkpointer:
         self.best_metric_dict: dict[str, float] = {}
         self.checkpoint_condition_met = False
         self.save_count = 0
+        self.log_writer = log_writer
         self._managers: dict[str, ocp.CheckpointManager] = {}
+        # False until this run owns the directory's run entries: a fresh run replaces the
+        # earlier run's at its first save, a resumed run takes them over in ``resume``.
+        self._run_started = False
+        self._lock = DirectoryLock(self.checkpoint_dir, CHECKPOINT_LOCK_FILE, "checkpoint_dir")
+        if self.write:
+            self._lock.acquire()
 
     # --- saving ----------------------------------------------------------------------
     def _manager_for(self, subdir: str, max_to_keep: int | None) -> ocp.CheckpointManager:
@@ -271,23 +353,47 @@ class Checkpointer:
         self.save_count += 1
         if not self.write:
             return
+        if not self._run_started:
+            self._replace_earlier_run()
+        if self.log_writer is not None:
+            # The log on disk then holds every point up to this checkpoint.
+            self.log_writer.flush()
+            meta["log_dir"] = self.log_writer.log_dir
         items = {"model": ocp.args.StandardSave(variables), "meta": ocp.args.JsonSave(meta)}
         if train_state is not None:
             items["train"] = ocp.args.StandardSave(jax.device_get(train_state))
         step = self.save_count - 1
-        self._manager_for(CHECKPOINTS_SUBDIR, self.max_to_keep).save(
-            step, args=ocp.args.Composite(**items)
-        )
+        self._save(CHECKPOINTS_SUBDIR, self.max_to_keep, step, items)
         for metric in sorted(new_best):
-            manager = self._manager_for(self.best_subdir(metric), 1)
-            if step in manager.all_steps():  # written before a crash, then resumed
-                manager.delete(step)
-            manager.save(
-                step,
-                args=ocp.args.Composite(model=ocp.args.StandardSave(variables),
-                                        meta=ocp.args.JsonSave(meta)),
-            )
+            self._save(self.best_subdir(metric), 1, step,
+                       {"model": ocp.args.StandardSave(variables),
+                        "meta": ocp.args.JsonSave(meta)})
             logger.info("Best model of %s at %s %s", metric, iteration, self.checkpoint_unit)
+
+    def _save(self, subdir: str, max_to_keep: int | None, step: int,
+              items: dict[str, Any]) -> None:
+        manager = self._manager_for(subdir, max_to_keep)
+        # Steps at or after this one were written by the interrupted run after the
+        # checkpoint this run resumed from: this run writes them again.
+        for later in [s for s in manager.all_steps() if s >= step]:
+            manager.delete(later)
+        if not manager.save(step, args=ocp.args.Composite(**items)):
+            raise CheckpointError(
+                f"{os.path.join(self.checkpoint_dir, subdir)}: Orbax declined to save "
+                f"checkpoint {step} (existing steps {sorted(manager.all_steps())})"
+            )
+
+    def _replace_earlier_run(self) -> None:
+        """Removes an earlier run's checkpoints and best models (a fresh run's first save)."""
+        self._run_started = True
+        earlier = run_entries(self.checkpoint_dir)
+        if not earlier:
+            return
+        logger.info("checkpoint_dir %s holds an earlier run's %s: this new run replaces them",
+                    self.checkpoint_dir, earlier)
+        self._close_managers()
+        for name in earlier:
+            shutil.rmtree(os.path.join(self.checkpoint_dir, name))
 
     @staticmethod
     def best_subdir(metric: str) -> str:
@@ -314,12 +420,18 @@ class Checkpointer:
         for manager in self._managers.values():
             manager.wait_until_finished()
 
-    def close(self) -> None:
-        """Finishes pending saves and releases the managers."""
+    def _close_managers(self) -> None:
         for manager in self._managers.values():
             manager.wait_until_finished()
             manager.close()
         self._managers.clear()
+
+    def close(self) -> None:
+        """Finishes pending saves, releases the managers and the directory's lock."""
+        try:
+            self._close_managers()
+        finally:
+            self._lock.release()
 
     def clear(self) -> None:
         """Removes the resume checkpoints, keeping the best models (if ``checkpoint_clear``)."""
@@ -368,3 +480,40 @@ class Checkpointer:
         self.best_metric_dict = {k: float(v) for k, v in state["best_metric_dict"].items()}
         self.checkpoint_condition_met = bool(state["checkpoint_condition_met"])
         self.save_count = int(state["save_count"])
+
+    def resume(self, meta: Mapping[str, Any], source_dir: str) -> None:
+        """Continues the run whose checkpoint (metadata ``meta``) was read from ``source_dir``.
+
+        Restores the best-metric tracking. When ``source_dir`` is another directory, this
+        directory's earlier run entries are replaced by that run's best models (those saved
+        up to the resumed checkpoint), so the best model is found here at the end.
+
+        Args:
+          meta: the resumed checkpoint's metadata (``restore_checkpoint``'s second value).
+          source_dir: the ``checkpoint_dir`` it was read from.
+        """
+        self.load_state_dict(meta)
+        self._run_started = True
+        same = os.path.realpath(source_dir) == os.path.realpath(self.checkpoint_dir)
+        if not self.write or same:
+            return
+        earlier = run_entries(self.checkpoint_dir)
+        if earlier:
+            logger.info("checkpoint_dir %s holds an earlier run's %s: the resumed run "
+                        "replaces them", self.checkpoint_dir, earlier)
+            for name in earlier:
+                shutil.rmtree(os.path.join(self.checkpoint_dir, name))
+        resumed_step = self.save_count - 1
+        for metric in self.best_metric_dict:
+            source = os.path.join(source_dir, self.best_subdir(metric))
+            steps = [int(name) for name in os.listdir(source) if name.isdigit()] \
+                if os.path.isdir(source) else []
+            kept = [step for step in steps if step <= resumed_step]
+            if not kept:
+                raise CheckpointError(
+                    f"{source}: the resumed checkpoint tracks a best {metric} of "
+                    f"{self.best_metric_dict[metric]}, but its best model is missing"
+                )
+            target = os.path.join(self.checkpoint_dir, self.best_subdir(metric), str(max(kept)))
+            shutil.copytree(os.path.join(source, str(max(kept))), target)
+            logger.info("Copied the best model of %s from %s to %s", metric, source, target)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, Protocol, TypeVar
 
 from jaxmtl.training.config import LogManagerConfig, from_dict, merge_config
+
+logger = logging.getLogger(__name__)
 
 ModelT = TypeVar("ModelT")
 
@@ -177,6 +180,33 @@ class LogManager:
                 clear()
             model = self.checkpointer.load_best_model(model)
         return model
+
+    def close_after_failure(self, write_log: bool = True) -> None:
+        """Closes the writer (writing what was logged) and the checkpointer (finishing
+        pending saves, releasing its directory) after training failed.
+
+        Never raises: each is closed even when the other fails, and an error while
+        closing is logged, so the error that stopped training is the one that propagates.
+
+        Args:
+          write_log: False for a run that failed before it trained (a failed resume):
+            the writer only releases its directory (its ``release()``, if it has one), so
+            the log already there is kept.
+        """
+        closers = []
+        if self.log_writer is not None:
+            release = getattr(self.log_writer, "release", None)
+            closer = self.log_writer.cleanup if write_log or release is None else release
+            closers.append(("log writer", closer))
+        close = getattr(self.checkpointer, "close", None)
+        if close is not None:
+            closers.append(("checkpointer", close))
+        for name, closer in closers:
+            try:
+                closer()
+            except Exception:
+                logger.exception("Closing the %s after a failed fit raised too; the "
+                                 "original error follows", name)
 
     def state_dict(self) -> dict[str, Any]:
         """Returns the counters (and the settings they depend on) as a JSON-serialisable dict.

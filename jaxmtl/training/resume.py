@@ -17,7 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from .checkpoint import CHECKPOINTS_SUBDIR, CheckpointError, restore_checkpoint
+from .checkpoint import (
+    CHECKPOINTS_SUBDIR,
+    CheckpointError,
+    CheckpointMismatchError,
+    restore_checkpoint,
+)
 from .config import TrainerConfig, from_dict
 from .step import TrainState, make_optimizer
 from .writers import to_jsonable
@@ -32,8 +37,35 @@ def train_tree(state: TrainState, accumulator: dict[str, jax.Array]) -> dict[str
             "balancer_state": state.balancer_state, "accumulator": accumulator}
 
 
+def check_position(root: str, trainer_meta: dict[str, Any], n_epochs: int | None,
+                   n_batches_per_epoch: int | None) -> tuple[int, int]:
+    """The resumed checkpoint's (epoch, batch in epoch), checked against this run.
+
+    Raises:
+      CheckpointError: if the position is negative, the batch lies outside an epoch of
+        ``n_batches_per_epoch`` batches, or the epoch is past ``n_epochs`` (both values
+        named).
+    """
+    epoch, batch = int(trainer_meta["epoch"]), int(trainer_meta["batch_in_epoch"])
+    if epoch < 0 or batch < 0:
+        raise CheckpointError(f"{root}: checkpoint at epoch {epoch}, batch {batch}: "
+                              f"expected non-negative values")
+    if n_batches_per_epoch is not None and batch >= n_batches_per_epoch:
+        raise CheckpointError(
+            f"{root}: checkpoint at batch_in_epoch {batch}, but an epoch of these loaders "
+            f"has {n_batches_per_epoch} batches (0 to {n_batches_per_epoch - 1})"
+        )
+    if n_epochs is not None and (epoch > n_epochs or (epoch == n_epochs and batch > 0)):
+        raise CheckpointError(
+            f"{root}: checkpoint at epoch {epoch}, batch {batch}, past this run's "
+            f"n_epochs={n_epochs}"
+        )
+    return epoch, batch
+
+
 def restore_training(root: str, task_names: Sequence[str], n_train_loaders: int,
-                     state: TrainState, accumulator: dict[str, jax.Array]
+                     state: TrainState, accumulator: dict[str, jax.Array],
+                     n_epochs: int | None = None, n_batches_per_epoch: int | None = None,
                      ) -> tuple[TrainState, dict[str, jax.Array], dict[str, Any]]:
     """Restores the latest resume checkpoint under ``root`` onto a freshly built state.
 
@@ -42,15 +74,20 @@ def restore_training(root: str, task_names: Sequence[str], n_train_loaders: int,
       task_names: the model's tasks (must equal the checkpoint's).
       n_train_loaders: number of train loaders (must equal the checkpoint's).
       state, accumulator: fresh ones; they give the expected structure and shapes.
+      n_epochs, n_batches_per_epoch: this run's; the saved position must lie within
+        them (None skips the check).
 
     Returns:
       (state, accumulator, meta): meta["trainer"] holds the position and settings.
 
     Raises:
-      ValueError: if there is no checkpoint, it is unreadable or it does not match.
+      ValueError: if there is no checkpoint, it is unreadable or it does not match
+        (tasks, number of loaders, position).
     """
     directory = os.path.join(root, CHECKPOINTS_SUBDIR)
-    items, meta = restore_checkpoint(directory, None, {"train": train_tree(state, accumulator)})
+    # The metadata first: a run that does not match is named as such, before its arrays
+    # are compared leaf by leaf.
+    _, meta = restore_checkpoint(directory, None, {})
     trainer_meta = meta["trainer"]
     if trainer_meta.get("task_names") != list(task_names):
         raise CheckpointError(
@@ -62,6 +99,9 @@ def restore_training(root: str, task_names: Sequence[str], n_train_loaders: int,
             f"{root}: checkpoint was trained on {len(trainer_meta['loader_seeds'])} train "
             f"loaders, got {n_train_loaders}"
         )
+    check_position(root, trainer_meta, n_epochs, n_batches_per_epoch)
+    step = int(meta["save_count"]) - 1
+    items, _ = restore_checkpoint(directory, step, {"train": train_tree(state, accumulator)})
     tree = items["train"]
     state = state.replace(step=tree["step"], params=tree["params"],
                           model_state=tree["model_state"], opt_state=tree["opt_state"],
@@ -106,16 +146,27 @@ def load_optimizer_state(path: str, current: TrainerConfig, params: Any
     Returns:
       (config, optimizer): the saved config, and ``{"opt_state", "step"}`` or None when
       ``params`` is None or does not match the saved optimizer state (a warning says so).
+
+    Raises:
+      ValueError: if ``path`` holds no trainer checkpoint, or it is unreadable or corrupt.
     """
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: not a jaxmtl trainer checkpoint (it does not exist)")
     manager = ocp.CheckpointManager(os.path.abspath(path))
     try:
         step = manager.latest_step()
         if step is None:
             raise CheckpointError(f"{path}: not a jaxmtl trainer checkpoint")
         meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        saved = dict(meta["meta"]["trainer_config"])
+    except CheckpointError:
+        raise
+    except Exception as error:  # orbax raises many types for corrupt or truncated files
+        raise CheckpointError(
+            f"{path}: cannot read the trainer checkpoint (corrupt or truncated?): {error}"
+        ) from error
     finally:
         manager.close()
-    saved = dict(meta["meta"]["trainer_config"])
     if not isinstance(current.optimizer, str):
         saved["optimizer"] = current.optimizer
     config = from_dict(TrainerConfig, _tuples(saved))
@@ -126,7 +177,7 @@ def load_optimizer_state(path: str, current: TrainerConfig, params: Any
     target = {"opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
     try:
         items, _ = restore_checkpoint(path, step, {"train": target})
-    except CheckpointError as error:
+    except CheckpointMismatchError as error:  # another model's: documented as a warning
         logger.warning("Trainer.load: %s; restored the config only", error)
         return config, None
     return config, items["train"]

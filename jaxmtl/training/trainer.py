@@ -23,7 +23,12 @@ from ..data import DictDataLoader
 from ..parallel import check_balancer_parallel, choose_parallel
 from .balancers import Balancer, balancer_for_tasks
 from .batch_schedulers import make_batch_scheduler
-from .checkpoint import DEFAULT_CHECKPOINT_DIR, Checkpointer
+from .checkpoint import (
+    DEFAULT_CHECKPOINT_DIR,
+    Checkpointer,
+    agree_run_name,
+    resolve_checkpoint_dir,
+)
 from .config import TrainerConfig, from_dict, merge_config
 from .guards import DivergenceMonitor, InterruptGuard, all_finite
 from .log_manager import LogManager
@@ -217,17 +222,16 @@ class Trainer:
                                     f"the end of epoch {epoch}",
                                     points / max(time.perf_counter() - started, 1e-9))
                 progress.close()
+            monitor.check(all_finite(runner.host_state().params), "the end of training",
+                          "the parameters")
         except BaseException:
-            # Flush what was logged and finish pending checkpoint writes before failing.
-            if log_writer is not None:
-                log_writer.cleanup()
-            if checkpointer is not None:
-                checkpointer.close()
+            # Flush what was logged and finish pending checkpoint writes before failing;
+            # the original error propagates even if closing fails.
+            log_manager.close_after_failure()
             raise
         finally:
             guard.__exit__()
             self._hand_back(runner, model, user_variables)
-        monitor.check(all_finite(self.state.params), "the end of training", "the parameters")
         if checkpointer is not None and self.parallel.multiprocess:
             checkpointer.wait_until_finished()
             multihost_utils.sync_global_devices("jaxmtl: checkpoints written")
@@ -253,14 +257,19 @@ class Trainer:
 
     # --- checkpoints and resume ---------------------------------------------------------
     def _make_checkpointer(self, log_writer: Any) -> Checkpointer:
-        checkpoint_dir = self.config.checkpointer_config.checkpoint_dir
-        if checkpoint_dir is None:  # Snorkel's default: beside the logs, if any
-            checkpoint_dir = log_writer.log_dir if log_writer is not None \
-                else DEFAULT_CHECKPOINT_DIR
-        manager_config = self.config.log_manager_config
+        config = self.config
+        run_name = None
+        if config.checkpointer_config.checkpoint_dir is None and config.logging \
+                and config.log_writer_config.run_name is None:
+            # Snorkel's default: beside the logs, in the run named by process 0's writer.
+            run_name = agree_run_name(log_writer.run_name if log_writer is not None else None)
+        checkpoint_dir = resolve_checkpoint_dir(config.checkpointer_config.checkpoint_dir,
+                                                config.logging, config.log_writer_config,
+                                                run_name)
+        manager_config = config.log_manager_config
         return Checkpointer(manager_config.counter_unit, manager_config.evaluation_freq,
-                            config=self.config.checkpointer_config,
-                            checkpoint_dir=checkpoint_dir)
+                            config=config.checkpointer_config, checkpoint_dir=checkpoint_dir,
+                            log_writer=log_writer)
 
     def _checkpoint(self, checkpointer: Checkpointer, model: MultitaskClassifier,
                     state: TrainState, accumulator: dict[str, jax.Array],
@@ -292,15 +301,23 @@ class Trainer:
         if resume_from == "latest":
             root = checkpointer.checkpoint_dir if checkpointer is not None else (
                 self.config.checkpointer_config.checkpoint_dir or DEFAULT_CHECKPOINT_DIR)
-        state, accumulator, meta = restore_training(root, model.task_names, len(train_loaders),
-                                                    state, accumulator)
-        trainer_meta = meta["trainer"]
+        try:
+            state, accumulator, meta = restore_training(
+                root, model.task_names, len(train_loaders), state, accumulator,
+                n_epochs=self.config.n_epochs, n_batches_per_epoch=log_manager.n_batches_per_epoch)
+            trainer_meta = meta["trainer"]
+            log_manager.load_state_dict(trainer_meta["log_manager"])
+            if log_manager.log_writer is not None:  # continue the resumed run's log
+                log_manager.log_writer.continue_log(meta.get("log_dir"), log_manager.point_total)
+            if checkpointer is not None:  # its best models, carried here if root is elsewhere
+                checkpointer.resume(meta, root)
+        except BaseException:
+            # Release the directories; the resumed run's log stays as it was.
+            log_manager.close_after_failure(write_log=False)
+            raise
         self.seed = int(trainer_meta["seed"])
         for dl, seed in zip(train_loaders, trainer_meta["loader_seeds"], strict=True):
             dl.seed = int(seed)  # a loader built with seed=None drew another one
-        log_manager.load_state_dict(trainer_meta["log_manager"])
-        if checkpointer is not None:
-            checkpointer.load_state_dict(meta)
         self.metrics = dict(trainer_meta.get("metrics", {}))
         model.variables = state.variables
         position = int(trainer_meta["epoch"]), int(trainer_meta["batch_in_epoch"])

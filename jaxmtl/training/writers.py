@@ -7,9 +7,13 @@ that write/flush on exit, including when training raises.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
+import logging
 import math
 import os
+import shutil
+import uuid
 from collections import defaultdict
 from collections.abc import Mapping
 from datetime import datetime
@@ -22,6 +26,11 @@ from tensorboardX import SummaryWriter
 
 from jaxmtl._io import atomic_write
 from jaxmtl.training.config import LOG_WRITERS, LogWriterConfig, from_dict, merge_config
+from jaxmtl.training.locks import DirectoryLock
+
+logger = logging.getLogger(__name__)
+
+LOG_LOCK_FILE = ".jaxmtl-log.lock"
 
 
 def to_jsonable(value: Any) -> Any:
@@ -55,6 +64,47 @@ def to_jsonable(value: Any) -> Any:
     return repr(value)
 
 
+def default_run_name(now: datetime | None = None) -> str:
+    """Snorkel's default run name: the ``"%Y_%m_%d/%H_%M_%S/"`` timestamp of ``now``."""
+    now = datetime.now() if now is None else now
+    return f"{now:%Y_%m_%d}/{now:%H_%M_%S}/"
+
+
+def check_run_name(run_name: str) -> str:
+    """Returns ``run_name`` if it names one directory inside ``log_dir``.
+
+    Raises:
+      ValueError: for an empty name, an absolute path, a path separator, or a "." or ".."
+        name (any of which would put the logs outside ``{log_dir}/{run_name}``).
+    """
+    separators = [sep for sep in (os.sep, os.altsep, "/") if sep]
+    if (not isinstance(run_name, str) or run_name in ("", ".", "..")
+            or os.path.isabs(run_name) or any(sep in run_name for sep in separators)):
+        raise ValueError(
+            f"log_writer_config.run_name must be a plain directory name (no path separator, "
+            f"not absolute, not '.' or '..'), got {run_name!r}"
+        )
+    return run_name
+
+
+def run_directory(config: LogWriterConfig, run_name: str | None = None) -> str:
+    """``{log_dir}/{run_name}`` of a writer built from ``config``.
+
+    Args:
+      config: the writer's config; its ``run_name`` (checked) wins over ``run_name``.
+      run_name: the name to use when ``config.run_name`` is None (the default timestamp,
+        which every process of a multi-process run must agree on).
+
+    Raises:
+      ValueError: for an invalid ``config.run_name``, or when both names are None.
+    """
+    if config.run_name is not None:
+        run_name = check_run_name(config.run_name)
+    if run_name is None:
+        raise ValueError("run_directory: config.run_name is None and no run_name was given")
+    return os.path.join(config.log_dir, run_name)
+
+
 def _number(value: Any) -> int | float:
     """A Python number from a Python, numpy or JAX scalar (JSON and protobuf need one)."""
     if isinstance(value, bool | int | float):
@@ -72,8 +122,13 @@ class LogWriter:
     Args:
       log_dir: root directory of all runs; None takes it from ``config`` (default "logs").
       run_name: this run's sub-directory; None takes it from ``config``, and if that is
-        None too, a ``"%Y_%m_%d/%H_%M_%S/"`` timestamp as Snorkel's.
+        None too, a ``"%Y_%m_%d/%H_%M_%S/"`` timestamp as Snorkel's. A given name must
+        be one directory name (no separator, not absolute, not "..").
       config: a ``LogWriterConfig`` or dict; explicit arguments override its fields.
+
+    Raises:
+      ValueError: for an invalid ``run_name``.
+      DirectoryLockedError: if another live run writes to the same run directory.
 
     Attributes:
       log_dir: the run's directory ``{log_dir}/{run_name}``.
@@ -89,10 +144,9 @@ class LogWriter:
         self.config = merge_config(from_dict(LogWriterConfig, config), overrides)
         self.run_name = self.config.run_name
         if self.run_name is None:
-            now = datetime.now()
-            self.run_name = f"{now:%Y_%m_%d}/{now:%H_%M_%S}/"
-        self.log_dir = os.path.join(self.config.log_dir, self.run_name)
-        os.makedirs(self.log_dir, exist_ok=True)
+            self.run_name = default_run_name()
+        self.log_dir = run_directory(self.config, self.run_name)
+        self._lock = DirectoryLock(self.log_dir, LOG_LOCK_FILE, "log directory").acquire()
         self.run_log: defaultdict[str, list[list[int | float]]] = defaultdict(list)
 
     def add_scalar(self, name: str, value: Any, step: int | float) -> None:
@@ -143,9 +197,54 @@ class LogWriter:
         """
         atomic_write(os.path.join(self.log_dir, filename), lambda f: json.dump(obj, f), text=True)
 
-    def cleanup(self) -> None:
-        """Writes ``log.json``; call once training ends (the context manager does)."""
+    def flush(self) -> None:
+        """Writes ``log.json`` now (the Checkpointer calls it before each checkpoint, so a
+        resumed run finds every point logged up to its checkpoint)."""
         self.write_log("log.json")
+
+    def continue_log(self, previous_log_dir: str | None, up_to_step: int | float) -> None:
+        """Continues the log of an interrupted run (on resume).
+
+        Reads ``{previous_log_dir}/log.json`` (the interrupted run's, possibly this
+        writer's own directory) and keeps its points at steps ``<= up_to_step`` (those
+        logged up to the checkpoint resumed from; later ones will be logged again).
+
+        Args:
+          previous_log_dir: the interrupted run's directory; None (it had no log) starts
+            an empty log.
+          up_to_step: the resumed checkpoint's step (``LogManager.point_total``).
+
+        Raises:
+          ValueError: if that ``log.json`` exists but is not a JSON log.
+        """
+        self.run_log = defaultdict(list)
+        path = None if previous_log_dir is None else os.path.join(previous_log_dir, "log.json")
+        if path is None or not os.path.exists(path):
+            logger.info("No log of the resumed run found (%s); the log starts empty", path)
+            return
+        try:
+            with open(path) as f:
+                previous = json.load(f)
+            for name, points in previous.items():
+                kept = [[step, value] for step, value in points if step <= up_to_step]
+                if kept:
+                    self.run_log[name] = kept
+        except (ValueError, TypeError, AttributeError) as error:
+            raise ValueError(f"{path}: not a jaxmtl JSON log ({error})") from error
+        logger.info("Continuing the log %s up to step %s", path, up_to_step)
+
+    def release(self) -> None:
+        """Releases the run directory without writing anything (a run that failed before
+        it started must not replace the log already there)."""
+        self._lock.release()
+
+    def cleanup(self) -> None:
+        """Writes ``log.json`` and releases the run directory; call once training ends
+        (the context manager does)."""
+        try:
+            self.write_log("log.json")
+        finally:
+            self._lock.release()
 
     def __enter__(self) -> LogWriter:
         return self
@@ -172,7 +271,14 @@ class TensorBoardWriter(LogWriter):
     def __init__(self, log_dir: str | None = None, run_name: str | None = None,
                  config: LogWriterConfig | dict[str, Any] | None = None) -> None:
         super().__init__(log_dir=log_dir, run_name=run_name, config=config)
-        self.writer = SummaryWriter(self.log_dir)
+        self.writer = self._open_event_file()
+
+    def _open_event_file(self, purge_step: int | None = None) -> SummaryWriter:
+        # A unique suffix: tensorboardX names files by the second and the host, so two
+        # writers of one second (a resume, a copied file) would share a file.
+        self._suffix, self._added = f".{uuid.uuid4().hex[:8]}", 0
+        return SummaryWriter(self.log_dir, purge_step=purge_step,
+                             filename_suffix=self._suffix)
 
     def add_scalar(self, name: str, value: Any, step: int | float) -> None:
         """Adds ``value`` of scalar ``name`` at integer ``step`` to the event file.
@@ -191,6 +297,7 @@ class TensorBoardWriter(LogWriter):
                 f"TensorBoardWriter.add_scalar('{name}'): step must be an integer, got {step}"
             )
         self.writer.add_scalar(name, _number(value), int(step))
+        self._added += 1
 
     def write_config(self, config: Any, config_filename: str = "config.json") -> None:
         """Writes ``config`` as JSON beside the event file and adds it as TensorBoard text.
@@ -202,11 +309,50 @@ class TensorBoardWriter(LogWriter):
         jsonable = to_jsonable(config)
         self.write_json(jsonable, config_filename)
         self.writer.add_text(tag="config", text_string=json.dumps(jsonable))
+        self._added += 1
+
+    def flush(self) -> None:
+        """Flushes the event file to disk."""
+        self.writer.flush()
+
+    def continue_log(self, previous_log_dir: str | None, up_to_step: int | float) -> None:
+        """Continues the TensorBoard run of an interrupted run (on resume).
+
+        The interrupted run's event files are copied here (when it wrote elsewhere), and
+        a new event file starts with ``purge_step = up_to_step + 1``: TensorBoard hides
+        the points the interrupted run logged after its checkpoint, which this run logs
+        again.
+
+        Args:
+          previous_log_dir: the interrupted run's directory; None starts a fresh run.
+          up_to_step: the resumed checkpoint's step (``LogManager.point_total``).
+        """
+        self.writer.close()
+        if not self._added:  # the file opened at construction holds nothing: drop it
+            for path in glob.glob(os.path.join(self.log_dir, f"events.out.tfevents.*{self._suffix}")):
+                os.remove(path)
+        if previous_log_dir is not None and os.path.isdir(previous_log_dir) and (
+                os.path.realpath(previous_log_dir) != os.path.realpath(self.log_dir)):
+            for name in sorted(os.listdir(previous_log_dir)):
+                if name.startswith("events.out.tfevents."):
+                    shutil.copy2(os.path.join(previous_log_dir, name), self.log_dir)
+        self.writer = self._open_event_file(purge_step=int(up_to_step) + 1)
+
+    def release(self) -> None:
+        """Closes the event file and releases the run directory."""
+        try:
+            self.writer.close()
+        finally:
+            self._lock.release()
 
     def cleanup(self) -> None:
-        """Flushes and closes the event file (safe to call more than once)."""
-        self.writer.flush()
-        self.writer.close()
+        """Flushes and closes the event file and releases the run directory (safe to
+        call more than once)."""
+        try:
+            self.writer.flush()
+            self.writer.close()
+        finally:
+            self._lock.release()
 
 
 def make_log_writer(name: str, config: LogWriterConfig | dict[str, Any] | None = None
