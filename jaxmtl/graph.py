@@ -122,6 +122,11 @@ class ModelGraph:
         """The ops of the nodes needed for ``task_names``, in execution order."""
         return [node.op for node in self.nodes_for(task_names)]
 
+    @property
+    def head_nodes(self) -> frozenset[str]:
+        """The node ids of the tasks' last ops (their heads)."""
+        return frozenset(nodes[-1] for nodes in self.task_nodes.values())
+
     def output_node(self, task_name: str) -> str:
         """The node id of the task's last op (its logits)."""
         return self.task_nodes[task_name][-1]

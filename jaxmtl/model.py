@@ -64,14 +64,23 @@ def _tasks_of(node: Node, task_names: Sequence[str]) -> str:
     return _quoted([t for t in node.tasks if t in task_names] or list(node.tasks))
 
 
-def _node_args(node: Node, outputs: Mapping[str, Any], task_names: Sequence[str]) -> list:
+def _node_args(graph: ModelGraph, node: Node, outputs: Mapping[str, Any],
+               task_names: Sequence[str]) -> list:
     if node.inputs == (ALL_OUTPUTS,):
         return [{INPUT_KEY: outputs[INPUT_KEY],
                  **{name: outputs[node_id] for name, node_id in node.view}}]
     args = []
     for op_input, written in zip(node.inputs, node.op.inputs, strict=True):
         if isinstance(op_input, str):
-            args.append(outputs[op_input])
+            value = outputs[op_input]
+            if isinstance(value, (tuple, list, Mapping)) and node.node_id in graph.head_nodes:
+                # A Dense head would read a tuple as one stacked array and train on it.
+                raise ValueError(
+                    f"Op '{node.op.name}' (module '{node.module_name}') of task "
+                    f"{_tasks_of(node, task_names)} is a task head and reads the whole "
+                    f"output of op '{written}', which is a {_describe(value)}; a head needs "
+                    f"an array: pick an element with ('{written}', index_or_key)")
+            args.append(value)
             continue
         source, field = op_input
         value = outputs[source]
@@ -150,7 +159,7 @@ def init_variables(
     outputs: dict[str, Any] = {INPUT_KEY: dict(X_dict)}
     for node in graph.nodes_for(task_names):
         module = graph.module_pool[node.module_name]
-        args = _node_args(node, outputs, task_names)
+        args = _node_args(graph, node, outputs, task_names)
         if not is_flax_module(module):
             outputs[node.node_id] = _run_module(node, task_names, args, module, *args)
             continue
@@ -212,7 +221,7 @@ def apply_ops(
                 break
             continue
         module = graph.module_pool[node.module_name]
-        args = _node_args(node, outputs, task_names)
+        args = _node_args(graph, node, outputs, task_names)
         if not is_flax_module(module):
             outputs[node.node_id] = _run_module(node, task_names, args, module, *args)
         else:

@@ -418,12 +418,14 @@ def test_absent_task_gets_zero_weight_and_does_not_affect_others(name):
                              mask=mask)
         c2, w2, state2 = run(name, [losses[0], losses[2]], subset, state=state2)
         assert w3[1] == 0.0
-        # CAGrad's iterative float32 solver on a 3-task vs a 2-task problem differs by
-        # ~1.2e-5 relative on jax 0.10.2 (CPU); 5e-5 still catches a wrong weight.
-        np.testing.assert_allclose(w3[np.array([0, 2])], w2, rtol=5e-5, atol=1e-7)
+        # CAGrad's iterative float32 solver on a 3-task (one masked) vs a 2-task problem
+        # ends ~1e-5 apart on jax 0.10.2 (CPU): weights 1.2e-5, gradients 5.5e-5 relative.
+        # 2e-4 still catches a wrong weight (a masked task leaking in moves them by >1e-2).
+        rtol, atol = (2e-4, 2e-5) if name == "cagrad" else (1e-5, 1e-6)
+        np.testing.assert_allclose(w3[np.array([0, 2])], w2, rtol=rtol, atol=1e-7)
         if c3 is not None:
             for a, b in zip(jax.tree.leaves(c3), jax.tree.leaves(c2), strict=True):
-                np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+                np.testing.assert_allclose(a, b, rtol=rtol, atol=atol)
 
 
 # ----------------------------------------------------------------------------- helpers

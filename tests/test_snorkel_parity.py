@@ -282,3 +282,29 @@ def test_progress_bar_shows_the_loss_at_every_epoch_end(capsys):
         assert final and "loss=" in final[-1], final
     shown = float(final[-1].split("loss=")[1].split(",")[0])
     np.testing.assert_allclose(shown, trainer.metrics["model/all/train/loss"], rtol=1e-3)
+
+
+class _TwoOutputs(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        hidden = nn.Dense(4)(x)
+        return hidden, 2 * hidden
+
+
+def test_a_head_reading_a_tuple_is_named():
+    # nn.Dense would read the tuple as one stacked [2, B, 4] array and train on it.
+    pool = {"enc": _TwoOutputs(), "head": nn.Dense(2)}
+    graph = jaxmtl.build_graph([jaxmtl.Task(
+        "t", pool, [jaxmtl.Operation("enc", [("_input_", "x")]),
+                    jaxmtl.Operation("head", ["enc"])])])
+    X = {"x": np.ones((3, 5), np.float32)}
+    with pytest.raises(ValueError, match=r"Op 'head' \(module 'head'\) of task 't' is a task "
+                                         r"head and reads the whole output of op 'enc', "
+                                         r"which is a tuple of 2; .* \('enc', index_or_key\)"):
+        jaxmtl.init_variables(graph, X, jax.random.PRNGKey(0))
+    picked = jaxmtl.build_graph([jaxmtl.Task(
+        "t", pool, [jaxmtl.Operation("enc", [("_input_", "x")]),
+                    jaxmtl.Operation("head", [("enc", 1)])])])
+    variables = jaxmtl.init_variables(picked, X, jax.random.PRNGKey(0))
+    outputs, _ = jaxmtl.apply_ops(picked, variables, X, ["t"])
+    assert outputs["head"].shape == (3, 2)
