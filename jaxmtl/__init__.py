@@ -7,7 +7,8 @@ and ``jaxmtl.training.step``.
 
 from .analysis import Scorer, metric_score, metrics_dict_to_dataframe
 from .classifier import MultitaskClassifier
-from .data import Batch, DictDataLoader, DictDataset
+from .data import DictDataset
+from .loader import Batch, DictDataLoader
 from .losses import cross_entropy, cross_entropy_with_probs
 from .model import (
     ModelGraph,

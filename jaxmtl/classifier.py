@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from .analysis.scorer import metrics_dict_to_dataframe
-from .data import DictDataLoader
+from .loader import DictDataLoader
 from .model import (
     ModelGraph,
     PyTree,

@@ -14,7 +14,8 @@ import jax
 import numpy as np
 
 from ..classifier import MultitaskClassifier
-from ..data import DictDataLoader, is_active
+from ..data import is_active
+from ..loader import DictDataLoader
 from ..model import ModelGraph, apply_ops, task_logits
 
 logger = logging.getLogger(__name__)

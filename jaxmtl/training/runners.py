@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..data import DictDataLoader, is_active
+from ..data import is_active
+from ..loader import DictDataLoader
 from ..model import ModelGraph
 from ..parallel import DataParallel, prefetch
 from .step import TrainState, train_step_on

@@ -19,7 +19,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from ..classifier import MultitaskClassifier
-from ..data import DictDataLoader
+from ..loader import DictDataLoader
 from ..parallel import check_balancer_parallel, choose_parallel
 from .balancers import Balancer, balancer_for_tasks
 from .batch_schedulers import make_batch_scheduler
