@@ -14,6 +14,18 @@ import numpy as np
 
 INPUT_KEY = "_input_"
 SOFT_LABEL_TOLERANCE = 1e-3
+MASK_SUFFIX = "_mask"
+
+
+def mask_key(key: str) -> str:
+    """The X_dict key of a variable-length input's mask: ``"<key>_mask"``."""
+    return f"{key}{MASK_SUFFIX}"
+
+
+def _is_ragged(value: Any) -> bool:
+    """A list/tuple of 1-D rows of more than one length: a variable-length input."""
+    return isinstance(value, (list, tuple)) and bool(value) and np.ndim(value[0]) == 1 and (
+        len({len(v) for v in value}) > 1)
 
 
 def _pad_ragged(key: str, rows: Sequence[Any]) -> np.ndarray:
@@ -79,9 +91,7 @@ def _as_input_array(key: str, value: Any) -> np.ndarray:
     """
     if isinstance(value, np.ndarray):
         array = value
-    elif isinstance(value, (list, tuple)) and value and np.ndim(value[0]) == 1 and (
-        len({len(v) for v in value}) > 1
-    ):
+    elif _is_ragged(value):
         array = _pad_ragged(key, value)
     else:
         array = np.asarray(value)
@@ -195,7 +205,11 @@ class DictDataset:
       name: dataset name; appears in metric keys ``task/dataset/split/metric``.
       split: split name, e.g. "train", "valid", "test".
       X_dict: input name -> array [N, ...] (float inputs become float32), or a list of
-        variable-length 1-D arrays, padded with zeros to the longest.
+        1-D arrays of different lengths: a variable-length input, stored zero-padded to
+        the longest row [N, max_len], with its row lengths in ``lengths[key]`` and a mask
+        ``X_dict["<key>_mask"]`` [N, max_len] bool (True on real positions). Loaders cut
+        each batch of it (and of its mask) to a bucket length (see ``DictDataLoader``).
+        A list whose rows all have one length is an ordinary fixed-shape input.
       Y_dict: label name (usually a task name) -> hard labels int [N] (-1 = no label) or
         soft labels float [N, K] (rows sum to 1; a row of all -1 = no label).
 
@@ -203,7 +217,12 @@ class DictDataset:
       ValueError: on mismatched lengths, values not finite as float32, 64-bit integers
         outside int32's range (unless ``jax_enable_x64`` is on), a [N, 1] label column,
         soft-label rows that do not sum to 1 (tolerance 1e-3), non-numeric inputs, an empty
-        dataset, or a name, split or label name that contains '/'.
+        dataset, a name, split or label name that contains '/', or an input named
+        ``"<key>_mask"`` beside a variable-length input ``key``.
+
+    Attributes:
+      lengths: variable-length input name -> its row lengths [N] int (empty when every
+        input has a fixed shape).
     """
 
     def __init__(
@@ -229,7 +248,21 @@ class DictDataset:
         self.split = split
         if not X_dict:
             raise ValueError(f"DictDataset '{name}' ({split}): X_dict is empty")
+        ragged = [key for key, value in X_dict.items() if _is_ragged(value)]
+        clashing = [mask_key(key) for key in ragged if mask_key(key) in X_dict]
+        if clashing:
+            raise ValueError(
+                f"DictDataset '{name}' ({split}): X_dict has keys {clashing}, the names of "
+                f"the masks of the variable-length inputs "
+                f"{[k[: -len(MASK_SUFFIX)] for k in clashing]}; rename them"
+            )
         self.X_dict = {key: _as_input_array(key, value) for key, value in X_dict.items()}
+        self.lengths: dict[str, np.ndarray] = {}
+        for key in ragged:
+            lengths = np.array([len(row) for row in X_dict[key]], np.int32)
+            self.lengths[key] = lengths
+            width = self.X_dict[key].shape[1]
+            self.X_dict[mask_key(key)] = np.arange(width)[None, :] < lengths[:, None]
         self.Y_dict = {key: _as_label_array(key, value) for key, value in (Y_dict or {}).items()}
         lengths = {f"X_dict['{k}']": len(v) for k, v in self.X_dict.items()}
         lengths.update({f"Y_dict['{k}']": len(v) for k, v in self.Y_dict.items()})

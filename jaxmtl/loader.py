@@ -1,9 +1,14 @@
 """DictDataLoader: fixed-shape batches of a DictDataset, as dicts of numpy arrays.
 
 A jitted step compiles once per batch shape, so every batch a loader yields has the same
-shape: the last partial batch is padded (with repeats of its own rows, which keeps batch
-statistics in-distribution) and carries a mask; padded label rows are set to -1, the
+number of rows: the last partial batch is padded (with repeats of its own rows, which keeps
+batch statistics in-distribution) and carries a mask; padded label rows are set to -1, the
 "no label" value, so even a hand-written loop ignores them in the loss.
+
+A variable-length input (``DictDataset.lengths``) is cut per batch to a *bucket length*:
+the smallest of a few lengths fixed at construction that holds the batch's longest row, so
+a batch pays for its own rows, not the dataset's longest, and the number of batch shapes
+(compiled programs) per loader is bounded and known up front (``bucket_shapes``).
 """
 
 from __future__ import annotations
@@ -17,7 +22,107 @@ from typing import Any
 
 import numpy as np
 
-from .data import DictDataset
+from .data import DictDataset, mask_key
+
+DEFAULT_LENGTH_BUCKETS = 8
+# Above this many distinct lengths, bucket boundaries are chosen on a coarser grid.
+_MAX_CANDIDATES = 512
+
+
+def optimal_boundaries(candidates: np.ndarray, weights: np.ndarray, n_buckets: int
+                       ) -> tuple[int, ...]:
+    """At most ``n_buckets`` bucket lengths minimising the expected padded length.
+
+    Each length ``candidates[j]`` (ascending) occurs with weight ``weights[j]`` and is
+    padded to the smallest chosen boundary >= it; the boundaries minimise
+    ``sum_j weights[j] * boundary(candidates[j])``. The largest candidate is always a
+    boundary. Exact dynamic programme, O(n_buckets * len(candidates)^2).
+
+    Args:
+      candidates: [M] ascending distinct lengths >= 1.
+      weights: [M] non-negative weights.
+      n_buckets: the most boundaries to return (>= 1).
+
+    Returns:
+      The boundaries, ascending.
+    """
+    c = np.asarray(candidates, np.float64)
+    m = len(c)
+    if n_buckets >= m:
+        return tuple(int(v) for v in candidates)
+    cumulative = np.cumsum(np.asarray(weights, np.float64))  # weight of c_0 .. c_j
+    best = c * cumulative  # one bucket: everything up to c_j padded to c_j
+    earlier = np.tril(np.ones((m, m), bool), -1)  # [j, i]: i < j
+    previous = []
+    for _ in range(n_buckets - 1):
+        # Last bucket (c_i, c_j] padded to c_j, the rows up to c_i covered as best[i].
+        total = best[None, :] + c[:, None] * (cumulative[:, None] - cumulative[None, :])
+        total = np.where(earlier, total, np.inf)
+        split = np.argmin(total, axis=1)
+        cost = total[np.arange(m), split]
+        better = cost < best
+        previous.append(np.where(better, split, -1))
+        best = np.where(better, cost, best)
+    chosen, j = [m - 1], m - 1
+    for split in reversed(previous):
+        if split[j] >= 0:
+            j = int(split[j])
+            chosen.append(j)
+    return tuple(int(candidates[j]) for j in sorted(chosen))
+
+
+def _candidate_lengths(lengths: np.ndarray) -> np.ndarray:
+    """Distinct lengths (>= 1), on a coarser grid when there are very many."""
+    lengths = np.maximum(lengths, 1)
+    top = int(lengths.max())
+    step = -(-top // _MAX_CANDIDATES)
+    return np.unique(np.minimum(-(-lengths // step) * step, top))
+
+
+def auto_boundaries(lengths: np.ndarray, n_buckets: int, batch_size: int,
+                    shuffle: bool, bucket_by_length: bool) -> tuple[int, ...]:
+    """Bucket lengths of one variable-length input chosen to minimise expected padding.
+
+    The padded length of a batch is the bucket of its longest row, so what is minimised
+    is the expected bucket of that maximum over the batches the loader will make: with
+    ``bucket_by_length`` rows of one bucket share batches, so each row's own length
+    counts; in dataset order (``shuffle=False``) the maxima of the actual batches; with a
+    shuffle, the maximum of ``batch_size`` random rows (CDF ``F(l) ** batch_size``).
+
+    Args:
+      lengths: [N] row lengths.
+      n_buckets: the most bucket lengths to return.
+      batch_size, shuffle, bucket_by_length: the loader's settings.
+
+    Returns:
+      Ascending bucket lengths; the last is the longest row (at least 1).
+    """
+    lengths = np.maximum(np.asarray(lengths), 1)
+    candidates = _candidate_lengths(lengths)
+    slot = np.searchsorted(candidates, lengths)  # the candidate each row rounds up to
+    if bucket_by_length:
+        weights = np.bincount(slot, minlength=len(candidates)).astype(np.float64)
+    elif not shuffle:
+        maxima = [slot[i : i + batch_size].max() for i in range(0, len(slot), batch_size)]
+        weights = np.bincount(maxima, minlength=len(candidates)).astype(np.float64)
+    else:
+        cdf = np.cumsum(np.bincount(slot, minlength=len(candidates))) / len(slot)
+        weights = np.diff(cdf ** min(batch_size, len(slot)), prepend=0.0)
+    return optimal_boundaries(candidates, weights, n_buckets)
+
+
+def _explicit_boundaries(key: str, value: Any, longest: int) -> tuple[int, ...]:
+    """User bucket lengths of input ``key``: sorted, capped at and ending with ``longest``."""
+    try:
+        values = [int(v) for v in value]
+        ok = all(float(v) == int(v) >= 1 for v in value) and bool(values)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"DictDataLoader: length_buckets for '{key}' must be a non-empty list of ints "
+            f">= 1 (bucket lengths), got {value!r}")
+    return tuple(sorted({min(v, longest) for v in values} | {longest}))
 
 
 class Batch(tuple):
@@ -100,6 +205,24 @@ class DictDataLoader:
         permutations are jaxmtl's, not torch's).
       multiprocessing_context, pin_memory_device, in_order: accepted, no effect (the
         workers are threads; batches always come in order).
+      length_buckets: how variable-length inputs (``dataset.lengths``) are padded. Each
+        batch cuts such an input ``key`` and its mask ``"<key>_mask"`` to the smallest
+        bucket length that holds the batch's longest row, so the loader makes at most
+        ``len(bucket_shapes)`` batch shapes (each one compiled program per jitted
+        function). An int n (default 8): at most n shapes per loader, the bucket lengths
+        chosen at construction to minimise the expected padded length for these loader
+        settings (``auto_boundaries``); with k variable-length inputs each gets
+        ``floor(n ** (1/k))`` buckets. ``1`` pads every batch to the dataset's longest
+        row. A list of ints: these bucket lengths (for a dataset with one variable-length
+        input); a dict: input name -> list. Lengths above the longest row become it, and
+        the longest row's length is always added. No effect on fixed-shape inputs.
+      bucket_by_length: batch rows of similar length together, so little is padded:
+        rows are grouped by bucket, shuffled within their group (with ``shuffle``), cut
+        into batches, and the batches shuffled. Only the last batch of an epoch may be
+        partial (its rows are a random run of the length-sorted rows). The order is still
+        a pure function of (seed, epoch) and a permutation of the rows each epoch. Note
+        that ``predict`` returns rows in the loader's order, so this reorders its output
+        even with ``shuffle=False``. No effect on a dataset without variable-length inputs.
       collate_fn, sampler, batch_sampler, worker_init_fn: not supported; anything but
         None raises ``ValueError`` saying what to use instead.
 
@@ -107,6 +230,10 @@ class DictDataLoader:
       seed: the seed of the permutations in use.
       seed_given: whether the seed came from the user (``seed=`` or ``generator=``).
       epoch: the epoch whose permutation the next pass uses.
+      ragged_keys: the dataset's variable-length inputs, in ``dataset.lengths`` order.
+      bucket_lengths: variable-length input name -> its bucket lengths, ascending.
+      bucket_shapes: every combination of bucket lengths a batch can have (tuples in
+        ``ragged_keys`` order; ``[()]`` without variable-length inputs): the batch shapes.
     """
 
     def __init__(
@@ -130,6 +257,8 @@ class DictDataLoader:
         sampler: Any = None,
         batch_sampler: Any = None,
         worker_init_fn: Any = None,
+        length_buckets: int | Any = DEFAULT_LENGTH_BUCKETS,
+        bucket_by_length: bool = False,
     ) -> None:
         unsupported = {"collate_fn": collate_fn, "sampler": sampler,
                        "batch_sampler": batch_sampler, "worker_init_fn": worker_init_fn}
@@ -190,6 +319,52 @@ class DictDataLoader:
         self.seed = int(np.random.SeedSequence().entropy % 2**32) if seed is None else int(seed)
         self.drop_last = drop_last
         self.epoch = 0
+        self.bucket_by_length = bool(bucket_by_length)
+        self._init_buckets(length_buckets)
+
+    def _init_buckets(self, length_buckets: Any) -> None:
+        """Sets ``ragged_keys``, ``bucket_lengths``, ``bucket_shapes`` and each row's bucket."""
+        lengths = getattr(self.dataset, "lengths", {}) or {}
+        self.ragged_keys = tuple(lengths)
+        if isinstance(length_buckets, dict):
+            unknown = sorted(set(length_buckets) - set(lengths))
+            if unknown:
+                raise ValueError(
+                    f"DictDataLoader: length_buckets names {unknown}, which are not "
+                    f"variable-length inputs of dataset '{self.dataset.name}' (those are "
+                    f"{list(lengths)})")
+        elif not isinstance(length_buckets, numbers.Integral) and len(lengths) > 1:
+            raise ValueError(
+                f"DictDataLoader: a list length_buckets={length_buckets!r} is ambiguous for "
+                f"dataset '{self.dataset.name}' with variable-length inputs {list(lengths)}; "
+                f"pass a dict input name -> bucket lengths")
+        if isinstance(length_buckets, numbers.Integral):
+            n_shapes = _check_count("length_buckets", length_buckets, 1)
+            per_key = max(1, int(n_shapes ** (1 / max(len(lengths), 1)) + 1e-9))
+        self.bucket_lengths: dict[str, tuple[int, ...]] = {}
+        for key, row_lengths in lengths.items():
+            longest = max(int(row_lengths.max()), 1)
+            given = length_buckets.get(key) if isinstance(length_buckets, dict) else (
+                None if isinstance(length_buckets, numbers.Integral) else length_buckets)
+            if given is not None:
+                self.bucket_lengths[key] = _explicit_boundaries(key, given, longest)
+            else:
+                n = per_key if isinstance(length_buckets, numbers.Integral) else \
+                    DEFAULT_LENGTH_BUCKETS
+                self.bucket_lengths[key] = auto_boundaries(
+                    row_lengths, n, self.batch_size, self.shuffle, self.bucket_by_length)
+        # Each row's bucket index per key [K, N], and its combination as one int [N].
+        self._row_buckets = np.array(
+            [np.searchsorted(self.bucket_lengths[k], lengths[k]) for k in self.ragged_keys],
+            np.int64).reshape(len(self.ragged_keys), len(self.dataset))
+        sizes = [len(self.bucket_lengths[k]) for k in self.ragged_keys]
+        self._shape_strides = np.array(
+            [int(np.prod(sizes[i + 1 :])) for i in range(len(sizes))], np.int64)
+        self._row_shape = (self._shape_strides[:, None] * self._row_buckets).sum(axis=0)
+        self.bucket_shapes: list[tuple[int, ...]] = [
+            tuple(self.bucket_lengths[k][int(i)] for k, i in zip(
+                self.ragged_keys, np.unravel_index(s, sizes) if sizes else (), strict=True))
+            for s in range(int(np.prod(sizes)))]
 
     def __len__(self) -> int:
         n = len(self.dataset)
@@ -221,11 +396,38 @@ class DictDataLoader:
         self.epoch = int(epoch)
 
     def order(self, epoch: int) -> np.ndarray:
-        """The row order of ``epoch``: [N] int indices."""
+        """The row order of ``epoch``: [N] int indices, a pure function of (seed, epoch).
+
+        Batch ``i`` is ``order[i * batch_size : (i + 1) * batch_size]``.
+        """
         n = len(self.dataset)
-        if not self.shuffle:
-            return np.arange(n)
-        return np.random.default_rng((self.seed, epoch)).permutation(n)
+        if not (self.bucket_by_length and self.ragged_keys):  # fixed shapes: as ever
+            if not self.shuffle:
+                return np.arange(n)
+            return np.random.default_rng((self.seed, epoch)).permutation(n)
+        return self._bucketed_order(epoch)
+
+    def _bucketed_order(self, epoch: int) -> np.ndarray:
+        """Rows grouped by batch shape (longest first), batches shuffled; the partial one last."""
+        n, size = len(self.dataset), self.batch_size
+        rng = np.random.default_rng((self.seed, epoch)) if self.shuffle else None
+        rows = rng.permutation(n) if rng is not None else np.arange(n)
+        rows = rows[np.argsort(-self._row_shape[rows], kind="stable")]  # shuffled within
+        n_full, tail = divmod(n, size)
+        # Where the partial batch is cut from the sorted rows (random, so that drop_last
+        # does not always drop the same kind of rows).
+        cut = int(rng.integers(n_full + 1)) * size if rng is not None else n_full * size
+        partial = rows[cut : cut + tail]
+        full = np.concatenate([rows[:cut], rows[cut + tail :]]).reshape(n_full, size)
+        if rng is not None:
+            full = full[rng.permutation(n_full)]
+        return np.concatenate([full.reshape(-1), partial])
+
+    def shape_index(self, rows: np.ndarray) -> int:
+        """The index in ``bucket_shapes`` of the batch made of ``rows`` (0 if no ragged key)."""
+        if not self.ragged_keys:
+            return 0
+        return int((self._row_buckets[:, rows].max(axis=1) * self._shape_strides).sum())
 
     def rows_at(self, order: np.ndarray, index: int) -> tuple[np.ndarray, int]:
         """Row indices [batch_size] of batch ``index`` and how many of them are real.
@@ -242,7 +444,12 @@ class DictDataLoader:
         """Batch number ``index`` of the given row order, padded to ``batch_size``."""
         rows, num_valid = self.rows_at(order, index)
         mask = np.arange(self.batch_size) < num_valid
-        X = {key: value[rows] for key, value in self.dataset.X_dict.items()}
+        width = {}
+        for key, length in zip(self.ragged_keys, self.bucket_shapes[self.shape_index(rows)],
+                               strict=True):
+            width[key] = width[mask_key(key)] = length
+        X = {key: value[rows, : width[key]] if key in width else value[rows]
+             for key, value in self.dataset.X_dict.items()}
         Y = {}
         for key, value in self.dataset.Y_dict.items():
             labels = value[rows]

@@ -8,7 +8,9 @@ flushes before it evaluates or checkpoints), so the two give the same results:
   devices one batch ahead of the step that needs them.
 - ``FusedRunner`` (``TrainerConfig(steps_per_call=K)``): the train datasets live on the
   device; the host sends only row indices, and one call runs K steps in a ``lax.scan``,
-  each selecting its loader's computation with ``lax.switch``. A call cut short (before an
+  each selecting its loader's computation with ``lax.switch`` (one branch per loader and
+  bucket shape: variable-length inputs stay padded to their longest row on the device
+  and each branch slices them to its bucket length statically). A call cut short (before an
   evaluation, or at the end of an epoch) is filled with no-op steps (no active row), which
   leave the state unchanged, so every call has the same shapes and compiles once.
 
@@ -26,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..data import is_active
+from ..data import is_active, mask_key
 from ..loader import DictDataLoader
 from ..model import ModelGraph
 from ..parallel import DataParallel, prefetch
@@ -181,11 +183,16 @@ class PerStepRunner:
 
 
 class IndexBatch(NamedTuple):
-    """A batch described by row indices only (the data stays on the device)."""
+    """A batch described by row indices only (the data stays on the device).
+
+    ``shape`` indexes the loader's ``bucket_shapes``: the lengths its variable-length
+    inputs are cut to (0 for a loader without any).
+    """
 
     loader: int
     rows: np.ndarray
     num_valid: int
+    shape: int = 0
 
 
 class _IndexLoader:
@@ -206,7 +213,7 @@ class _IndexLoader:
             rows, num_valid = self.loader.rows_at(order, batch_index)
             if not any(is_active(y[rows[:num_valid]]).any() for y in self._labels):
                 num_valid = 0  # no labelled row: skipped, as the per-step runner does
-            yield IndexBatch(self.index, rows, num_valid)
+            yield IndexBatch(self.index, rows, num_valid, self.loader.shape_index(rows))
 
 
 def _mask_labels(labels: jax.Array, mask: jax.Array) -> jax.Array:
@@ -214,40 +221,63 @@ def _mask_labels(labels: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.where(keep, labels, jnp.asarray(-1, labels.dtype))
 
 
-def fused_steps(graph: ModelGraph, batch_sizes: tuple[int, ...], state: TrainState,
+def fused_branches(loaders: Sequence[DictDataLoader]) -> tuple[tuple[int, tuple], ...]:
+    """The fused step's branches: one per (loader, batch shape), in loader order.
+
+    Each is ``(loader index, ((input key, length), ...))``: the lengths the loader's
+    variable-length inputs and their masks are cut to (empty for fixed-shape data).
+    """
+    branches = []
+    for index, dl in enumerate(loaders):
+        for shape in dl.bucket_shapes:
+            widths = []
+            for key, length in zip(dl.ragged_keys, shape, strict=True):
+                widths += [(key, length), (mask_key(key), length)]
+            branches.append((index, tuple(widths)))
+    return tuple(branches)
+
+
+def fused_steps(graph: ModelGraph, batch_sizes: tuple[int, ...],
+                branch_specs: tuple[tuple[int, tuple], ...], state: TrainState,
                 accumulator: dict[str, jax.Array], data: list[dict[str, Any]],
-                loader_ids: jax.Array, rows: jax.Array, num_valid: jax.Array
+                branch_ids: jax.Array, rows: jax.Array, num_valid: jax.Array
                 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """Runs ``len(loader_ids)`` steps in one ``lax.scan`` over device-resident data.
+    """Runs ``len(branch_ids)`` steps in one ``lax.scan`` over device-resident data.
 
     Args:
       graph: the task graph (static).
       batch_sizes: each train loader's batch size (static).
+      branch_specs: ``fused_branches(loaders)`` (static): per branch, its loader and the
+        static lengths its variable-length inputs are sliced to.
       state, accumulator: as ``fit_step``.
       data: per loader ``{"X": {...}, "Y": {...}}`` arrays of its whole dataset.
-      loader_ids: [K] the loader of each step; ``len(batch_sizes)`` for a no-op step.
+      branch_ids: [K] the branch of each step; ``len(branch_specs)`` for a no-op step.
       rows: [K, max batch size] row indices into that loader's data.
       num_valid: [K] real rows per step (0 for a no-op step).
     """
 
-    def branch(index: int, carry: tuple, rows_k: jax.Array, valid_k: jax.Array) -> tuple:
+    def branch(spec: tuple[int, tuple], carry: tuple, rows_k: jax.Array,
+               valid_k: jax.Array) -> tuple:
+        index, widths = spec
+        widths = dict(widths)
         step_rows = rows_k[: batch_sizes[index]]
         mask = jnp.arange(batch_sizes[index]) < valid_k
-        X = jax.tree.map(lambda a: a[step_rows], data[index]["X"])
+        X = {k: (v[:, : widths[k]] if k in widths else v)[step_rows]
+             for k, v in data[index]["X"].items()}
         Y = {k: _mask_labels(v[step_rows], mask) for k, v in data[index]["Y"].items()}
         return fit_step(graph, *carry, X, Y, mask, jnp.int32(index))
 
     def no_op(carry: tuple, rows_k: jax.Array, valid_k: jax.Array) -> tuple:
         return carry
 
-    branches = [functools.partial(branch, i) for i in range(len(batch_sizes))] + [no_op]
+    branches = [functools.partial(branch, spec) for spec in branch_specs] + [no_op]
 
     def body(carry: tuple, xs: tuple) -> tuple:
         loader_id, rows_k, valid_k = xs
         return jax.lax.switch(loader_id, branches, carry, rows_k, valid_k), None
 
     (state, accumulator), _ = jax.lax.scan(body, (state, accumulator),
-                                           (loader_ids, rows, num_valid))
+                                           (branch_ids, rows, num_valid))
     return state, accumulator
 
 
@@ -274,8 +304,13 @@ class FusedRunner(PerStepRunner):
             for dl in train_loaders
         ], parallel.devices[0])
         self._batch_sizes = tuple(dl.batch_size for dl in train_loaders)
+        # One lax.switch branch per (loader, bucket shape), each slicing statically.
+        branch_specs = fused_branches(train_loaders)
+        self._n_branches = len(branch_specs)
+        self._first_branch = np.cumsum([0] + [len(dl.bucket_shapes) for dl in train_loaders])
         self.compiled = compiled or jax.jit(
-            functools.partial(fused_steps, graph, self._batch_sizes), donate_argnums=(0, 1))
+            functools.partial(fused_steps, graph, self._batch_sizes, branch_specs),
+            donate_argnums=(0, 1))
         self._proxies = [_IndexLoader(dl, i, task_names) for i, dl in enumerate(train_loaders)]
         self._pending: list[IndexBatch] = []
         self.state = parallel.replicate(own_buffers(state))
@@ -304,13 +339,14 @@ class FusedRunner(PerStepRunner):
         if not self._pending:
             return
         k, width = self.steps_per_call, max(self._batch_sizes)
-        # Unused slots run the no-op branch (index n_loaders): the state passes through.
-        loader_ids = np.full(k, len(self._batch_sizes), np.int32)
+        # Unused slots run the no-op branch (the last): the state passes through.
+        branch_ids = np.full(k, self._n_branches, np.int32)
         rows = np.zeros((k, width), np.int32)
         num_valid = np.zeros(k, np.int32)
         for i, item in enumerate(self._pending):
-            loader_ids[i], num_valid[i] = item.loader, item.num_valid
+            branch_ids[i] = self._first_branch[item.loader] + item.shape
+            num_valid[i] = item.num_valid
             rows[i, : len(item.rows)] = item.rows
         self._pending = []
         self.state, self.accumulator = self.compiled(self.state, self.accumulator, self._data,
-                                                     loader_ids, rows, num_valid)
+                                                     branch_ids, rows, num_valid)

@@ -122,7 +122,8 @@ class Trainer:
         # A later fit of the same model with the same settings reuses the optimizer and
         # the compiled step: nothing is traced or compiled again.
         cache_key = (model.graph, repr(config), n_batches_per_epoch, self.parallel,
-                     tuple(dl.batch_size for dl in train_loaders))
+                     tuple(dl.batch_size for dl in train_loaders),
+                     tuple((dl.ragged_keys, tuple(dl.bucket_shapes)) for dl in train_loaders))
         cached = self._compiled.get(cache_key)
         if cached is None:
             lr_schedule, warmup_steps = make_lr_schedule(
