@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -259,3 +262,34 @@ def test_bucketed_run_resumes_exactly(tmp_path):
     got = run(jaxmtl.DictDataLoader, tmp_path / "crash", resume=True)
     for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(got), strict=True):
         np.testing.assert_array_equal(b, a)
+
+
+MULTIDEVICE = """
+import jax, numpy as np, jaxmtl
+from test_loader_buckets import ragged_dataset, text_model
+params = {}
+for parallel in ("single", "pmap", "sharded"):
+    dl = jaxmtl.DictDataLoader(ragged_dataset(), batch_size=16, shuffle=True, seed=2,
+                               length_buckets=3, bucket_by_length=True)
+    model = text_model()
+    trainer = jaxmtl.Trainer(n_epochs=1, lr=0.05, seed=0, progress_bar=False,
+                             parallel=parallel)
+    trainer.fit(model, [dl])
+    params[parallel] = jax.tree.leaves(trainer.state.params)
+    probs = model.predict(jaxmtl.DictDataLoader(ragged_dataset(50, 3, "test"), 16))
+    params[parallel].append(probs["probs"]["task"])
+for mode in ("pmap", "sharded"):
+    print(mode, max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+                    for a, b in zip(params["single"], params[mode], strict=True)))
+"""
+
+
+@pytest.mark.slow
+def test_multi_device_modes_use_the_same_buckets():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    done = subprocess.run([sys.executable, "-c", MULTIDEVICE], cwd=Path(__file__).parent,
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    differences = dict(line.split() for line in done.stdout.splitlines())
+    assert {mode: float(d) < 1e-5 for mode, d in differences.items()} == {
+        "pmap": True, "sharded": True}, differences
