@@ -5,6 +5,7 @@
     .venv-bench/bin/python -m benchmarks --scaling            # batch size / width sweep
     .venv-bench/bin/python -m benchmarks --devices            # 1, 2, 4, 8 devices
     .venv-bench/bin/python -m benchmarks --logging-overhead   # json / tensorboard logging
+    .venv-bench/bin/python -m benchmarks --varlen             # variable-length token inputs
     .venv-bench/bin/python -m benchmarks --only jaxmtl,jax_numpy --repeats 5
 
 Writes ``latest.md`` (table), ``latest.png`` (ratios to Snorkel) and ``latest.json`` (raw
@@ -22,7 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks import devices, logging_overhead, report, scaling
+from benchmarks import devices, logging_overhead, report, scaling, varlen
 from benchmarks.runner import (
     JAX_NUMPY,
     JAX_SCAN,
@@ -49,6 +50,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "(forced CPU devices, or the real GPUs)")
     parser.add_argument("--logging-overhead", action="store_true",
                         help="jaxmtl fit without logging vs json and tensorboard logging")
+    parser.add_argument("--varlen", action="store_true",
+                        help="variable-length token inputs (lognormal lengths, max 239 and "
+                             "512): Snorkel, a JAX loop padding to 2^k, jaxmtl default and "
+                             "bucket_by_length=True")
     parser.add_argument("--steps-per-call", type=int, default=0, metavar="K",
                         help="also run jaxmtl with TrainerConfig(steps_per_call=K)")
     parser.add_argument("--repeats", type=int, default=None,
@@ -112,7 +117,14 @@ def main(argv: list[str] | None = None) -> None:
     torch_python = args.torch_python or default_torch_python()
     created = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
     machine = {**machine_info(), **git_state()}
-    if args.devices or args.logging_overhead:
+    if args.varlen:
+        spec = varlen.spec(args.repeats)
+        records = run_set(_select(varlen.IMPLEMENTATIONS, args.only), spec, args.python,
+                          torch_python, args.max_other_load, args.retries)
+        run = {"created": created, "machine": machine, "spec": spec, "records": records}
+        stem = "varlen"
+        markdown, png_note = varlen.render_markdown(run), "no plot for --varlen"
+    elif args.devices or args.logging_overhead:
         stem = "devices" if args.devices else "logging"
         run, render, plot = (run_devices if args.devices else run_logging)(args, created, machine)
         markdown, png_note = render(run), plot(run, str(out_dir / f"{stem}.png"))
