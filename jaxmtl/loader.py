@@ -174,6 +174,11 @@ def _check_count(name: str, value: Any, minimum: int) -> int:
 class DictDataLoader:
     """Yields fixed-shape batches of a DictDataset as dicts of numpy arrays.
 
+    Every batch has ``batch_size`` rows. A variable-length input ``key`` (a list of 1-D
+    arrays of different lengths in the DictDataset) comes as ``X["key"]`` [B, L] with its
+    mask ``X["key_mask"]`` [B, L] bool, L the smallest of ``bucket_lengths["key"]`` that
+    holds the batch's longest row; all other inputs have their dataset shape.
+
     Snorkel's ``DictDataLoader`` is a torch ``DataLoader``; this one takes the torch
     keywords a Snorkel script passes and says what each does here.
 
