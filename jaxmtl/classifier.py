@@ -29,6 +29,7 @@ from .model import (
 )
 from .parallel import DataParallel, choose_parallel
 from .persistence import load_variables, save_params
+from .signatures import TaskFamily, family_loss_terms, family_of, family_probs, task_families
 from .task import Operation, Task, is_flax_module
 from .utils import probs_to_preds
 
@@ -258,11 +259,27 @@ class MultitaskClassifier:
             self._parallel = choose_parallel("auto", self.dataparallel, devices)
         return self._parallel
 
-    def _compiled(self, kind: str, task_names: tuple[str, ...], parallel: DataParallel) -> Any:
+    def _family(self, task_names: Sequence[str]) -> TaskFamily | None:
+        """The family of a single task, whose members share one compiled program."""
+        if len(task_names) != 1:
+            return None
+        return family_of(task_families(self.graph, self.variables), task_names[0])
+
+    def _compiled(self, kind: str, task_names: tuple[str, ...] | TaskFamily,
+                  parallel: DataParallel) -> Any:
+        """One jitted function per kind and task set, or per kind and ``TaskFamily``
+        (then it takes the member index as its last argument)."""
         key = (kind, task_names, parallel)
         if key not in self._jitted:
             graph = self.graph
-            if kind == "probs":
+            if isinstance(task_names, TaskFamily):
+                family = task_names
+                if kind == "probs":
+                    fn = lambda v, x, j: family_probs(graph, family, v, x, j)  # noqa: E731
+                else:
+                    fn = lambda v, x, y, m, j: family_loss_terms(  # noqa: E731
+                        graph, family, v, x, y, m, j)
+            elif kind == "probs":
                 fn = lambda v, x: task_probs(graph, v, x, task_names)  # noqa: E731
             elif kind == "forward":
                 fn = lambda v, x: apply_ops(graph, v, x, task_names)[0]  # noqa: E731
@@ -288,9 +305,18 @@ class MultitaskClassifier:
         tasks = tuple(name for name in Y_dict if name in self.graph.op_sequences)
         variables = self._ensure_variables(X_dict, tasks)
         parallel = self.parallel
-        batch = parallel.put_batch(X_dict, {t: Y_dict[t] for t in tasks},
-                                   np.ones(len(next(iter(X_dict.values()))), bool))
-        terms = self._compiled("loss", tasks, parallel)(parallel.replicate(variables), *batch)
+        family = self._family(tasks)
+        if family is not None:  # one program for every member of the family
+            X, Y, mask = parallel.put_batch(X_dict, {"labels": Y_dict[tasks[0]]},
+                                            np.ones(len(next(iter(X_dict.values()))), bool))
+            member = parallel.per_device(np.int32(family.index(tasks[0])))
+            terms = {tasks[0]: self._compiled("loss", family, parallel)(
+                parallel.replicate(variables), X, Y["labels"], mask, member)}
+        else:
+            batch = parallel.put_batch(X_dict, {t: Y_dict[t] for t in tasks},
+                                       np.ones(len(next(iter(X_dict.values()))), bool))
+            terms = self._compiled("loss", tasks, parallel)(parallel.replicate(variables),
+                                                            *batch)
         # Per-device sums under pmap: adding them over the device axis gives the totals.
         terms = {t: (np.asarray(s, np.float64).sum(), np.asarray(c).sum())
                  for t, (s, c) in terms.items()}
@@ -301,6 +327,23 @@ class MultitaskClassifier:
                 loss_dict[task_name] = loss_sum / count
                 count_dict[task_name] = count
         return loss_dict, count_dict
+
+    def _probs_fn(self, tasks: tuple[str, ...], parallel: DataParallel) -> Any:
+        """``(variables, X) -> {task: probs}``: the family's program when the one task has
+        a family (compiled once for all its members), else the task set's."""
+        family = self._family(tasks)
+        if family is None:
+            return self._compiled("probs", tasks, parallel)
+        program = self._compiled("probs", family, parallel)
+        member = parallel.per_device(np.int32(family.index(tasks[0])))
+        keys = self.graph.input_keys([family.representative])
+
+        def probs(variables: PyTree, X_dict: Mapping[str, Any]) -> dict[str, jax.Array]:
+            if keys is not None:  # every member's batch has the same X keys
+                X_dict = {key: X_dict[key] for key in sorted(keys) if key in X_dict}
+            return {tasks[0]: program(variables, X_dict, member)}
+
+        return probs
 
     def _labels_to_tasks(self, label_names: Sequence[str],
                          remap_labels: Mapping[str, str | None]) -> dict[str, str]:
@@ -335,7 +378,7 @@ class MultitaskClassifier:
         probs: dict[str, list] = {label: [] for label in labels_to_tasks}
         if tasks:
             parallel = self.parallel
-            probs_fn = self._compiled("probs", tasks, parallel)
+            probs_fn = None
             device_variables = None
             for batch in dataloader:
                 X_dict, Y_dict = batch
@@ -343,6 +386,7 @@ class MultitaskClassifier:
                 mask = getattr(batch, "mask", np.ones(n_rows, bool))
                 if device_variables is None:
                     device_variables = parallel.replicate(self._ensure_variables(X_dict, tasks))
+                    probs_fn = self._probs_fn(tasks, parallel)
                 device_X, _, _ = parallel.put_batch(X_dict, {}, mask)
                 batch_probs = probs_fn(device_variables, device_X)
                 valid.append(int(mask.sum()))

@@ -30,7 +30,8 @@ from ..data import is_active
 from ..loader import DictDataLoader
 from ..model import ModelGraph
 from ..parallel import DataParallel, prefetch
-from .step import TrainState, train_step_on
+from ..signatures import TaskFamily, family_of, task_families
+from .step import TrainState, family_train_step, train_step_on
 
 
 def own_buffers(tree: Any) -> Any:
@@ -100,22 +101,88 @@ def fit_group_step(
     return state, {"loss_sum": loss_sum, "count": count}
 
 
+def fit_family_step(
+    graph: ModelGraph,
+    family: TaskFamily,
+    state: TrainState,
+    accumulator: dict[str, jax.Array],
+    X_dict: dict[str, jax.Array],
+    labels: jax.Array,
+    mask: jax.Array,
+    member: jax.Array,
+    loader_index: jax.Array,
+    axis_name: Any = None,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """``fit_step`` for a batch of one task of ``family`` (``family_train_step``).
+
+    The task's accumulator column is read from the member index, so one program serves
+    every loader of every member with this batch signature.
+    """
+    state, metrics = family_train_step(graph, family, state, X_dict, labels, mask, member,
+                                       axis_name=axis_name)
+    task_sum, task_count = metrics["terms"]
+    if axis_name is not None:
+        task_sum, task_count = jax.lax.psum((task_sum, task_count), axis_name)
+    column = jnp.asarray([graph.task_names.index(t) for t in family.tasks], jnp.int32)[member]
+    return state, {"loss_sum": accumulator["loss_sum"].at[loader_index, column].add(task_sum),
+                   "count": accumulator["count"].at[loader_index, column].add(task_count)}
+
+
+class StepPrograms:
+    """The per-step runner's compiled steps, kept by the Trainer across ``fit`` calls.
+
+    ``general`` runs any batch group (one program per task set and batch signature);
+    ``families`` holds one step per task family (one program per batch signature).
+    """
+
+    def __init__(self, graph: ModelGraph, parallel: DataParallel) -> None:
+        self.graph, self.parallel = graph, parallel
+        self.general = parallel.compile(
+            functools.partial(fit_group_step, graph, axis_name=parallel.axis_name),
+            donate_argnums=(0, 1))
+        self.families: dict[TaskFamily, Any] = {}
+
+    def family(self, family: TaskFamily) -> Any:
+        """The compiled ``fit_family_step`` of ``family``."""
+        if family not in self.families:
+            self.families[family] = self.parallel.compile(
+                functools.partial(fit_family_step, self.graph, family,
+                                  axis_name=self.parallel.axis_name),
+                donate_argnums=(0, 1))
+        return self.families[family]
+
+
+class _Route(NamedTuple):
+    """How a loader's batches reach a family step."""
+
+    program: Any
+    task: str
+    input_keys: tuple[str, ...] | None
+    member: Any
+
+
 class PerStepRunner:
-    """One device call per batch (jit, pmap or sharded jit, as ``parallel`` says)."""
+    """One device call per batch (jit, pmap or sharded jit, as ``parallel`` says).
+
+    A loader whose batches carry one task of a ``TaskFamily`` steps through the family's
+    program (one for all members); other batches, "mixed" groups and balanced training
+    use the general step, one program per task set.
+    """
+
+    #: False forces one program per task set (the reference the family steps must equal).
+    share_family_programs = True
 
     def __init__(self, graph: ModelGraph, parallel: DataParallel, state: TrainState,
                  accumulator: dict[str, jax.Array], train_loaders: Sequence[DictDataLoader],
-                 compiled: Any = None) -> None:
+                 compiled: StepPrograms | None = None) -> None:
         self.parallel = parallel
         self.n_accumulator = (len(train_loaders), len(graph.task_names))
-        self.compiled = compiled or parallel.compile(
-            functools.partial(fit_group_step, graph, axis_name=parallel.axis_name),
-            donate_argnums=(0, 1),
-        )
+        self.compiled = compiled or StepPrograms(graph, parallel)
         self._loader_index = {id(dl): parallel.per_device(np.int32(i))
                               for i, dl in enumerate(train_loaders)}
         self._task_names = set(graph.task_names)
         self.loaders = list(train_loaders)
+        self._routes = self._family_routes(graph, state, train_loaders)
         # XLA:CPU runs each device's part of a collective on a shared thread pool; with
         # many steps queued, parts of different steps can hold every thread and wait for
         # each other forever (an all-reduce rendezvous timeout). There, a step starts only
@@ -125,6 +192,25 @@ class PerStepRunner:
         self.state = parallel.replicate(own_buffers(state))
         self.accumulator = parallel.replicate(accumulator)
 
+    def _family_routes(self, graph: ModelGraph, state: TrainState,
+                       train_loaders: Sequence[DictDataLoader]) -> dict[int, _Route]:
+        """Loader id -> its family route, for loaders that label one task of a family."""
+        if not self.share_family_programs or state.balancer is not None:
+            return {}
+        families = task_families(graph, state.variables)
+        routes = {}
+        for dl in train_loaders:
+            tasks = [k for k in dl.dataset.Y_dict if k in self._task_names]
+            family = family_of(families, tasks[0]) if len(tasks) == 1 else None
+            if family is None:
+                continue
+            keys = graph.input_keys([family.representative])
+            routes[id(dl)] = _Route(
+                self.compiled.family(family), tasks[0],
+                None if keys is None else tuple(sorted(keys)),
+                self.parallel.per_device(np.int32(family.index(tasks[0]))))
+        return routes
+
     @property
     def scheduler_loaders(self) -> list[Any]:
         """What the batch scheduler iterates: the loaders themselves."""
@@ -132,6 +218,9 @@ class PerStepRunner:
 
     def _to_devices(self, item: tuple[Any, Any]) -> tuple[Any, int, Any]:
         batches, dataloaders = item
+        route = None if isinstance(dataloaders, tuple) else self._routes.get(id(dataloaders))
+        if route is not None:
+            return self._family_to_devices(batches, dataloaders, route)
         if not isinstance(dataloaders, tuple):  # one batch per step, else a "mixed" group
             batches, dataloaders = (batches,), (dataloaders,)
         device_batches, num_valid, active = [], 0, False
@@ -145,6 +234,18 @@ class PerStepRunner:
             return None, 0, None
         loader_indices = tuple(self._loader_index[id(dl)] for dl in dataloaders)
         return tuple(device_batches), num_valid, loader_indices
+
+    def _family_to_devices(self, batch: Any, dataloader: DictDataLoader, route: _Route
+                           ) -> tuple[Any, int, Any]:
+        X_dict, Y_dict = batch
+        labels = Y_dict[route.task]
+        if not is_active(labels[batch.mask]).any():
+            return None, 0, None
+        if route.input_keys is not None:  # every member's batch has the same X keys
+            X_dict = {key: X_dict[key] for key in route.input_keys if key in X_dict}
+        X, Y, mask = self.parallel.put_batch(X_dict, {"labels": labels}, batch.mask)
+        return (X, Y["labels"], mask), batch.num_valid, (
+            route, self._loader_index[id(dataloader)])
 
     def epoch(self, batches: Iterator[tuple[Any, DictDataLoader]]) -> Iterator[tuple[Any, int]]:
         """Wraps the scheduler's ``(batch, loader)`` pairs: yields ``(item, num_valid)``.
@@ -161,8 +262,13 @@ class PerStepRunner:
             return
         if self._wait_for_previous_step:
             jax.block_until_ready(self.state.step)
-        self.state, self.accumulator = self.compiled(self.state, self.accumulator,
-                                                     device_batches, loader_indices)
+        if isinstance(loader_indices[0], _Route):
+            route, loader_index = loader_indices
+            self.state, self.accumulator = route.program(
+                self.state, self.accumulator, *device_batches, route.member, loader_index)
+            return
+        self.state, self.accumulator = self.compiled.general(
+            self.state, self.accumulator, device_batches, loader_indices)
 
     def flush(self) -> None:
         """Nothing is buffered."""
