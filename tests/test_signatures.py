@@ -195,3 +195,18 @@ def test_compiled_programs_do_not_grow_with_the_number_of_tasks(monkeypatch):
     # (The first model warms up a few shape-generic programs, so T=8 may need fewer.)
     assert all(big <= small for big, small in zip(counts[8], counts[2], strict=True))
     assert counts[8][2:] == (0, 0)  # predict and calculate_loss reuse the family programs
+
+
+def test_fused_steps_switch_per_family_and_equal_per_task_set_programs(monkeypatch):
+    tasks = [head_task("a"), head_task("b"), head_task("c"), head_task("d", width=3),
+             head_task("e", width=3), deep_task("f")]
+    loaders = loaders_for(tasks, soft=("c",))
+    fused, trainer = fit(tasks, loaders, True, monkeypatch, steps_per_call=5)
+    (groups,) = next(iter(trainer._compiled.values()))[-1]
+    # a and b share a branch; c (soft labels) has its own signature; d+e; f alone.
+    assert [(g.family.tasks if g.family else None, g.loader) for g in groups] == [
+        (("a", "b", "c"), -1), (("a", "b", "c"), -1), (("d", "e"), -1), (None, 5)]
+    reference, _ = fit(tasks, loaders, False, monkeypatch)
+    for got, want in zip(jax.tree.leaves(fused.params), jax.tree.leaves(reference.params),
+                         strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)

@@ -155,10 +155,33 @@ class StepPrograms:
 class _Route(NamedTuple):
     """How a loader's batches reach a family step."""
 
-    program: Any
+    family: TaskFamily
     task: str
     input_keys: tuple[str, ...] | None
-    member: Any
+    member: int
+    program: Any = None
+
+
+def family_routes(graph: ModelGraph, state: TrainState,
+                  train_loaders: Sequence[DictDataLoader]) -> dict[int, _Route]:
+    """Loader id -> its family route, for loaders that label one task of a family.
+
+    Empty with a balancer (it needs the general step) or when
+    ``PerStepRunner.share_family_programs`` is False.
+    """
+    if not PerStepRunner.share_family_programs or state.balancer is not None:
+        return {}
+    families = task_families(graph, state.variables)
+    routes = {}
+    for dl in train_loaders:
+        tasks = [k for k in dl.dataset.Y_dict if k in graph.op_sequences]
+        family = family_of(families, tasks[0]) if len(tasks) == 1 else None
+        if family is not None:
+            keys = graph.input_keys([family.representative])
+            routes[id(dl)] = _Route(family, tasks[0],
+                                    None if keys is None else tuple(sorted(keys)),
+                                    family.index(tasks[0]))
+    return routes
 
 
 class PerStepRunner:
@@ -182,7 +205,10 @@ class PerStepRunner:
                               for i, dl in enumerate(train_loaders)}
         self._task_names = set(graph.task_names)
         self.loaders = list(train_loaders)
-        self._routes = self._family_routes(graph, state, train_loaders)
+        self._routes = {
+            key: route._replace(program=self.compiled.family(route.family),
+                                member=parallel.per_device(np.int32(route.member)))
+            for key, route in family_routes(graph, state, train_loaders).items()}
         # XLA:CPU runs each device's part of a collective on a shared thread pool; with
         # many steps queued, parts of different steps can hold every thread and wait for
         # each other forever (an all-reduce rendezvous timeout). There, a step starts only
@@ -191,25 +217,6 @@ class PerStepRunner:
                                         and parallel.devices[0].platform == "cpu")
         self.state = parallel.replicate(own_buffers(state))
         self.accumulator = parallel.replicate(accumulator)
-
-    def _family_routes(self, graph: ModelGraph, state: TrainState,
-                       train_loaders: Sequence[DictDataLoader]) -> dict[int, _Route]:
-        """Loader id -> its family route, for loaders that label one task of a family."""
-        if not self.share_family_programs or state.balancer is not None:
-            return {}
-        families = task_families(graph, state.variables)
-        routes = {}
-        for dl in train_loaders:
-            tasks = [k for k in dl.dataset.Y_dict if k in self._task_names]
-            family = family_of(families, tasks[0]) if len(tasks) == 1 else None
-            if family is None:
-                continue
-            keys = graph.input_keys([family.representative])
-            routes[id(dl)] = _Route(
-                self.compiled.family(family), tasks[0],
-                None if keys is None else tuple(sorted(keys)),
-                self.parallel.per_device(np.int32(family.index(tasks[0]))))
-        return routes
 
     @property
     def scheduler_loaders(self) -> list[Any]:
@@ -320,41 +327,75 @@ def _mask_labels(labels: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.where(keep, labels, jnp.asarray(-1, labels.dtype))
 
 
-def fused_steps(graph: ModelGraph, batch_sizes: tuple[int, ...], state: TrainState,
+class FusedGroup(NamedTuple):
+    """One ``lax.switch`` branch of ``fused_steps``: one loader, or a family's loaders.
+
+    Attributes:
+      family: the TaskFamily whose loaders share the branch (their data concatenated
+        along the rows, with the task's labels under "labels"), or None for one loader
+        through the general step.
+      loader: that one loader's index (-1 for a family branch).
+      batch_size: the branch's batch size.
+    """
+
+    family: TaskFamily | None
+    loader: int
+    batch_size: int
+
+
+def fused_steps(graph: ModelGraph, groups: tuple[FusedGroup, ...], state: TrainState,
                 accumulator: dict[str, jax.Array], data: list[dict[str, Any]],
-                loader_ids: jax.Array, rows: jax.Array, num_valid: jax.Array
+                group_ids: jax.Array, loader_ids: jax.Array, members: jax.Array,
+                rows: jax.Array, num_valid: jax.Array
                 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """Runs ``len(loader_ids)`` steps in one ``lax.scan`` over device-resident data.
+    """Runs ``len(group_ids)`` steps in one ``lax.scan`` over device-resident data.
+
+    Each step selects its branch with ``lax.switch``: one per ``FusedGroup``, so the
+    loaders of one task family (same batch signature) share one branch.
 
     Args:
       graph: the task graph (static).
-      batch_sizes: each train loader's batch size (static).
+      groups: the branches (static).
       state, accumulator: as ``fit_step``.
-      data: per loader ``{"X": {...}, "Y": {...}}`` arrays of its whole dataset.
-      loader_ids: [K] the loader of each step; ``len(batch_sizes)`` for a no-op step.
-      rows: [K, max batch size] row indices into that loader's data.
+      data: per group ``{"X": {...}, "Y": {...}}`` (one loader's whole dataset) or
+        ``{"X": {...}, "labels": [N, ...]}`` (a family's loaders' datasets, concatenated).
+      group_ids: [K] the branch of each step; ``len(groups)`` for a no-op step.
+      loader_ids, members: [K] each step's loader and member index (family branches).
+      rows: [K, max batch size] row indices into that group's data.
       num_valid: [K] real rows per step (0 for a no-op step).
     """
 
-    def branch(index: int, carry: tuple, rows_k: jax.Array, valid_k: jax.Array) -> tuple:
-        step_rows = rows_k[: batch_sizes[index]]
-        mask = jnp.arange(batch_sizes[index]) < valid_k
+    def branch(index: int, carry: tuple, loader_k: jax.Array, member_k: jax.Array,
+               rows_k: jax.Array, valid_k: jax.Array) -> tuple:
+        group = groups[index]
+        step_rows = rows_k[: group.batch_size]
+        mask = jnp.arange(group.batch_size) < valid_k
         X = jax.tree.map(lambda a: a[step_rows], data[index]["X"])
+        if group.family is not None:
+            labels = _mask_labels(data[index]["labels"][step_rows], mask)
+            return fit_family_step(graph, group.family, *carry, X, labels, mask, member_k,
+                                   loader_k)
         Y = {k: _mask_labels(v[step_rows], mask) for k, v in data[index]["Y"].items()}
-        return fit_step(graph, *carry, X, Y, mask, jnp.int32(index))
+        return fit_step(graph, *carry, X, Y, mask, jnp.int32(group.loader))
 
-    def no_op(carry: tuple, rows_k: jax.Array, valid_k: jax.Array) -> tuple:
+    def no_op(carry: tuple, *args: jax.Array) -> tuple:
         return carry
 
-    branches = [functools.partial(branch, i) for i in range(len(batch_sizes))] + [no_op]
+    branches = [functools.partial(branch, i) for i in range(len(groups))] + [no_op]
 
     def body(carry: tuple, xs: tuple) -> tuple:
-        loader_id, rows_k, valid_k = xs
-        return jax.lax.switch(loader_id, branches, carry, rows_k, valid_k), None
+        group_id, *args = xs
+        return jax.lax.switch(group_id, branches, carry, *args), None
 
-    (state, accumulator), _ = jax.lax.scan(body, (state, accumulator),
-                                           (loader_ids, rows, num_valid))
+    (state, accumulator), _ = jax.lax.scan(
+        body, (state, accumulator), (group_ids, loader_ids, members, rows, num_valid))
     return state, accumulator
+
+
+def _signature(tree: Any) -> Any:
+    """Keys, trailing shapes and dtypes of a tree of [N, ...] arrays (rows left out)."""
+    return tuple((str(path), np.shape(a)[1:], str(np.asarray(a).dtype))
+                 for path, a in jax.tree_util.tree_flatten_with_path(tree)[0])
 
 
 class FusedRunner(PerStepRunner):
@@ -374,14 +415,16 @@ class FusedRunner(PerStepRunner):
         self.loaders = list(train_loaders)
         self.steps_per_call = steps_per_call
         task_names = set(graph.task_names)
-        self._data = jax.device_put([
-            {"X": dict(dl.dataset.X_dict),
-             "Y": {k: v for k, v in dl.dataset.Y_dict.items() if k in task_names}}
-            for dl in train_loaders
-        ], parallel.devices[0])
+        groups, data, self._placement = _fused_groups(graph, state, train_loaders)
+        self._data = jax.device_put(data, parallel.devices[0])
+        self._n_groups = len(groups)
         self._batch_sizes = tuple(dl.batch_size for dl in train_loaders)
-        self.compiled = compiled or jax.jit(
-            functools.partial(fused_steps, graph, self._batch_sizes), donate_argnums=(0, 1))
+        # Programs by branch layout: a later fit whose loaders group otherwise gets its own.
+        self.compiled = {} if compiled is None else compiled
+        if groups not in self.compiled:
+            self.compiled[groups] = jax.jit(functools.partial(fused_steps, graph, groups),
+                                            donate_argnums=(0, 1))
+        self._program = self.compiled[groups]
         self._proxies = [_IndexLoader(dl, i, task_names) for i, dl in enumerate(train_loaders)]
         self._pending: list[IndexBatch] = []
         self.state = parallel.replicate(own_buffers(state))
@@ -410,13 +453,61 @@ class FusedRunner(PerStepRunner):
         if not self._pending:
             return
         k, width = self.steps_per_call, max(self._batch_sizes)
-        # Unused slots run the no-op branch (index n_loaders): the state passes through.
-        loader_ids = np.full(k, len(self._batch_sizes), np.int32)
+        # Unused slots run the no-op branch (index n_groups): the state passes through.
+        group_ids = np.full(k, self._n_groups, np.int32)
+        loader_ids = np.zeros(k, np.int32)
+        members = np.zeros(k, np.int32)
         rows = np.zeros((k, width), np.int32)
         num_valid = np.zeros(k, np.int32)
         for i, item in enumerate(self._pending):
-            loader_ids[i], num_valid[i] = item.loader, item.num_valid
-            rows[i, : len(item.rows)] = item.rows
+            group, offset, members[i] = self._placement[item.loader]
+            group_ids[i], loader_ids[i], num_valid[i] = group, item.loader, item.num_valid
+            rows[i, : len(item.rows)] = item.rows + offset
         self._pending = []
-        self.state, self.accumulator = self.compiled(self.state, self.accumulator, self._data,
-                                                     loader_ids, rows, num_valid)
+        self.state, self.accumulator = self._program(
+            self.state, self.accumulator, self._data, group_ids, loader_ids, members, rows,
+            num_valid)
+
+
+def _fused_groups(graph: ModelGraph, state: TrainState,
+                  train_loaders: Sequence[DictDataLoader]) -> tuple[tuple, list, list]:
+    """The fused branches: one per family and data signature, one per other loader.
+
+    Returns:
+      (groups, data, placement): the ``FusedGroup``s; their data (a family's loaders'
+      datasets concatenated along the rows); per loader ``(group, row offset, member)``.
+    """
+    routes = family_routes(graph, state, train_loaders)
+    groups: list[FusedGroup] = []
+    parts: list[dict[str, Any]] = []
+    placement: list[tuple[int, int, int]] = []
+    family_group: dict[tuple, int] = {}
+    for index, dl in enumerate(train_loaders):
+        X_dict, Y_dict = dl.dataset.X_dict, dl.dataset.Y_dict
+        route = routes.get(id(dl))
+        if route is None:
+            placement.append((len(groups), 0, 0))
+            groups.append(FusedGroup(None, index, dl.batch_size))
+            parts.append({"X": dict(X_dict),
+                          "Y": {k: v for k, v in Y_dict.items() if k in graph.op_sequences}})
+            continue
+        keys = sorted(X_dict) if route.input_keys is None else route.input_keys
+        X = {key: np.asarray(X_dict[key]) for key in keys}
+        labels = np.asarray(Y_dict[route.task])
+        key = (route.family, dl.batch_size, _signature(X), _signature(labels))
+        if key not in family_group:
+            family_group[key] = len(groups)
+            groups.append(FusedGroup(route.family, -1, dl.batch_size))
+            parts.append({"X": {k: [] for k in keys}, "labels": [], "rows": 0})
+        group = family_group[key]
+        part = parts[group]
+        placement.append((group, part["rows"], route.member))
+        for k in keys:
+            part["X"][k].append(X[k])
+        part["labels"].append(labels)
+        part["rows"] += len(labels)
+    data = [part if "Y" in part else
+            {"X": {k: np.concatenate(v) for k, v in part["X"].items()},
+             "labels": np.concatenate(part["labels"])}
+            for part in parts]
+    return tuple(groups), data, placement
