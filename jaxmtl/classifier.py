@@ -29,7 +29,7 @@ from .model import (
 )
 from .parallel import DataParallel, choose_parallel
 from .persistence import load_variables, save_params
-from .signatures import TaskFamily, family_loss_terms, family_of, family_probs, task_families
+from .signatures import family_of, task_families, view_modules, view_variables
 from .task import Operation, Task, is_flax_module
 from .utils import probs_to_preds
 
@@ -259,27 +259,25 @@ class MultitaskClassifier:
             self._parallel = choose_parallel("auto", self.dataparallel, devices)
         return self._parallel
 
-    def _family(self, task_names: Sequence[str]) -> TaskFamily | None:
-        """The family of a single task, whose members share one compiled program."""
+    def _family_view(self, task_names: Sequence[str]) -> tuple[str, dict[str, str]] | None:
+        """For a single task with a ``TaskFamily``: (the representative, the task's view).
+
+        The representative's program run on the task's view of the variables computes
+        the task's outputs: every member of the family shares that one program.
+        """
         if len(task_names) != 1:
             return None
-        return family_of(task_families(self.graph, self.variables), task_names[0])
+        family = family_of(task_families(self.graph, self.variables), task_names[0])
+        if family is None:
+            return None
+        return family.representative, view_modules(self.graph, family,
+                                                   family.index(task_names[0]))
 
-    def _compiled(self, kind: str, task_names: tuple[str, ...] | TaskFamily,
-                  parallel: DataParallel) -> Any:
-        """One jitted function per kind and task set, or per kind and ``TaskFamily``
-        (then it takes the member index as its last argument)."""
+    def _compiled(self, kind: str, task_names: tuple[str, ...], parallel: DataParallel) -> Any:
         key = (kind, task_names, parallel)
         if key not in self._jitted:
             graph = self.graph
-            if isinstance(task_names, TaskFamily):
-                family = task_names
-                if kind == "probs":
-                    fn = lambda v, x, j: family_probs(graph, family, v, x, j)  # noqa: E731
-                else:
-                    fn = lambda v, x, y, m, j: family_loss_terms(  # noqa: E731
-                        graph, family, v, x, y, m, j)
-            elif kind == "probs":
+            if kind == "probs":
                 fn = lambda v, x: task_probs(graph, v, x, task_names)  # noqa: E731
             elif kind == "forward":
                 fn = lambda v, x: apply_ops(graph, v, x, task_names)[0]  # noqa: E731
@@ -305,13 +303,14 @@ class MultitaskClassifier:
         tasks = tuple(name for name in Y_dict if name in self.graph.op_sequences)
         variables = self._ensure_variables(X_dict, tasks)
         parallel = self.parallel
-        family = self._family(tasks)
-        if family is not None:  # one program for every member of the family
-            X, Y, mask = parallel.put_batch(X_dict, {"labels": Y_dict[tasks[0]]},
-                                            np.ones(len(next(iter(X_dict.values()))), bool))
-            member = parallel.per_device(np.int32(family.index(tasks[0])))
-            terms = {tasks[0]: self._compiled("loss", family, parallel)(
-                parallel.replicate(variables), X, Y["labels"], mask, member)}
+        family_view = self._family_view(tasks)
+        if family_view is not None:  # the representative's program on the task's view
+            representative, view = family_view
+            batch = parallel.put_batch(X_dict, {representative: Y_dict[tasks[0]]},
+                                       np.ones(len(next(iter(X_dict.values()))), bool))
+            terms = self._compiled("loss", (representative,), parallel)(
+                parallel.replicate(view_variables(variables, view)), *batch)
+            terms = {tasks[0]: terms[representative]}
         else:
             batch = parallel.put_batch(X_dict, {t: Y_dict[t] for t in tasks},
                                        np.ones(len(next(iter(X_dict.values()))), bool))
@@ -328,22 +327,24 @@ class MultitaskClassifier:
                 count_dict[task_name] = count
         return loss_dict, count_dict
 
-    def _probs_fn(self, tasks: tuple[str, ...], parallel: DataParallel) -> Any:
-        """``(variables, X) -> {task: probs}``: the family's program when the one task has
-        a family (compiled once for all its members), else the task set's."""
-        family = self._family(tasks)
-        if family is None:
-            return self._compiled("probs", tasks, parallel)
-        program = self._compiled("probs", family, parallel)
-        member = parallel.per_device(np.int32(family.index(tasks[0])))
-        keys = self.graph.input_keys([family.representative])
+    def _probs_fn(self, tasks: tuple[str, ...], parallel: DataParallel, variables: PyTree
+                  ) -> tuple[Any, PyTree]:
+        """``((variables, X) -> {task: probs}, variables to pass)``: for a task with a
+        family, the representative's program and the task's view of the variables
+        (compiled once for all members), else the task set's program."""
+        family_view = self._family_view(tasks)
+        if family_view is None:
+            return self._compiled("probs", tasks, parallel), variables
+        representative, view = family_view
+        program = self._compiled("probs", (representative,), parallel)
+        keys = self.graph.input_keys([representative])
 
         def probs(variables: PyTree, X_dict: Mapping[str, Any]) -> dict[str, jax.Array]:
             if keys is not None:  # every member's batch has the same X keys
                 X_dict = {key: X_dict[key] for key in sorted(keys) if key in X_dict}
-            return {tasks[0]: program(variables, X_dict, member)}
+            return {tasks[0]: program(variables, X_dict)[representative]}
 
-        return probs
+        return probs, view_variables(variables, view)
 
     def _labels_to_tasks(self, label_names: Sequence[str],
                          remap_labels: Mapping[str, str | None]) -> dict[str, str]:
@@ -385,8 +386,9 @@ class MultitaskClassifier:
                 n_rows = len(next(iter(X_dict.values())))
                 mask = getattr(batch, "mask", np.ones(n_rows, bool))
                 if device_variables is None:
-                    device_variables = parallel.replicate(self._ensure_variables(X_dict, tasks))
-                    probs_fn = self._probs_fn(tasks, parallel)
+                    variables = self._ensure_variables(X_dict, tasks)
+                    probs_fn, variables = self._probs_fn(tasks, parallel, variables)
+                    device_variables = parallel.replicate(variables)
                 device_X, _, _ = parallel.put_batch(X_dict, {}, mask)
                 batch_probs = probs_fn(device_variables, device_X)
                 valid.append(int(mask.sum()))

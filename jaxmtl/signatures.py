@@ -40,13 +40,12 @@ from .model import (
     _node_args,
     _run_module,
     _with_module_variables,
-    losses_from_outputs,
-    task_logits,
 )
 from .task import is_flax_module
 
-__all__ = ["TaskFamily", "apply_family", "family_loss_terms", "family_of", "family_probs",
-           "member_model_state", "member_variables", "task_families"]
+__all__ = ["TaskFamily", "apply_family", "family_of", "member_model_state",
+           "member_variables", "task_families", "view_modules", "view_of", "view_variables",
+           "write_back", "write_back_variables"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,6 +186,57 @@ def family_of(families: Sequence[TaskFamily], task_name: str) -> TaskFamily | No
     return None
 
 
+def view_modules(graph: ModelGraph, family: TaskFamily, member: int) -> dict[str, str]:
+    """The member's *view*: each module the representative runs -> the member's module.
+
+    A tree restricted to the view and renamed (``view_of``) has the same structure for
+    every member, so one program compiled on it serves them all, and its size does not
+    depend on the number of members (the host picks the member's leaves, for free).
+    """
+    rename = {slot: family.members[s][member] for s, slot in enumerate(family.slots)}
+    names = dict.fromkeys(graph.nodes[node_id].module_name
+                          for node_id in graph.task_nodes[family.representative])
+    return {name: rename.get(name, name) for name in names}
+
+
+def _mirrors(modules: set[str]) -> Any:
+    # A dict keyed by exactly the model's module names mirrors the params: optax states
+    # (Adam's mu and nu, MultiSteps' accumulators) hold such dicts below NamedTuples.
+    return lambda node: isinstance(node, dict) and bool(node) and set(node) == modules
+
+
+def view_of(tree: PyTree, view: Mapping[str, str], modules: set[str]) -> PyTree:
+    """``tree`` with every params-mirroring dict (keys ``modules``) restricted to ``view``.
+
+    Args:
+      tree: e.g. the optimizer state, ``{"params": params}``, or params themselves.
+      view: ``view_modules``'s mapping (view key -> module name).
+      modules: the module names of the full params dict.
+    """
+    def restrict(node: Any) -> Any:
+        if _mirrors(modules)(node):
+            return {key: node[source] for key, source in view.items() if source in node}
+        return node
+
+    return jax.tree.map(restrict, tree, is_leaf=_mirrors(modules))
+
+
+def write_back(tree: PyTree, updated: PyTree, view: Mapping[str, str],
+               modules: set[str]) -> PyTree:
+    """Undoes ``view_of``: ``tree`` with the view's entries replaced by ``updated``'s.
+
+    Modules outside the view keep their values (parameters and optimizer moments of
+    modules the batch's task does not run, as torch leaves them).
+    """
+    def merge(node: Any, new: Any) -> Any:
+        if _mirrors(modules)(node):
+            return {**node, **{source: new[key] for key, source in view.items()
+                               if key in new}}
+        return new
+
+    return jax.tree.map(merge, tree, updated, is_leaf=_mirrors(modules))
+
+
 def _select(family: TaskFamily, tree: Mapping[str, Any], slot: int, member: jax.Array) -> Any:
     stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves),
                            *[tree[name] for name in family.members[slot]])
@@ -282,26 +332,23 @@ def apply_family(
     return outputs, view
 
 
-def family_loss_terms(
-    graph: ModelGraph,
-    family: TaskFamily,
-    variables: PyTree,
-    X_dict: Mapping[str, Any],
-    labels: jax.Array,
-    mask: jax.Array | None,
-    member: jax.Array,
-) -> tuple[jax.Array, jax.Array]:
-    """Evaluation-mode (loss sum over active rows, active count) of member ``member``."""
-    view = member_variables(family, variables, member)
-    outputs, _ = apply_family(graph, family, view, X_dict, member)
-    return losses_from_outputs(graph, outputs, {family.representative: labels},
-                               mask)[family.representative]
+def view_variables(variables: PyTree, view: Mapping[str, str]) -> PyTree:
+    """``{collection: {module: ...}}`` restricted to the member's view and renamed.
+
+    Running the representative's ops on it (``apply_ops``, ``task_probs``,
+    ``task_loss_terms``) computes the member's outputs in evaluation mode: one program
+    for every member.
+    """
+    return {col: {key: tree[source] for key, source in view.items() if source in tree}
+            for col, tree in variables.items()}
 
 
-def family_probs(graph: ModelGraph, family: TaskFamily, variables: PyTree,
-                 X_dict: Mapping[str, Any], member: jax.Array) -> jax.Array:
-    """Evaluation-mode probabilities [B, K] of member ``member``."""
-    view = member_variables(family, variables, member)
-    outputs, _ = apply_family(graph, family, view, X_dict, member)
-    rep = family.representative
-    return graph.output_funcs[rep](task_logits(graph, outputs, rep))
+def write_back_variables(variables: PyTree, updated: PyTree, view: Mapping[str, str]
+                         ) -> PyTree:
+    """Undoes ``view_variables``: the view's entries of ``updated`` written back."""
+    new = {col: dict(tree) for col, tree in variables.items()}
+    for col, tree in updated.items():
+        for key, source in view.items():
+            if key in tree:
+                new.setdefault(col, {})[source] = tree[key]
+    return new

@@ -30,7 +30,16 @@ from ..data import is_active
 from ..loader import DictDataLoader
 from ..model import ModelGraph
 from ..parallel import DataParallel, prefetch
-from ..signatures import TaskFamily, family_of, task_families
+from ..signatures import (
+    TaskFamily,
+    family_of,
+    task_families,
+    view_modules,
+    view_of,
+    view_variables,
+    write_back,
+    write_back_variables,
+)
 from .step import TrainState, family_train_step, train_step_on
 
 
@@ -112,6 +121,7 @@ def fit_family_step(
     member: jax.Array,
     loader_index: jax.Array,
     axis_name: Any = None,
+    in_view: bool = False,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """``fit_step`` for a batch of one task of ``family`` (``family_train_step``).
 
@@ -119,7 +129,7 @@ def fit_family_step(
     every loader of every member with this batch signature.
     """
     state, metrics = family_train_step(graph, family, state, X_dict, labels, mask, member,
-                                       axis_name=axis_name)
+                                       axis_name=axis_name, in_view=in_view)
     task_sum, task_count = metrics["terms"]
     if axis_name is not None:
         task_sum, task_count = jax.lax.psum((task_sum, task_count), axis_name)
@@ -132,7 +142,8 @@ class StepPrograms:
     """The per-step runner's compiled steps, kept by the Trainer across ``fit`` calls.
 
     ``general`` runs any batch group (one program per task set and batch signature);
-    ``families`` holds one step per task family (one program per batch signature).
+    ``families`` holds one step per task family (one program per batch signature), run
+    on the member's view of the state (its size does not grow with the members).
     """
 
     def __init__(self, graph: ModelGraph, parallel: DataParallel) -> None:
@@ -147,7 +158,7 @@ class StepPrograms:
         if family not in self.families:
             self.families[family] = self.parallel.compile(
                 functools.partial(fit_family_step, self.graph, family,
-                                  axis_name=self.parallel.axis_name),
+                                  axis_name=self.parallel.axis_name, in_view=True),
                 donate_argnums=(0, 1))
         return self.families[family]
 
@@ -159,7 +170,35 @@ class _Route(NamedTuple):
     task: str
     input_keys: tuple[str, ...] | None
     member: int
+    view: dict[str, str]
     program: Any = None
+
+
+def _state_view(state: TrainState, view: dict[str, str], modules: set[str]) -> TrainState:
+    """The member's view of the state: the modules its task runs, under the
+    representative's names (``signatures.view_of``)."""
+    return state.replace(params=view_of(state.params, view, modules),
+                         opt_state=view_of(state.opt_state, view, modules),
+                         model_state=view_variables(state.model_state, view))
+
+
+def _views_fit(state: TrainState, family: TaskFamily, graph: ModelGraph) -> bool:
+    """Whether the optimizer sees each member's view as it sees the whole model.
+
+    Optimizers that act leaf by leaf (all of jaxmtl's; clipping by the global norm sees
+    the same norm, the other modules' gradients being zero) give the view the state
+    ``view_of`` cuts from the full one; a user transformation that labels or masks
+    modules by name may not, and its family then trains through the general step.
+    """
+    modules = set(state.params)
+    for member in range(len(family.tasks)):
+        view = view_modules(graph, family, member)
+        params = view_of(state.params, view, modules)
+        expected = jax.eval_shape(state.tx.init, params)
+        if jax.tree.structure(expected) != jax.tree.structure(
+                view_of(state.opt_state, view, modules)):
+            return False
+    return True
 
 
 def family_routes(graph: ModelGraph, state: TrainState,
@@ -172,15 +211,21 @@ def family_routes(graph: ModelGraph, state: TrainState,
     if not PerStepRunner.share_family_programs or state.balancer is not None:
         return {}
     families = task_families(graph, state.variables)
+    fits: dict[TaskFamily, bool] = {}
     routes = {}
     for dl in train_loaders:
         tasks = [k for k in dl.dataset.Y_dict if k in graph.op_sequences]
         family = family_of(families, tasks[0]) if len(tasks) == 1 else None
-        if family is not None:
-            keys = graph.input_keys([family.representative])
-            routes[id(dl)] = _Route(family, tasks[0],
-                                    None if keys is None else tuple(sorted(keys)),
-                                    family.index(tasks[0]))
+        if family is None:
+            continue
+        if family not in fits:
+            fits[family] = _views_fit(state, family, graph)
+        if not fits[family]:
+            continue
+        keys = graph.input_keys([family.representative])
+        member = family.index(tasks[0])
+        routes[id(dl)] = _Route(family, tasks[0], None if keys is None else tuple(sorted(keys)),
+                                member, view_modules(graph, family, member))
     return routes
 
 
@@ -205,6 +250,7 @@ class PerStepRunner:
                               for i, dl in enumerate(train_loaders)}
         self._task_names = set(graph.task_names)
         self.loaders = list(train_loaders)
+        self._modules = set(state.params)
         self._routes = {
             key: route._replace(program=self.compiled.family(route.family),
                                 member=parallel.per_device(np.int32(route.member)))
@@ -271,8 +317,17 @@ class PerStepRunner:
             jax.block_until_ready(self.state.step)
         if isinstance(loader_indices[0], _Route):
             route, loader_index = loader_indices
-            self.state, self.accumulator = route.program(
-                self.state, self.accumulator, *device_batches, route.member, loader_index)
+            state, modules = self.state, self._modules
+            # The step sees only the member's modules; the others are not even passed.
+            view_state, self.accumulator = route.program(
+                _state_view(state, route.view, modules), self.accumulator, *device_batches,
+                route.member, loader_index)
+            self.state = view_state.replace(
+                params=write_back(state.params, view_state.params, route.view, modules),
+                opt_state=write_back(state.opt_state, view_state.opt_state, route.view,
+                                     modules),
+                model_state=write_back_variables(state.model_state, view_state.model_state,
+                                                 route.view))
             return
         self.state, self.accumulator = self.compiled.general(
             self.state, self.accumulator, device_batches, loader_indices)

@@ -326,6 +326,7 @@ def family_train_step(
     mask: jax.Array,
     member: jax.Array,
     axis_name: Any = None,
+    in_view: bool = False,
 ) -> tuple[TrainState, dict[str, Any]]:
     """``train_step`` on a batch of one task of ``family``: one program for all members.
 
@@ -345,6 +346,12 @@ def family_train_step(
       mask: [B] bool, False on padded rows.
       member: int32 scalar, the task's index in ``family.tasks`` (traced).
       axis_name: the pmap axis, as in ``train_step``.
+      in_view: the state is already the member's view (``signatures.view_of`` of params,
+        model state and optimizer state): it holds only the modules the task runs, under
+        the representative's names, so the program's size does not grow with the number
+        of members; the caller writes the result back (``signatures.write_back``).
+        Otherwise the state is the whole model's, and the members' weights are stacked
+        and indexed inside the step.
 
     Returns:
       (state, metrics): metrics["terms"] is the task's (loss sum, active count) of this
@@ -368,7 +375,9 @@ def family_train_step(
         if compute_dtype is not None:
             params = _cast_floats(params, compute_dtype)
             X = _cast_floats(X, compute_dtype)
-        view = member_variables(family, {"params": params, **state.model_state}, member)
+        view = {"params": params, **state.model_state}
+        if not in_view:
+            view = member_variables(family, view, member)
         outputs, view = apply_family(graph, family, view, X, member, train=True, rng=rng)
         terms = losses_from_outputs(graph, outputs, {representative: labels}, mask)
         loss_sum, active = terms[representative]
@@ -379,13 +388,17 @@ def family_train_step(
 
     (loss, (terms, view_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params)
-    model_state = member_model_state(family, state.model_state, view_state, member)
+    model_state = view_state if in_view else member_model_state(
+        family, state.model_state, view_state, member)
     if axis_name is not None:
         grads = jax.lax.psum(grads, axis_name)
         loss = jax.lax.psum(loss, axis_name)
         model_state = jax.lax.pmean(model_state, axis_name)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    if in_view:
+        return state.replace(step=state.step + 1, params=params, model_state=model_state,
+                             opt_state=opt_state), {"terms": terms, "loss": loss}
     used = {graph.nodes[node_id].module_name
             for node_id in graph.task_nodes[representative]} | set(family.member_modules)
     unused = set(state.params) - used
