@@ -2,21 +2,30 @@
 
 Many multi-task models repeat one structure per task: a shared body and a head per task
 (``head_t = nn.Dense(2)``). Compiled per task set, T such tasks cost T programs; compiled
-per *family*, they cost one, and the task is a traced member index:
+per *family*, they cost one per batch signature (input keys, shapes and dtypes, label
+shape), whatever T is:
 
     families = task_families(graph, variables)
     family = family_of(families, "task7")
-    view = member_variables(family, variables, member)          # member: int32 scalar
-    outputs, _ = apply_family(graph, family, view, X_dict, member)
-    logits = outputs[graph.output_node(family.representative)]
+    view = view_modules(graph, family, family.index("task7"))   # {"head_task0": "head_task7", ...}
+    probs = task_probs(graph, view_variables(variables, view), X_dict,
+                       [family.representative])                 # task7's probabilities
 
 Two tasks are in one family when their node sequences are isomorphic: the same length,
 at each position the same op inputs (input keys, or earlier positions), and either the
 same shared module or, in *slots*, modules that only that task uses, configured equally
-(Flax modules compare as dataclasses) and with parameters of the same shapes; and the
-same loss and output functions. Inside a compiled step the members' slot variables are
-stacked and the member's row is read; the gradient of that read reaches only the
-member's own weights. The public layout (``params[module_name]``) is unchanged.
+(Flax modules compare as dataclasses) and with variables of the same shapes; and the
+same loss and output functions. The public layout (``params[module_name]``) is unchanged.
+
+Two ways to run a member with the representative's program:
+
+- its *view* (``view_modules``, ``view_of``, ``view_variables``): the host picks the
+  member's modules and renames them to the representative's, so the program holds only
+  the modules one task runs and its size does not depend on T; ``write_back`` puts the
+  results back. The per-step runner, predict, score and calculate_loss use it.
+- stacking inside the program (``member_variables``): the members' slot variables are
+  stacked and indexed by a traced member index; the gradient of that read reaches only
+  the member's own weights. The fused runner uses it (the member changes inside a scan).
 
 Dropout keys stay those of the per-task program: the node at each position folds the
 member's own node index (a traced value) into the key, as ``apply_ops`` folds the node's.

@@ -210,3 +210,23 @@ def test_fused_steps_switch_per_family_and_equal_per_task_set_programs(monkeypat
     for got, want in zip(jax.tree.leaves(fused.params), jax.tree.leaves(reference.params),
                          strict=True):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
+def test_optimizer_that_labels_modules_by_name_trains_through_the_general_step(monkeypatch):
+    import optax
+
+    # Member b's view renames head_b to head_a, whose label differs: the view's optimizer
+    # state would not be b's, so b's family trains one program per task set instead.
+    def labels(params):
+        return {name: jax.tree.map(lambda _, n=name: "fast" if n == "head_a" else "slow", p)
+                for name, p in params.items()}
+
+    tx = optax.multi_transform({"fast": optax.sgd(0.1), "slow": optax.adam(0.01)}, labels)
+    tasks = [head_task("a"), head_task("b")]
+    loaders = loaders_for(tasks)
+    shared, trainer = fit(tasks, loaders, True, monkeypatch, optimizer=tx)
+    assert next(iter(trainer._compiled.values()))[-1].families == {}
+    reference, _ = fit(tasks, loaders, False, monkeypatch, optimizer=tx)
+    for got, want in zip(jax.tree.leaves(shared.params), jax.tree.leaves(reference.params),
+                         strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
