@@ -117,6 +117,7 @@ class MultitaskClassifier:
         self.variables: PyTree | None = None
         self._created: set[str] = set()  # modules init ran for (some have no variables)
         self._jitted: dict[Any, Any] = {}
+        self._families: tuple[ModelGraph | None, tuple] = (None, ())
         self._parallel: DataParallel | None = None
         for task in tasks:
             self.add_task(task)
@@ -267,7 +268,11 @@ class MultitaskClassifier:
         """
         if len(task_names) != 1:
             return None
-        family = family_of(task_families(self.graph, self.variables), task_names[0])
+        # Structural families suffice here: a view holds the member's own variables, and
+        # a member whose shapes differ only gets a program of its own. Kept per graph.
+        if self._families[0] is not self.graph:
+            self._families = (self.graph, task_families(self.graph))
+        family = family_of(self._families[1], task_names[0])
         if family is None:
             return None
         return family.representative, view_modules(self.graph, family,
