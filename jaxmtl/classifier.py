@@ -29,6 +29,7 @@ from .model import (
 )
 from .parallel import DataParallel, choose_parallel
 from .persistence import load_variables, save_params
+from .signatures import family_of, task_families, view_modules, view_variables
 from .task import Operation, Task, is_flax_module
 from .utils import probs_to_preds
 
@@ -116,6 +117,7 @@ class MultitaskClassifier:
         self.variables: PyTree | None = None
         self._created: set[str] = set()  # modules init ran for (some have no variables)
         self._jitted: dict[Any, Any] = {}
+        self._families: tuple[ModelGraph | None, tuple] = (None, ())
         self._parallel: DataParallel | None = None
         for task in tasks:
             self.add_task(task)
@@ -258,6 +260,24 @@ class MultitaskClassifier:
             self._parallel = choose_parallel("auto", self.dataparallel, devices)
         return self._parallel
 
+    def _family_view(self, task_names: Sequence[str]) -> tuple[str, dict[str, str]] | None:
+        """For a single task with a ``TaskFamily``: (the representative, the task's view).
+
+        The representative's program run on the task's view of the variables computes
+        the task's outputs: every member of the family shares that one program.
+        """
+        if len(task_names) != 1:
+            return None
+        # Structural families suffice here: a view holds the member's own variables, and
+        # a member whose shapes differ only gets a program of its own. Kept per graph.
+        if self._families[0] is not self.graph:
+            self._families = (self.graph, task_families(self.graph))
+        family = family_of(self._families[1], task_names[0])
+        if family is None:
+            return None
+        return family.representative, view_modules(self.graph, family,
+                                                   family.index(task_names[0]))
+
     def _compiled(self, kind: str, task_names: tuple[str, ...], parallel: DataParallel) -> Any:
         key = (kind, task_names, parallel)
         if key not in self._jitted:
@@ -288,9 +308,19 @@ class MultitaskClassifier:
         tasks = tuple(name for name in Y_dict if name in self.graph.op_sequences)
         variables = self._ensure_variables(X_dict, tasks)
         parallel = self.parallel
-        batch = parallel.put_batch(X_dict, {t: Y_dict[t] for t in tasks},
-                                   np.ones(len(next(iter(X_dict.values()))), bool))
-        terms = self._compiled("loss", tasks, parallel)(parallel.replicate(variables), *batch)
+        family_view = self._family_view(tasks)
+        if family_view is not None:  # the representative's program on the task's view
+            representative, view = family_view
+            batch = parallel.put_batch(X_dict, {representative: Y_dict[tasks[0]]},
+                                       np.ones(len(next(iter(X_dict.values()))), bool))
+            terms = self._compiled("loss", (representative,), parallel)(
+                parallel.replicate(view_variables(variables, view)), *batch)
+            terms = {tasks[0]: terms[representative]}
+        else:
+            batch = parallel.put_batch(X_dict, {t: Y_dict[t] for t in tasks},
+                                       np.ones(len(next(iter(X_dict.values()))), bool))
+            terms = self._compiled("loss", tasks, parallel)(parallel.replicate(variables),
+                                                            *batch)
         # Per-device sums under pmap: adding them over the device axis gives the totals.
         terms = {t: (np.asarray(s, np.float64).sum(), np.asarray(c).sum())
                  for t, (s, c) in terms.items()}
@@ -301,6 +331,25 @@ class MultitaskClassifier:
                 loss_dict[task_name] = loss_sum / count
                 count_dict[task_name] = count
         return loss_dict, count_dict
+
+    def _probs_fn(self, tasks: tuple[str, ...], parallel: DataParallel, variables: PyTree
+                  ) -> tuple[Any, PyTree]:
+        """``((variables, X) -> {task: probs}, variables to pass)``: for a task with a
+        family, the representative's program and the task's view of the variables
+        (compiled once for all members), else the task set's program."""
+        family_view = self._family_view(tasks)
+        if family_view is None:
+            return self._compiled("probs", tasks, parallel), variables
+        representative, view = family_view
+        program = self._compiled("probs", (representative,), parallel)
+        keys = self.graph.input_keys([representative])
+
+        def probs(variables: PyTree, X_dict: Mapping[str, Any]) -> dict[str, jax.Array]:
+            if keys is not None:  # every member's batch has the same X keys
+                X_dict = {key: X_dict[key] for key in sorted(keys) if key in X_dict}
+            return {tasks[0]: program(variables, X_dict)[representative]}
+
+        return probs, view_variables(variables, view)
 
     def _labels_to_tasks(self, label_names: Sequence[str],
                          remap_labels: Mapping[str, str | None]) -> dict[str, str]:
@@ -335,14 +384,16 @@ class MultitaskClassifier:
         probs: dict[str, list] = {label: [] for label in labels_to_tasks}
         if tasks:
             parallel = self.parallel
-            probs_fn = self._compiled("probs", tasks, parallel)
+            probs_fn = None
             device_variables = None
             for batch in dataloader:
                 X_dict, Y_dict = batch
                 n_rows = len(next(iter(X_dict.values())))
                 mask = getattr(batch, "mask", np.ones(n_rows, bool))
                 if device_variables is None:
-                    device_variables = parallel.replicate(self._ensure_variables(X_dict, tasks))
+                    variables = self._ensure_variables(X_dict, tasks)
+                    probs_fn, variables = self._probs_fn(tasks, parallel, variables)
+                    device_variables = parallel.replicate(variables)
                 device_X, _, _ = parallel.put_batch(X_dict, {}, mask)
                 batch_probs = probs_fn(device_variables, device_X)
                 valid.append(int(mask.sum()))

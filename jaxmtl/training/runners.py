@@ -8,9 +8,7 @@ flushes before it evaluates or checkpoints), so the two give the same results:
   devices one batch ahead of the step that needs them.
 - ``FusedRunner`` (``TrainerConfig(steps_per_call=K)``): the train datasets live on the
   device; the host sends only row indices, and one call runs K steps in a ``lax.scan``,
-  each selecting its loader's computation with ``lax.switch`` (one branch per loader and
-  bucket shape: variable-length inputs stay padded to their longest row on the device
-  and each branch slices them to its bucket length statically). A call cut short (before an
+  each selecting its loader's computation with ``lax.switch``. A call cut short (before an
   evaluation, or at the end of an epoch) is filled with no-op steps (no active row), which
   leave the state unchanged, so every call has the same shapes and compiles once.
 
@@ -32,7 +30,17 @@ from ..data import is_active, mask_key
 from ..loader import DictDataLoader
 from ..model import ModelGraph
 from ..parallel import DataParallel, prefetch
-from .step import TrainState, train_step_on
+from ..signatures import (
+    TaskFamily,
+    family_of,
+    task_families,
+    view_modules,
+    view_of,
+    view_variables,
+    write_back,
+    write_back_variables,
+)
+from .step import TrainState, family_train_step, train_step_on
 
 
 def own_buffers(tree: Any) -> Any:
@@ -102,22 +110,151 @@ def fit_group_step(
     return state, {"loss_sum": loss_sum, "count": count}
 
 
+def fit_family_step(
+    graph: ModelGraph,
+    family: TaskFamily,
+    state: TrainState,
+    accumulator: dict[str, jax.Array],
+    X_dict: dict[str, jax.Array],
+    labels: jax.Array,
+    mask: jax.Array,
+    member: jax.Array,
+    loader_index: jax.Array,
+    axis_name: Any = None,
+    in_view: bool = False,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """``fit_step`` for a batch of one task of ``family`` (``family_train_step``).
+
+    The task's accumulator column is read from the member index, so one program serves
+    every loader of every member with this batch signature.
+    """
+    state, metrics = family_train_step(graph, family, state, X_dict, labels, mask, member,
+                                       axis_name=axis_name, in_view=in_view)
+    task_sum, task_count = metrics["terms"]
+    if axis_name is not None:
+        task_sum, task_count = jax.lax.psum((task_sum, task_count), axis_name)
+    column = jnp.asarray([graph.task_names.index(t) for t in family.tasks], jnp.int32)[member]
+    return state, {"loss_sum": accumulator["loss_sum"].at[loader_index, column].add(task_sum),
+                   "count": accumulator["count"].at[loader_index, column].add(task_count)}
+
+
+class StepPrograms:
+    """The per-step runner's compiled steps, kept by the Trainer across ``fit`` calls.
+
+    ``general`` runs any batch group (one program per task set and batch signature);
+    ``families`` holds one step per task family (one program per batch signature), run
+    on the member's view of the state (its size does not grow with the members).
+    """
+
+    def __init__(self, graph: ModelGraph, parallel: DataParallel) -> None:
+        self.graph, self.parallel = graph, parallel
+        self.general = parallel.compile(
+            functools.partial(fit_group_step, graph, axis_name=parallel.axis_name),
+            donate_argnums=(0, 1))
+        self.families: dict[TaskFamily, Any] = {}
+
+    def family(self, family: TaskFamily) -> Any:
+        """The compiled ``fit_family_step`` of ``family``."""
+        if family not in self.families:
+            self.families[family] = self.parallel.compile(
+                functools.partial(fit_family_step, self.graph, family,
+                                  axis_name=self.parallel.axis_name, in_view=True),
+                donate_argnums=(0, 1))
+        return self.families[family]
+
+
+class _Route(NamedTuple):
+    """How a loader's batches reach a family step."""
+
+    family: TaskFamily
+    task: str
+    input_keys: tuple[str, ...] | None
+    member: int
+    view: dict[str, str]
+    program: Any = None
+
+
+def _state_view(state: TrainState, view: dict[str, str], modules: set[str]) -> TrainState:
+    """The member's view of the state: the modules its task runs, under the
+    representative's names (``signatures.view_of``)."""
+    return state.replace(params=view_of(state.params, view, modules),
+                         opt_state=view_of(state.opt_state, view, modules),
+                         model_state=view_variables(state.model_state, view))
+
+
+def _views_fit(state: TrainState, family: TaskFamily, graph: ModelGraph) -> bool:
+    """Whether the optimizer sees each member's view as it sees the whole model.
+
+    Optimizers that act leaf by leaf (all of jaxmtl's; clipping by the global norm sees
+    the same norm, the other modules' gradients being zero) give the view the state
+    ``view_of`` cuts from the full one; a user transformation that labels or masks
+    modules by name may not, and its family then trains through the general step.
+    """
+    modules = set(state.params)
+    # Every member's view has the representative's keys, so the optimizer's own state
+    # for a view has one structure: traced once, compared with each member's cut.
+    expected = jax.tree.structure(jax.eval_shape(
+        state.tx.init, view_of(state.params, view_modules(graph, family, 0), modules)))
+    return all(
+        jax.tree.structure(view_of(state.opt_state, view_modules(graph, family, member),
+                                   modules)) == expected
+        for member in range(len(family.tasks)))
+
+
+def family_routes(graph: ModelGraph, state: TrainState,
+                  train_loaders: Sequence[DictDataLoader]) -> dict[int, _Route]:
+    """Loader id -> its family route, for loaders that label one task of a family.
+
+    Empty with a balancer (it needs the general step) or when
+    ``PerStepRunner.share_family_programs`` is False.
+    """
+    if not PerStepRunner.share_family_programs or state.balancer is not None:
+        return {}
+    families = task_families(graph, state.variables)
+    fits: dict[TaskFamily, bool] = {}
+    routes = {}
+    for dl in train_loaders:
+        tasks = [k for k in dl.dataset.Y_dict if k in graph.op_sequences]
+        family = family_of(families, tasks[0]) if len(tasks) == 1 else None
+        if family is None:
+            continue
+        if family not in fits:
+            fits[family] = _views_fit(state, family, graph)
+        if not fits[family]:
+            continue
+        keys = graph.input_keys([family.representative])
+        member = family.index(tasks[0])
+        routes[id(dl)] = _Route(family, tasks[0], None if keys is None else tuple(sorted(keys)),
+                                member, view_modules(graph, family, member))
+    return routes
+
+
 class PerStepRunner:
-    """One device call per batch (jit, pmap or sharded jit, as ``parallel`` says)."""
+    """One device call per batch (jit, pmap or sharded jit, as ``parallel`` says).
+
+    A loader whose batches carry one task of a ``TaskFamily`` steps through the family's
+    program (one for all members); other batches, "mixed" groups and balanced training
+    use the general step, one program per task set.
+    """
+
+    #: False forces one program per task set (the reference the family steps must equal).
+    share_family_programs = True
 
     def __init__(self, graph: ModelGraph, parallel: DataParallel, state: TrainState,
                  accumulator: dict[str, jax.Array], train_loaders: Sequence[DictDataLoader],
-                 compiled: Any = None) -> None:
+                 compiled: StepPrograms | None = None) -> None:
         self.parallel = parallel
         self.n_accumulator = (len(train_loaders), len(graph.task_names))
-        self.compiled = compiled or parallel.compile(
-            functools.partial(fit_group_step, graph, axis_name=parallel.axis_name),
-            donate_argnums=(0, 1),
-        )
+        self.compiled = compiled or StepPrograms(graph, parallel)
         self._loader_index = {id(dl): parallel.per_device(np.int32(i))
                               for i, dl in enumerate(train_loaders)}
         self._task_names = set(graph.task_names)
         self.loaders = list(train_loaders)
+        self._modules = set(state.params)
+        self._routes = {
+            key: route._replace(program=self.compiled.family(route.family),
+                                member=parallel.per_device(np.int32(route.member)))
+            for key, route in family_routes(graph, state, train_loaders).items()}
         # XLA:CPU runs each device's part of a collective on a shared thread pool; with
         # many steps queued, parts of different steps can hold every thread and wait for
         # each other forever (an all-reduce rendezvous timeout). There, a step starts only
@@ -134,6 +271,9 @@ class PerStepRunner:
 
     def _to_devices(self, item: tuple[Any, Any]) -> tuple[Any, int, Any]:
         batches, dataloaders = item
+        route = None if isinstance(dataloaders, tuple) else self._routes.get(id(dataloaders))
+        if route is not None:
+            return self._family_to_devices(batches, dataloaders, route)
         if not isinstance(dataloaders, tuple):  # one batch per step, else a "mixed" group
             batches, dataloaders = (batches,), (dataloaders,)
         device_batches, num_valid, active = [], 0, False
@@ -147,6 +287,18 @@ class PerStepRunner:
             return None, 0, None
         loader_indices = tuple(self._loader_index[id(dl)] for dl in dataloaders)
         return tuple(device_batches), num_valid, loader_indices
+
+    def _family_to_devices(self, batch: Any, dataloader: DictDataLoader, route: _Route
+                           ) -> tuple[Any, int, Any]:
+        X_dict, Y_dict = batch
+        labels = Y_dict[route.task]
+        if not is_active(labels[batch.mask]).any():
+            return None, 0, None
+        if route.input_keys is not None:  # every member's batch has the same X keys
+            X_dict = {key: X_dict[key] for key in route.input_keys if key in X_dict}
+        X, Y, mask = self.parallel.put_batch(X_dict, {"labels": labels}, batch.mask)
+        return (X, Y["labels"], mask), batch.num_valid, (
+            route, self._loader_index[id(dataloader)])
 
     def epoch(self, batches: Iterator[tuple[Any, DictDataLoader]]) -> Iterator[tuple[Any, int]]:
         """Wraps the scheduler's ``(batch, loader)`` pairs: yields ``(item, num_valid)``.
@@ -163,8 +315,22 @@ class PerStepRunner:
             return
         if self._wait_for_previous_step:
             jax.block_until_ready(self.state.step)
-        self.state, self.accumulator = self.compiled(self.state, self.accumulator,
-                                                     device_batches, loader_indices)
+        if isinstance(loader_indices[0], _Route):
+            route, loader_index = loader_indices
+            state, modules = self.state, self._modules
+            # The step sees only the member's modules; the others are not even passed.
+            view_state, self.accumulator = route.program(
+                _state_view(state, route.view, modules), self.accumulator, *device_batches,
+                route.member, loader_index)
+            self.state = view_state.replace(
+                params=write_back(state.params, view_state.params, route.view, modules),
+                opt_state=write_back(state.opt_state, view_state.opt_state, route.view,
+                                     modules),
+                model_state=write_back_variables(state.model_state, view_state.model_state,
+                                                 route.view))
+            return
+        self.state, self.accumulator = self.compiled.general(
+            self.state, self.accumulator, device_batches, loader_indices)
 
     def flush(self) -> None:
         """Nothing is buffered."""
@@ -221,64 +387,84 @@ def _mask_labels(labels: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.where(keep, labels, jnp.asarray(-1, labels.dtype))
 
 
-def fused_branches(loaders: Sequence[DictDataLoader]) -> tuple[tuple[int, tuple], ...]:
-    """The fused step's branches: one per (loader, batch shape), in loader order.
+class FusedGroup(NamedTuple):
+    """One ``lax.switch`` branch of ``fused_steps``: one loader, or a family's loaders,
+    at one bucket shape.
 
-    Each is ``(loader index, ((input key, length), ...))``: the lengths the loader's
-    variable-length inputs and their masks are cut to (empty for fixed-shape data).
+    Attributes:
+      family: the TaskFamily whose loaders share the branch (their data concatenated
+        along the rows, with the task's labels under "labels"), or None for one loader
+        through the general step.
+      loader: that one loader's index (-1 for a family branch).
+      batch_size: the branch's batch size.
+      part: the index of the branch's data in ``fused_steps``'s ``data``.
+      widths: ``((input key, length), ...)``: the static lengths its variable-length
+        inputs and their masks are cut to (empty for fixed-shape data).
     """
-    branches = []
-    for index, dl in enumerate(loaders):
-        for shape in dl.bucket_shapes:
-            widths = []
-            for key, length in zip(dl.ragged_keys, shape, strict=True):
-                widths += [(key, length), (mask_key(key), length)]
-            branches.append((index, tuple(widths)))
-    return tuple(branches)
+
+    family: TaskFamily | None
+    loader: int
+    batch_size: int
+    part: int = 0
+    widths: tuple = ()
 
 
-def fused_steps(graph: ModelGraph, batch_sizes: tuple[int, ...],
-                branch_specs: tuple[tuple[int, tuple], ...], state: TrainState,
+def fused_steps(graph: ModelGraph, groups: tuple[FusedGroup, ...], state: TrainState,
                 accumulator: dict[str, jax.Array], data: list[dict[str, Any]],
-                branch_ids: jax.Array, rows: jax.Array, num_valid: jax.Array
+                group_ids: jax.Array, loader_ids: jax.Array, members: jax.Array,
+                rows: jax.Array, num_valid: jax.Array
                 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """Runs ``len(branch_ids)`` steps in one ``lax.scan`` over device-resident data.
+    """Runs ``len(group_ids)`` steps in one ``lax.scan`` over device-resident data.
+
+    Each step selects its branch with ``lax.switch``: one per ``FusedGroup``, so the
+    loaders of one task family (same batch signature) share one branch.
 
     Args:
       graph: the task graph (static).
-      batch_sizes: each train loader's batch size (static).
-      branch_specs: ``fused_branches(loaders)`` (static): per branch, its loader and the
-        static lengths its variable-length inputs are sliced to.
+      groups: the branches (static).
       state, accumulator: as ``fit_step``.
-      data: per loader ``{"X": {...}, "Y": {...}}`` arrays of its whole dataset.
-      branch_ids: [K] the branch of each step; ``len(branch_specs)`` for a no-op step.
-      rows: [K, max batch size] row indices into that loader's data.
+      data: per data part ``{"X": {...}, "Y": {...}}`` (one loader's whole dataset) or
+        ``{"X": {...}, "labels": [N, ...]}`` (a family's loaders' datasets, concatenated);
+        a group reads ``data[group.part]``, sliced to its bucket widths.
+      group_ids: [K] the branch of each step; ``len(groups)`` for a no-op step.
+      loader_ids, members: [K] each step's loader and member index (family branches).
+      rows: [K, max batch size] row indices into that group's data.
       num_valid: [K] real rows per step (0 for a no-op step).
     """
 
-    def branch(spec: tuple[int, tuple], carry: tuple, rows_k: jax.Array,
-               valid_k: jax.Array) -> tuple:
-        index, widths = spec
-        widths = dict(widths)
-        step_rows = rows_k[: batch_sizes[index]]
-        mask = jnp.arange(batch_sizes[index]) < valid_k
+    def branch(index: int, carry: tuple, loader_k: jax.Array, member_k: jax.Array,
+               rows_k: jax.Array, valid_k: jax.Array) -> tuple:
+        group = groups[index]
+        part, widths = data[group.part], dict(group.widths)
+        step_rows = rows_k[: group.batch_size]
+        mask = jnp.arange(group.batch_size) < valid_k
         X = {k: (v[:, : widths[k]] if k in widths else v)[step_rows]
-             for k, v in data[index]["X"].items()}
-        Y = {k: _mask_labels(v[step_rows], mask) for k, v in data[index]["Y"].items()}
-        return fit_step(graph, *carry, X, Y, mask, jnp.int32(index))
+             for k, v in part["X"].items()}
+        if group.family is not None:
+            labels = _mask_labels(part["labels"][step_rows], mask)
+            return fit_family_step(graph, group.family, *carry, X, labels, mask, member_k,
+                                   loader_k)
+        Y = {k: _mask_labels(v[step_rows], mask) for k, v in part["Y"].items()}
+        return fit_step(graph, *carry, X, Y, mask, jnp.int32(group.loader))
 
-    def no_op(carry: tuple, rows_k: jax.Array, valid_k: jax.Array) -> tuple:
+    def no_op(carry: tuple, *args: jax.Array) -> tuple:
         return carry
 
-    branches = [functools.partial(branch, spec) for spec in branch_specs] + [no_op]
+    branches = [functools.partial(branch, i) for i in range(len(groups))] + [no_op]
 
     def body(carry: tuple, xs: tuple) -> tuple:
-        loader_id, rows_k, valid_k = xs
-        return jax.lax.switch(loader_id, branches, carry, rows_k, valid_k), None
+        group_id, *args = xs
+        return jax.lax.switch(group_id, branches, carry, *args), None
 
-    (state, accumulator), _ = jax.lax.scan(body, (state, accumulator),
-                                           (branch_ids, rows, num_valid))
+    (state, accumulator), _ = jax.lax.scan(
+        body, (state, accumulator), (group_ids, loader_ids, members, rows, num_valid))
     return state, accumulator
+
+
+def _signature(tree: Any) -> Any:
+    """Keys, trailing shapes and dtypes of a tree of [N, ...] arrays (rows left out)."""
+    return tuple((str(path), np.shape(a)[1:], str(np.asarray(a).dtype))
+                 for path, a in jax.tree_util.tree_flatten_with_path(tree)[0])
 
 
 class FusedRunner(PerStepRunner):
@@ -298,19 +484,16 @@ class FusedRunner(PerStepRunner):
         self.loaders = list(train_loaders)
         self.steps_per_call = steps_per_call
         task_names = set(graph.task_names)
-        self._data = jax.device_put([
-            {"X": dict(dl.dataset.X_dict),
-             "Y": {k: v for k, v in dl.dataset.Y_dict.items() if k in task_names}}
-            for dl in train_loaders
-        ], parallel.devices[0])
+        groups, data, self._placement = _fused_groups(graph, state, train_loaders)
+        self._data = jax.device_put(data, parallel.devices[0])
+        self._n_groups = len(groups)
         self._batch_sizes = tuple(dl.batch_size for dl in train_loaders)
-        # One lax.switch branch per (loader, bucket shape), each slicing statically.
-        branch_specs = fused_branches(train_loaders)
-        self._n_branches = len(branch_specs)
-        self._first_branch = np.cumsum([0] + [len(dl.bucket_shapes) for dl in train_loaders])
-        self.compiled = compiled or jax.jit(
-            functools.partial(fused_steps, graph, self._batch_sizes, branch_specs),
-            donate_argnums=(0, 1))
+        # Programs by branch layout: a later fit whose loaders group otherwise gets its own.
+        self.compiled = {} if compiled is None else compiled
+        if groups not in self.compiled:
+            self.compiled[groups] = jax.jit(functools.partial(fused_steps, graph, groups),
+                                            donate_argnums=(0, 1))
+        self._program = self.compiled[groups]
         self._proxies = [_IndexLoader(dl, i, task_names) for i, dl in enumerate(train_loaders)]
         self._pending: list[IndexBatch] = []
         self.state = parallel.replicate(own_buffers(state))
@@ -339,14 +522,80 @@ class FusedRunner(PerStepRunner):
         if not self._pending:
             return
         k, width = self.steps_per_call, max(self._batch_sizes)
-        # Unused slots run the no-op branch (the last): the state passes through.
-        branch_ids = np.full(k, self._n_branches, np.int32)
+        # Unused slots run the no-op branch (index n_groups): the state passes through.
+        group_ids = np.full(k, self._n_groups, np.int32)
+        loader_ids = np.zeros(k, np.int32)
+        members = np.zeros(k, np.int32)
         rows = np.zeros((k, width), np.int32)
         num_valid = np.zeros(k, np.int32)
         for i, item in enumerate(self._pending):
-            branch_ids[i] = self._first_branch[item.loader] + item.shape
-            num_valid[i] = item.num_valid
-            rows[i, : len(item.rows)] = item.rows
+            shape_groups, offset, members[i] = self._placement[item.loader]
+            group_ids[i] = shape_groups[item.shape]
+            loader_ids[i], num_valid[i] = item.loader, item.num_valid
+            rows[i, : len(item.rows)] = item.rows + offset
         self._pending = []
-        self.state, self.accumulator = self.compiled(self.state, self.accumulator, self._data,
-                                                     branch_ids, rows, num_valid)
+        self.state, self.accumulator = self._program(
+            self.state, self.accumulator, self._data, group_ids, loader_ids, members, rows,
+            num_valid)
+
+
+def _bucket_widths(dl: DictDataLoader) -> list[tuple]:
+    """Per bucket shape of the loader: ``((input key, length), ...)``, masks included."""
+    shapes = []
+    for shape in dl.bucket_shapes:
+        widths: list[tuple[str, int]] = []
+        for key, length in zip(dl.ragged_keys, shape, strict=True):
+            widths += [(key, length), (mask_key(key), length)]
+        shapes.append(tuple(widths))
+    return shapes
+
+
+def _fused_groups(graph: ModelGraph, state: TrainState,
+                  train_loaders: Sequence[DictDataLoader]) -> tuple[tuple, list, list]:
+    """The fused branches: one per (family and data signature, or other loader) and
+    bucket shape.
+
+    Returns:
+      (groups, data, placement): the ``FusedGroup``s; the data parts (a family's
+      loaders' datasets concatenated along the rows, stored once for all its bucket
+      shapes); per loader ``(group per bucket shape, row offset, member)``.
+    """
+    routes = family_routes(graph, state, train_loaders)
+    groups: list[FusedGroup] = []
+    parts: list[dict[str, Any]] = []
+    placement: list[tuple[tuple[int, ...], int, int]] = []
+    family_part: dict[tuple, int] = {}
+    group_index: dict[tuple, int] = {}
+    for index, dl in enumerate(train_loaders):
+        X_dict, Y_dict = dl.dataset.X_dict, dl.dataset.Y_dict
+        route = routes.get(id(dl))
+        if route is None:
+            family, loader, offset, member, part = None, index, 0, 0, len(parts)
+            parts.append({"X": dict(X_dict),
+                          "Y": {k: v for k, v in Y_dict.items() if k in graph.op_sequences}})
+        else:
+            keys = sorted(X_dict) if route.input_keys is None else route.input_keys
+            X = {key: np.asarray(X_dict[key]) for key in keys}
+            labels = np.asarray(Y_dict[route.task])
+            key = (route.family, dl.batch_size, _signature(X), _signature(labels))
+            if key not in family_part:
+                family_part[key] = len(parts)
+                parts.append({"X": {k: [] for k in keys}, "labels": [], "rows": 0})
+            family, loader, member, part = route.family, -1, route.member, family_part[key]
+            offset = parts[part]["rows"]
+            for k in keys:
+                parts[part]["X"][k].append(X[k])
+            parts[part]["labels"].append(labels)
+            parts[part]["rows"] += len(labels)
+        shape_groups = []
+        for widths in _bucket_widths(dl):
+            if (part, widths) not in group_index:
+                group_index[(part, widths)] = len(groups)
+                groups.append(FusedGroup(family, loader, dl.batch_size, part, widths))
+            shape_groups.append(group_index[(part, widths)])
+        placement.append((tuple(shape_groups), offset, member))
+    data = [part if "Y" in part else
+            {"X": {k: np.concatenate(v) for k, v in part["X"].items()},
+             "labels": np.concatenate(part["labels"])}
+            for part in parts]
+    return tuple(groups), data, placement

@@ -26,14 +26,17 @@ from ..model import (
     PyTree,
     active_mask,
     apply_ops,
+    losses_from_outputs,
     shared_representation,
     task_loss_terms,
     total_loss,
 )
+from ..signatures import TaskFamily, apply_family, member_model_state, member_variables
 from .balancers import balanced_grads
 from .state import PRECISIONS, TrainState, make_optimizer
 
-__all__ = ["TrainState", "make_optimizer", "train_step", "train_step_on"]
+__all__ = ["TrainState", "family_train_step", "make_optimizer", "train_step",
+           "train_step_on"]
 
 Batch = tuple[Mapping[str, jax.Array], Mapping[str, jax.Array], jax.Array]
 
@@ -310,5 +313,115 @@ def _keep_modules(new: PyTree, old: PyTree, modules: set[str]) -> PyTree:
     def pick(path: tuple, new_leaf: Any, old_leaf: Any) -> Any:
         keys = [entry.key for entry in path if isinstance(entry, jax.tree_util.DictKey)]
         return old_leaf if keys and keys[0] in modules else new_leaf
+
+    return jax.tree_util.tree_map_with_path(pick, new, old)
+
+
+def family_train_step(
+    graph: ModelGraph,
+    family: TaskFamily,
+    state: TrainState,
+    X_dict: Mapping[str, jax.Array],
+    labels: jax.Array,
+    mask: jax.Array,
+    member: jax.Array,
+    axis_name: Any = None,
+    in_view: bool = False,
+) -> tuple[TrainState, dict[str, Any]]:
+    """``train_step`` on a batch of one task of ``family``: one program for all members.
+
+    The same update as ``train_step(graph, state, X_dict, {task: labels}, mask)`` for
+    ``task = family.tasks[member]`` (the plain summed loss, no balancer): the member's
+    weights are read from the stacked slot modules inside the step, and the modules of
+    the other members, like every module the task does not run, keep their parameters
+    and optimizer moments. The caller passes batches with an active row (the state is
+    updated unconditionally, as ``train_step_on(..., skip_inactive=False)``).
+
+    Args:
+      graph: the task graph (static).
+      family: the task's family (static).
+      state: the current TrainState (``state.balancer`` must be None).
+      X_dict: input name -> [B, ...], the keys the family reads.
+      labels: [B] int labels (-1 = none) or [B, K] probabilities of the task.
+      mask: [B] bool, False on padded rows.
+      member: int32 scalar, the task's index in ``family.tasks`` (traced).
+      axis_name: the pmap axis, as in ``train_step``.
+      in_view: the state is already the member's view (``signatures.view_of`` of params,
+        model state and optimizer state): it holds only the modules the task runs, under
+        the representative's names, so the program's size does not grow with the number
+        of members; the caller writes the result back (``signatures.write_back``).
+        Otherwise the state is the whole model's, and the members' weights are stacked
+        and indexed inside the step.
+
+    Returns:
+      (state, metrics): metrics["terms"] is the task's (loss sum, active count) of this
+      batch (this device's share under pmap); metrics["loss"] the task's weighted loss.
+    """
+    if state.balancer is not None:
+        raise ValueError(f"family_train_step trains with the plain summed loss; the state "
+                         f"has balancer {state.balancer!r}: use train_step_on")
+    rng = jax.random.fold_in(state.rng, state.step)
+    if axis_name is not None:
+        rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+    compute_dtype = PRECISIONS[state.precision]
+    count = jnp.zeros((), jnp.float32) + jnp.sum(active_mask(labels, mask))
+    if axis_name is not None:
+        count = jax.lax.psum(count, axis_name)
+    weights = jnp.asarray([graph.loss_weights[t] for t in family.tasks], jnp.float32)
+    representative = family.representative
+
+    def loss_fn(params: PyTree) -> tuple[jax.Array, tuple]:
+        X = X_dict
+        if compute_dtype is not None:
+            params = _cast_floats(params, compute_dtype)
+            X = _cast_floats(X, compute_dtype)
+        view = {"params": params, **state.model_state}
+        if not in_view:
+            view = member_variables(family, view, member)
+        outputs, view = apply_family(graph, family, view, X, member, train=True, rng=rng)
+        terms = losses_from_outputs(graph, outputs, {representative: labels}, mask)
+        loss_sum, active = terms[representative]
+        loss = jnp.zeros((), jnp.float32) + weights[member] * loss_sum / jnp.maximum(count,
+                                                                                      1.0)
+        model_state = {col: tree for col, tree in view.items() if col != "params"}
+        return loss, ((loss_sum, active), model_state)
+
+    (loss, (terms, view_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
+    model_state = view_state if in_view else member_model_state(
+        family, state.model_state, view_state, member)
+    if axis_name is not None:
+        grads = jax.lax.psum(grads, axis_name)
+        loss = jax.lax.psum(loss, axis_name)
+        model_state = jax.lax.pmean(model_state, axis_name)
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    if in_view:
+        return state.replace(step=state.step + 1, params=params, model_state=model_state,
+                             opt_state=opt_state), {"terms": terms, "loss": loss}
+    used = {graph.nodes[node_id].module_name
+            for node_id in graph.task_nodes[representative]} | set(family.member_modules)
+    unused = set(state.params) - used
+    owner = family.member_modules
+    params = _keep_members(params, state.params, unused, owner, member)
+    opt_state = _keep_members(opt_state, state.opt_state, unused, owner, member)
+    updated = state.replace(step=state.step + 1, params=params, model_state=model_state,
+                            opt_state=opt_state)
+    return updated, {"terms": terms, "loss": loss}
+
+
+def _keep_members(new: PyTree, old: PyTree, unused: set[str], owner: Mapping[str, int],
+                  member: jax.Array) -> PyTree:
+    """``_keep_modules`` for a family step: ``unused`` modules and the slot modules of the
+    members other than ``member`` (``owner``: slot module -> its member) keep ``old``."""
+    def pick(path: tuple, new_leaf: Any, old_leaf: Any) -> Any:
+        keys = [entry.key for entry in path if isinstance(entry, jax.tree_util.DictKey)]
+        if not keys:
+            return new_leaf
+        if keys[0] in unused:
+            return old_leaf
+        if keys[0] in owner:
+            return jnp.where(member == owner[keys[0]], new_leaf, old_leaf)
+        return new_leaf
 
     return jax.tree_util.tree_map_with_path(pick, new, old)
