@@ -153,6 +153,12 @@ class StepPrograms:
             donate_argnums=(0, 1))
         self.families: dict[TaskFamily, Any] = {}
 
+    def programs(self) -> int:
+        """How many train programs have been compiled (one per task set or family and
+        batch signature that ran); jit's own cache size, so single and sharded modes."""
+        return sum(program._cache_size()
+                   for program in (self.general, *self.families.values()))
+
     def family(self, family: TaskFamily) -> Any:
         """The compiled ``fit_family_step`` of ``family``."""
         if family not in self.families:
