@@ -17,6 +17,7 @@ from ..classifier import MultitaskClassifier
 from ..data import is_active
 from ..loader import DictDataLoader
 from ..model import ModelGraph, apply_ops, task_logits
+from ..signatures import family_of, task_families
 
 logger = logging.getLogger(__name__)
 
@@ -47,12 +48,24 @@ def output_widths(model: MultitaskClassifier, dataloaders: Sequence[DictDataLoad
                   ) -> dict[str, int]:
     """Task name -> K, the width of its logits [B, K], from shapes alone (no compute).
 
-    Each task's width is traced from the first loader that labels it.
+    Each task's width is traced from the first loader that labels it; a task whose family
+    (``signatures.task_families``) already has a width takes it without a trace.
     """
     widths: dict[str, int] = {}
+    # Members of a task family have equal heads (same configuration and shapes): one
+    # trace per family, not per task, keeps this independent of the number of tasks.
+    families = task_families(model.graph, model.variables)
     for dl in dataloaders:
-        tasks = [t for t in dl.dataset.Y_dict if t in model.graph.op_sequences
-                 and t not in widths]
+        tasks = []
+        for task in dl.dataset.Y_dict:
+            if task not in model.graph.op_sequences or task in widths:
+                continue
+            family = family_of(families, task)
+            known = [widths[m] for m in family.tasks if m in widths] if family else []
+            if known:
+                widths[task] = known[0]
+            else:
+                tasks.append(task)
         if not tasks:
             continue
         X_dict, _ = dl.batch_at(dl.order(0), 0)
