@@ -252,10 +252,37 @@ def device_run(n_devices, parallel):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def test_pmap_on_4_devices_matches_one_device():
-    single = device_run(1, "single")
-    pmapped = device_run(4, "pmap")
-    assert_trees_equal(pmapped, single, rtol=1e-5, atol=1e-6)
+@pytest.fixture(scope="module")
+def one_device():
+    return device_run(1, "single")
+
+
+@pytest.mark.parametrize("parallel", ["pmap", "sharded"])
+def test_4_devices_match_one_device(one_device, parallel):
+    assert_trees_equal(device_run(4, parallel), one_device, rtol=1e-5, atol=1e-6)
+
+
+# --- the NNX quickstart -------------------------------------------------------------------
+def quickstart_scores(name):
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        return __import__(name).main()
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+
+
+def test_nnx_quickstart_scores():
+    scores = quickstart_scores("quickstart_nnx")
+    # The Linen quickstart's thresholds (tests/test_examples.py); measured 0.989 / 0.977.
+    assert scores["task_a/synthetic_a/valid/accuracy"] > 0.95
+    assert scores["task_b/synthetic_b/valid/accuracy"] > 0.95
+
+
+@pytest.mark.slow
+def test_nnx_quickstart_matches_linen_quickstart():
+    nnx_scores, linen_scores = quickstart_scores("quickstart_nnx"), quickstart_scores("quickstart")
+    for key in ("task_a/synthetic_a/valid/accuracy", "task_b/synthetic_b/valid/accuracy"):
+        assert nnx_scores[key] == pytest.approx(linen_scores[key], abs=0.005), key
 
 
 # --- what the pool accepts ----------------------------------------------------------------
