@@ -40,7 +40,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from flax.nnx import variablelib
 
@@ -107,9 +106,11 @@ class NnxSpec:
                 rng_entries.append((path, variable))
                 continue
             value = variable.get_value()
-            if not (isinstance(value, (jax.Array, np.ndarray, np.generic, int, float, bool))
-                    and (jnp.issubdtype(jnp.asarray(value).dtype, jnp.number)
-                         or jnp.asarray(value).dtype == bool)):
+            try:
+                dtype = jnp.asarray(value).dtype
+            except TypeError:
+                dtype = None
+            if dtype is None or not (jnp.issubdtype(dtype, jnp.number) or jnp.issubdtype(dtype, jnp.bool_)):
                 raise ValueError(
                     f"NNX module '{name}': variable {'/'.join(map(str, path))} "
                     f"({type(variable).__name__}) holds {type(value).__name__}; jaxmtl "

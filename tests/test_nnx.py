@@ -342,3 +342,62 @@ def test_two_nnx_objects_under_one_name_are_an_error():
     with pytest.raises(ValueError, match="an NNX module owns its weights, so tasks that share "
                                          "it must put the same object in their pools"):
         jaxmtl.MultitaskClassifier([one[0], two[1]])
+
+
+# --- other variable types -----------------------------------------------------------------
+class Calls(nnx.Variable):
+    """A user variable type (unregistered with Flax: its collection is its class name)."""
+
+
+class CountingLinear(nnx.Module):
+    def __init__(self, rngs):
+        self.linear = nnx.Linear(2, 2, rngs=rngs)
+        self.calls = Calls(jnp.zeros((), jnp.int32))
+
+    def __call__(self, x):
+        self.calls[...] += 1
+        return self.linear(x)
+
+
+def one_op_graph(module):
+    return build_graph([jaxmtl.Task("t", {"m": module}, [
+        jaxmtl.Operation("m", [("_input_", "x")])])])
+
+
+def test_user_variable_type_is_its_own_collection_updated_in_training():
+    graph = one_op_graph(CountingLinear(nnx.Rngs(0)))
+    X = {"x": jnp.ones((3, 2))}
+    variables = init_variables(graph, X, jax.random.PRNGKey(0))
+    assert jax.tree.map(int, variables["Calls"]) == {"m": {"calls": 0}}
+    _, after_eval = apply_ops(graph, variables, X, ["t"])
+    _, after_train = apply_ops(graph, variables, X, ["t"], train=True)
+    assert int(after_eval["Calls"]["m"]["calls"]) == 0  # evaluation changes nothing
+    assert int(after_train["Calls"]["m"]["calls"]) == 1
+
+
+def test_dropout_without_its_own_stream_gets_the_op_key():
+    graph = one_op_graph(nnx.Dropout(0.5))  # no rngs: its __call__ takes them
+    X = {"x": jnp.ones((4, 64))}
+    variables = init_variables(graph, X, jax.random.PRNGKey(0))
+    assert variables == {"params": {}}
+    runs = [np.asarray(apply_ops(graph, variables, X, ["t"], train=True,
+                                 rng=jax.random.PRNGKey(k))[0]["m"]) for k in (1, 1, 2)]
+    assert set(np.unique(runs[0])) == {0.0, 2.0}
+    np.testing.assert_array_equal(runs[0], runs[1])
+    assert not np.array_equal(runs[0], runs[2])
+    np.testing.assert_array_equal(apply_ops(graph, variables, X, ["t"])[0]["m"], X["x"])
+
+
+class Labelled(nnx.Module):
+    def __init__(self):
+        self.tag = nnx.Variable("text")
+
+    def __call__(self, x):
+        return x
+
+
+def test_nnx_variable_that_is_not_an_array_is_rejected():
+    with pytest.raises(ValueError, match="NNX module 'm': variable tag \\(Variable\\) holds "
+                                         "str; jaxmtl stores NNX variables whose values are "
+                                         "numeric arrays"):
+        one_op_graph(Labelled())
