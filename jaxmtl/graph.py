@@ -22,7 +22,8 @@ from typing import Any
 import flax.linen as nn
 
 from .data import INPUT_KEY
-from .task import Operation, Task
+from .nnx_modules import NnxSpec, is_nnx_module, nnx_specs
+from .task import Operation, Task, check_pool_entry
 
 #: The keyword arguments a module may take to switch between training and evaluation,
 #: with the value each takes in training (Flax's ``Dropout(deterministic=...)`` is inverted).
@@ -58,6 +59,7 @@ class Node:
 
 def train_keywords(module: Any) -> dict[str, bool]:
     """The train/eval keywords ``module.__call__`` accepts, with their training values."""
+    # An NNX module's mode is also set by ``nnx_modules`` (NNX's train/eval views).
     call = type(module).__call__ if isinstance(module, nn.Module) else module
     try:
         parameters = inspect.signature(call).parameters
@@ -90,6 +92,8 @@ class ModelGraph:
       loss_funcs, output_funcs, loss_weights: per task.
       nodes: node id -> Node, in first-execution order over the tasks.
       task_nodes: task name -> the node ids its ops resolve to, in order.
+      nnx_specs: module name -> the static split of each Flax NNX module of the pool
+        (graph definitions; see ``nnx_modules``).
     """
 
     task_names: tuple[str, ...]
@@ -100,6 +104,7 @@ class ModelGraph:
     loss_weights: Mapping[str, float]
     nodes: Mapping[str, Node] = dataclasses.field(default_factory=dict)
     task_nodes: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    nnx_specs: Mapping[str, NnxSpec] = dataclasses.field(default_factory=dict)
 
     @property
     def op_names(self) -> tuple[str, ...]:
@@ -185,7 +190,14 @@ def build_graph(tasks: Sequence[Task]) -> ModelGraph:
         if task.name in op_sequences:
             raise ValueError(f"Found duplicate task '{task.name}'; task names must be unique")
         for name, module in task.module_pool.items():
+            check_pool_entry(task.name, name, module)
             if name in module_pool and not _same_module(module_pool[name], module):
+                if is_nnx_module(module) or is_nnx_module(module_pool[name]):
+                    raise ValueError(
+                        f"Module name '{name}' is used for two different modules: a "
+                        f"{type(module_pool[name]).__name__} and a {type(module).__name__} "
+                        f"object (task '{task.name}'); an NNX module owns its weights, so "
+                        f"tasks that share it must put the same object in their pools")
                 raise ValueError(
                     f"Module name '{name}' is used for two different modules: "
                     f"{module_pool[name]!r} and {module!r} (task '{task.name}'); modules "
@@ -224,4 +236,5 @@ def build_graph(tasks: Sequence[Task]) -> ModelGraph:
         loss_weights=loss_weights,
         nodes=nodes,
         task_nodes=task_nodes,
+        nnx_specs=nnx_specs(module_pool),
     )

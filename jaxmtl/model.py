@@ -15,6 +15,10 @@ A batch runs only the ops of the tasks it carries, so each dataset needs only it
 tasks' input keys; ``init_variables(..., task_names=...)`` initialises just those tasks'
 modules, and a module's initial weights depend on the seed and its place in the pool, not
 on which batch created them.
+
+Flax NNX modules in the pool keep the same contract: their state is split into the same
+variables pytree (``nnx_modules`` gives the layout) and merged back inside these pure
+functions, so nothing here mutates a module object.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import jax.numpy as jnp
 
 from .data import INPUT_KEY
 from .graph import ALL_OUTPUTS, ModelGraph, Node, build_graph, train_keywords
+from .nnx_modules import is_nnx_module
 from .task import is_flax_module
 
 __all__ = [
@@ -141,8 +146,9 @@ def init_variables(
     Args:
       graph: the task graph.
       X_dict: a batch of inputs for those tasks (its shapes define the parameter shapes).
-      rng: a PRNG key; module ``m`` initialises from ``fold_in(rng, graph.module_index(m))``,
-        so its weights do not depend on which batch or task set created it.
+      rng: a PRNG key; Linen module ``m`` initialises from ``fold_in(rng,
+        graph.module_index(m))``, so its weights do not depend on which batch or task set
+        created it. An NNX module starts from its own values (``rng`` is not used).
       task_names: the tasks whose modules to create; defaults to every task.
       variables: existing variables: their modules are kept as they are (shared weights
         of a task added later) and only the others are created.
@@ -164,6 +170,17 @@ def init_variables(
             outputs[node.node_id] = _run_module(node, task_names, args, module, *args)
             continue
         kwargs = _mode_kwargs(graph, node.module_name, train=False)
+        if is_nnx_module(module):
+            spec = graph.nnx_specs[node.module_name]
+            if node.module_name not in existing:
+                # The NNX module's own values: its constructor's ``rngs`` drew them.
+                variables = _with_module_variables(variables, node.module_name,
+                                                   spec.initial_variables())
+                existing.add(node.module_name)
+            module_vars = _module_variables(variables, node.module_name)
+            outputs[node.node_id], _ = _run_module(node, task_names, args, spec.apply,
+                                                   module_vars, args, kwargs, False, None)
+            continue
         if node.module_name not in existing:
             key = jax.random.fold_in(rng, graph.module_index(node.module_name))
             params_key, dropout_key = jax.random.split(key)
@@ -200,7 +217,9 @@ def apply_ops(
         take ``deterministic`` get ``not train``; in training, non-param collections
         (e.g. ``batch_stats``) are mutable and returned updated.
       rng: PRNG key for the ``"dropout"`` stream (node ``i`` of the graph uses
-        ``fold_in(rng, i)``); required when a module draws random numbers.
+        ``fold_in(rng, i)``); required when a Linen module draws random numbers. An NNX
+        module's RNG streams are re-seeded from node ``i``'s key (without it, they keep
+        the module's own keys).
       overrides: node id -> output to use instead of running that node (e.g. a shared
         representation to differentiate with respect to).
       until: stop after this node.
@@ -224,6 +243,14 @@ def apply_ops(
         args = _node_args(graph, node, outputs, task_names)
         if not is_flax_module(module):
             outputs[node.node_id] = _run_module(node, task_names, args, module, *args)
+        elif is_nnx_module(module):
+            node_rng = None if rng is None else jax.random.fold_in(
+                rng, graph.node_index(node.node_id))
+            outputs[node.node_id], updates = _run_module(
+                node, task_names, args, graph.nnx_specs[node.module_name].apply,
+                _module_variables(variables, node.module_name), args,
+                _mode_kwargs(graph, node.module_name, train), train, node_rng)
+            variables = _with_module_variables(variables, node.module_name, updates)
         else:
             kwargs: dict[str, Any] = _mode_kwargs(graph, node.module_name, train)
             if rng is not None:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
+import types
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
+from flax import nnx
 
 from .analysis.scorer import Scorer
 from .data import INPUT_KEY
@@ -76,9 +80,108 @@ class Operation:
         return [i if isinstance(i, str) else i[0] for i in self.inputs]
 
 
-def is_flax_module(module: Any) -> bool:
-    """True for Flax Linen modules (which own parameters); other callables are param-free."""
+def is_linen_module(module: Any) -> bool:
+    """True for Flax Linen modules (``flax.linen.Module`` instances)."""
     return isinstance(module, nn.Module)
+
+
+def is_flax_module(module: Any) -> bool:
+    """True for Flax modules, Linen or NNX: they own variables that jaxmtl creates and trains.
+
+    Any other pool entry is a parameter-free callable (``check_pool_entry`` rejects
+    callables that hold parameters).
+    """
+    return isinstance(module, (nn.Module, nnx.Module))
+
+
+ACCEPTED_MODULES = ("a Flax Linen module, a Flax NNX module, or a parameter-free callable "
+                    "(a function such as jax.nn.relu or jnp.tanh, a lambda, an object "
+                    "holding no arrays)")
+
+
+def _holds(value: Any, depth: int = 0) -> str | None:
+    """What in ``value`` holds parameters jaxmtl would not see (a module or an array)."""
+    if isinstance(value, nn.Module):
+        return f"a Flax Linen module ({type(value).__name__})"
+    if isinstance(value, nnx.Module):
+        return f"a Flax NNX module ({type(value).__name__})"
+    if isinstance(value, jax.Array):
+        return f"a jax array of shape {tuple(value.shape)}"
+    if depth >= 2:
+        return None
+    if isinstance(value, (list, tuple)):
+        children = list(value)
+    elif isinstance(value, Mapping):
+        children = list(value.values())
+    else:
+        return None
+    for child in children:
+        found = _holds(child, depth + 1)
+        if found:
+            return found
+    return None
+
+
+def _hidden_parameters(module: Any) -> str | None:
+    """Why a callable that is not a Flax module would silently not train, or None."""
+    if isinstance(module, functools.partial):
+        for value in (module.func, *module.args, *module.keywords.values()):
+            found = _holds(value) or _hidden_parameters(value)
+            if found:
+                return f"a functools.partial over {found}"
+        return None
+    if isinstance(module, types.MethodType):
+        found = _holds(module.__self__)
+        return f"a method of {found}" if found else _hidden_parameters(module.__self__)
+    if isinstance(module, types.FunctionType):
+        # A function calling a module it closes over would run that module's weights
+        # untrained; arrays it closes over are constants and stay allowed.
+        try:
+            closure = inspect.getclosurevars(module)
+        except (TypeError, ValueError):
+            return None
+        for name, value in {**closure.nonlocals, **closure.globals}.items():
+            if isinstance(value, (nn.Module, nnx.Module)):
+                return f"a function that calls {_holds(value)} it refers to as '{name}'"
+        return None
+    if isinstance(module, (types.BuiltinFunctionType, type)):
+        return None
+    attributes = dict(getattr(module, "__dict__", {}))
+    for slot in getattr(type(module), "__slots__", ()):
+        if isinstance(slot, str) and hasattr(module, slot):
+            attributes[slot] = getattr(module, slot)
+    for name, value in attributes.items():
+        found = _holds(value)
+        if found:
+            return f"a {type(module).__name__} object whose attribute '{name}' is {found}"
+    return None
+
+
+def check_pool_entry(task_name: str, module_name: str, module: Any) -> None:
+    """Raises unless ``module`` is a pool entry jaxmtl can run and train.
+
+    Accepted: Flax Linen modules, Flax NNX modules, and parameter-free callables. A
+    callable that holds parameters jaxmtl cannot see (a ``functools.partial`` over a
+    module, an equinox or other object with jax arrays among its attributes, a function
+    calling a module it closes over) would run with weights that never train: it is
+    rejected.
+
+    Raises:
+      ValueError: naming the task, the module and what is accepted.
+    """
+    if not callable(module):
+        raise ValueError(
+            f"Task '{task_name}': module_pool['{module_name}'] is {type(module).__name__}, "
+            f"expected {ACCEPTED_MODULES}")
+    if is_flax_module(module):
+        return
+    found = _hidden_parameters(module)
+    if found:
+        raise ValueError(
+            f"Task '{task_name}': module_pool['{module_name}'] is {found}; jaxmtl would run "
+            f"those weights without training them. Expected {ACCEPTED_MODULES}; put the "
+            f"module itself in the pool (bind arguments in the op's inputs or in a Flax "
+            f"module's attributes)")
 
 
 def validate_op_sequence(
@@ -119,9 +222,12 @@ class Task:
 
     Args:
       name: task name; also the label key in ``Y_dict`` the task trains on.
-      module_pool: module name -> Flax Linen module, or a parameter-free callable (e.g.
-        ``jax.nn.relu``). Modules with the same name across tasks share one set of
-        weights. A module whose ``__call__`` takes ``train`` or ``training`` gets True in
+      module_pool: module name -> Flax Linen module, Flax NNX module (its variables
+        join the model's variables under its name; see ``jaxmtl.nnx_modules``), or a
+        parameter-free callable (e.g. ``jax.nn.relu``); a callable that holds
+        parameters (a ``functools.partial`` over a module, an object with jax arrays
+        among its attributes) is rejected. Modules with the same name across tasks share
+        one set of weights (tasks share an NNX module by holding the same object). A module whose ``__call__`` takes ``train`` or ``training`` gets True in
         training steps and False elsewhere; one that takes ``deterministic`` (Flax's
         Dropout convention) gets the inverse.
       op_sequence: the ops to run; the last op's output is the task's logits [B, K].
@@ -153,11 +259,7 @@ class Task:
         if not op_sequence:
             raise ValueError(f"Task '{name}': op_sequence is empty")
         for module_name, module in module_pool.items():
-            if not callable(module):
-                raise ValueError(
-                    f"Task '{name}': module_pool['{module_name}'] is {type(module).__name__}, "
-                    f"expected a Flax module or a callable"
-                )
+            check_pool_entry(name, module_name, module)
         validate_op_sequence(name, module_pool, op_sequence)
         if scorer is not None and not isinstance(scorer, Scorer):
             raise ValueError(

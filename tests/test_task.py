@@ -54,5 +54,5 @@ def test_task_duplicate_op_names_with_different_definitions():
 def test_task_bad_name_and_module():
     with pytest.raises(ValueError, match="without '/'"):
         Task("a/b", {"a": nn.Dense(2)}, [Operation("a", [("_input_", "x")])])
-    with pytest.raises(ValueError, match="expected a Flax module or a callable"):
+    with pytest.raises(ValueError, match="expected a Flax Linen module, a Flax NNX module, or a parameter-free callable"):
         Task("t", {"a": 3}, [Operation("a", [("_input_", "x")])])
