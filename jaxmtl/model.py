@@ -35,8 +35,8 @@ from .nnx_modules import is_nnx_module
 from .task import is_flax_module
 
 __all__ = [
-    "MissingInputError", "ModelGraph", "active_mask", "apply_ops", "build_graph",
-    "init_variables", "losses_from_outputs", "shared_representation", "task_logits",
+    "MissingInputError", "ModelGraph", "active_mask", "apply_ops", "build_graph", "call_node",
+    "init_variables", "losses_from_outputs", "node_args", "shared_representation", "task_logits",
     "task_loss_terms", "task_probs", "total_loss", "train_keywords",
 ]
 
@@ -69,8 +69,14 @@ def _tasks_of(node: Node, task_names: Sequence[str]) -> str:
     return _quoted([t for t in node.tasks if t in task_names] or list(node.tasks))
 
 
-def _node_args(graph: ModelGraph, node: Node, outputs: Mapping[str, Any],
-               task_names: Sequence[str]) -> list:
+def node_args(graph: ModelGraph, node: Node, outputs: Mapping[str, Any],
+              task_names: Sequence[str]) -> list:
+    """The arguments ``node``'s module is called with, read from ``outputs``.
+
+    Raises:
+      MissingInputError: an input key or output element that is not there.
+      ValueError: a task head that reads a whole tuple/dict output.
+    """
     if node.inputs == (ALL_OUTPUTS,):
         return [{INPUT_KEY: outputs[INPUT_KEY],
                  **{name: outputs[node_id] for name, node_id in node.view}}]
@@ -165,7 +171,7 @@ def init_variables(
     outputs: dict[str, Any] = {INPUT_KEY: dict(X_dict)}
     for node in graph.nodes_for(task_names):
         module = graph.module_pool[node.module_name]
-        args = _node_args(graph, node, outputs, task_names)
+        args = node_args(graph, node, outputs, task_names)
         if not is_flax_module(module):
             outputs[node.node_id] = _run_module(node, task_names, args, module, *args)
             continue
@@ -239,36 +245,51 @@ def apply_ops(
             if node.node_id == until:
                 break
             continue
-        module = graph.module_pool[node.module_name]
-        args = _node_args(graph, node, outputs, task_names)
-        if not is_flax_module(module):
-            outputs[node.node_id] = _run_module(node, task_names, args, module, *args)
-        elif is_nnx_module(module):
-            node_rng = None if rng is None else jax.random.fold_in(
-                rng, graph.node_index(node.node_id))
-            outputs[node.node_id], updates = _run_module(
-                node, task_names, args, graph.nnx_specs[node.module_name].apply,
-                _module_variables(variables, node.module_name), args,
-                _mode_kwargs(graph, node.module_name, train), train, node_rng)
-            variables = _with_module_variables(variables, node.module_name, updates)
-        else:
-            kwargs: dict[str, Any] = _mode_kwargs(graph, node.module_name, train)
-            if rng is not None:
-                kwargs["rngs"] = {"dropout": jax.random.fold_in(
-                    rng, graph.node_index(node.node_id))}
-            module_vars = _module_variables(variables, node.module_name)
-            mutable = [col for col in module_vars if col != "params"] if train else []
-            if mutable:
-                output, updates = _run_module(node, task_names, args, module.apply, module_vars,
-                                              *args, mutable=mutable, **kwargs)
-                variables = _with_module_variables(variables, node.module_name, updates)
-            else:
-                output = _run_module(node, task_names, args, module.apply, module_vars, *args,
-                                     **kwargs)
-            outputs[node.node_id] = output
+        args = node_args(graph, node, outputs, task_names)
+        node_rng = None if rng is None else jax.random.fold_in(
+            rng, graph.node_index(node.node_id))
+        outputs[node.node_id], variables = call_node(graph, node, variables, args, task_names,
+                                                     train=train, node_rng=node_rng)
         if node.node_id == until:
             break
     return outputs, variables
+
+
+def call_node(graph: ModelGraph, node: Node, variables: PyTree, args: Sequence[Any],
+              task_names: Sequence[str], *, train: bool, node_rng: jax.Array | None
+              ) -> tuple[Any, PyTree]:
+    """Runs one node's module (Linen, NNX or a plain callable) on ``args``.
+
+    Args:
+      graph, node: the graph and the node to run.
+      variables: ``{collection: {module_name: ...}}`` holding the node's module.
+      args: the node's inputs (``node_args``).
+      task_names: the tasks being run (named in errors).
+      train: training mode (train/eval keywords, mutable collections).
+      node_rng: the node's dropout key, or None.
+
+    Returns:
+      (output, variables with the module's updated mutable collections).
+    """
+    module = graph.module_pool[node.module_name]
+    if not is_flax_module(module):
+        return _run_module(node, task_names, args, module, *args), variables
+    kwargs: dict[str, Any] = _mode_kwargs(graph, node.module_name, train)
+    module_vars = _module_variables(variables, node.module_name)
+    if is_nnx_module(module):
+        output, updates = _run_module(
+            node, task_names, args, graph.nnx_specs[node.module_name].apply, module_vars,
+            args, kwargs, train, node_rng)
+        return output, _with_module_variables(variables, node.module_name, updates)
+    if node_rng is not None:
+        kwargs["rngs"] = {"dropout": node_rng}
+    mutable = [col for col in module_vars if col != "params"] if train else []
+    if not mutable:
+        return _run_module(node, task_names, args, module.apply, module_vars, *args,
+                           **kwargs), variables
+    output, updates = _run_module(node, task_names, args, module.apply, module_vars, *args,
+                                  mutable=mutable, **kwargs)
+    return output, _with_module_variables(variables, node.module_name, updates)
 
 
 def shared_representation(graph: ModelGraph, task_names: Sequence[str]) -> str:

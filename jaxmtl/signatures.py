@@ -42,15 +42,7 @@ import jax.numpy as jnp
 
 from .data import INPUT_KEY
 from .graph import ALL_OUTPUTS, ModelGraph, _same_module
-from .model import (
-    PyTree,
-    _mode_kwargs,
-    _module_variables,
-    _node_args,
-    _run_module,
-    _with_module_variables,
-)
-from .task import is_flax_module
+from .model import PyTree, call_node, node_args
 
 __all__ = ["TaskFamily", "apply_family", "family_of", "member_model_state",
            "member_variables", "task_families", "view_modules", "view_of", "view_variables",
@@ -317,27 +309,15 @@ def apply_family(
     outputs: dict[str, Any] = {INPUT_KEY: dict(X_dict)}
     for position, node_id in enumerate(graph.task_nodes[family.representative]):
         node = graph.nodes[node_id]
-        module = graph.module_pool[node.module_name]
-        args = _node_args(graph, node, outputs, task_names)
-        if not is_flax_module(module):
-            outputs[node_id] = _run_module(node, task_names, args, module, *args)
-            continue
-        kwargs: dict[str, Any] = _mode_kwargs(graph, node.module_name, train)
+        args = node_args(graph, node, outputs, task_names)
+        node_rng = None
         if rng is not None:
             indices = family.fold_indices[position]
             index = indices[0] if len(set(indices)) == 1 else jnp.asarray(
                 indices, jnp.int32)[member]
-            kwargs["rngs"] = {"dropout": jax.random.fold_in(rng, index)}
-        module_vars = _module_variables(view, node.module_name)
-        mutable = [col for col in module_vars if col != "params"] if train else []
-        if mutable:
-            output, updates = _run_module(node, task_names, args, module.apply, module_vars,
-                                          *args, mutable=mutable, **kwargs)
-            view = _with_module_variables(view, node.module_name, updates)
-        else:
-            output = _run_module(node, task_names, args, module.apply, module_vars, *args,
-                                 **kwargs)
-        outputs[node_id] = output
+            node_rng = jax.random.fold_in(rng, index)
+        outputs[node_id], view = call_node(graph, node, view, args, task_names, train=train,
+                                           node_rng=node_rng)
     return outputs, view
 
 
