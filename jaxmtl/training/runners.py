@@ -59,9 +59,13 @@ def own_buffers(tree: Any) -> Any:
 
 
 def zero_loss_accumulator(n_loaders: int, n_tasks: int) -> dict[str, jax.Array]:
-    """[n_loaders, n_tasks] loss sums and active counts, zero (two distinct buffers)."""
-    return {"loss_sum": jnp.zeros((n_loaders, n_tasks), jnp.float32),
-            "count": jnp.zeros((n_loaders, n_tasks), jnp.float32)}
+    """[n_loaders, n_tasks] loss sums and active counts, zero (two distinct buffers).
+
+    Made on the host and transferred: ``jnp.zeros`` would compile a program per shape,
+    i.e. per number of tasks.
+    """
+    return jax.device_put({"loss_sum": np.zeros((n_loaders, n_tasks), np.float32),
+                           "count": np.zeros((n_loaders, n_tasks), np.float32)})
 
 
 def fit_step(
