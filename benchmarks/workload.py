@@ -1,6 +1,6 @@
 """The reference workload and the helpers every implementation's child process shares.
 
-Workload (``/work/shared/reference/WORKLOAD.md``): N points per task, D = 128 float32
+Workload (the reference workload defined in ``benchmarks/README.md``): N points per task, D = 128 float32
 standard-normal features (seed 0), W ~ N(0, 1) [D, 4], logits = X @ W; task ``task_a`` is
 the hard label ``logits[:, 0] > 0`` and task ``task_b`` the soft label ``softmax(logits)``.
 Both tasks train on the same X through one loader each. Model: a shared body
