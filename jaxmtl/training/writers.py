@@ -22,11 +22,14 @@ from typing import Any
 
 import numpy as np
 import optax
-from tensorboardX import SummaryWriter
 
 from jaxmtl._io import atomic_write
+from jaxmtl._lazy import lazy_module
 from jaxmtl.training.config import LOG_WRITERS, LogWriterConfig, from_dict, merge_config
 from jaxmtl.training.locks import DirectoryLock
+
+# Imported by the first TensorBoardWriter, not by `import jaxmtl`.
+tensorboardX = lazy_module("tensorboardX")
 
 logger = logging.getLogger(__name__)
 
@@ -273,11 +276,11 @@ class TensorBoardWriter(LogWriter):
         super().__init__(log_dir=log_dir, run_name=run_name, config=config)
         self.writer = self._open_event_file()
 
-    def _open_event_file(self, purge_step: int | None = None) -> SummaryWriter:
+    def _open_event_file(self, purge_step: int | None = None) -> tensorboardX.SummaryWriter:
         # A unique suffix: tensorboardX names files by the second and the host, so two
         # writers of one second (a resume, a copied file) would share a file.
         self._suffix, self._added = f".{uuid.uuid4().hex[:8]}", 0
-        return SummaryWriter(self.log_dir, purge_step=purge_step,
+        return tensorboardX.SummaryWriter(self.log_dir, purge_step=purge_step,
                              filename_suffix=self._suffix)
 
     def add_scalar(self, name: str, value: Any, step: int | float) -> None:
