@@ -5,6 +5,7 @@
     .venv-bench/bin/python -m benchmarks --scaling            # batch size / width sweep
     .venv-bench/bin/python -m benchmarks --devices            # 1, 2, 4, 8 devices
     .venv-bench/bin/python -m benchmarks --logging-overhead   # json / tensorboard logging
+    .venv-bench/bin/python -m benchmarks --tasks 2,8,32,64    # many tasks: compiles, start-up
     .venv-bench/bin/python -m benchmarks --only jaxmtl,jax_numpy --repeats 5
 
 Writes ``latest.md`` (table), ``latest.png`` (ratios to Snorkel) and ``latest.json`` (raw
@@ -22,7 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks import devices, logging_overhead, report, scaling
+from benchmarks import devices, logging_overhead, many_tasks, report, scaling
 from benchmarks.runner import (
     JAX_NUMPY,
     JAX_SCAN,
@@ -49,6 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "(forced CPU devices, or the real GPUs)")
     parser.add_argument("--logging-overhead", action="store_true",
                         help="jaxmtl fit without logging vs json and tensorboard logging")
+    parser.add_argument("--tasks", default="", metavar="T1,T2,...",
+                        help="the many-task workload for these task counts (jaxmtl, Snorkel, "
+                             "hand-written JAX) -> many_tasks.{md,json,png}")
     parser.add_argument("--steps-per-call", type=int, default=0, metavar="K",
                         help="also run jaxmtl with TrainerConfig(steps_per_call=K)")
     parser.add_argument("--repeats", type=int, default=None,
@@ -56,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "logging-overhead 5)")
     parser.add_argument("--only", default="",
                         help="comma-separated implementation keys (snorkel, torch, jax_numpy, "
-                             "jax_scan, jaxmtl, jaxmtl_kK)")
+                             "jax_scan, jaxmtl, jaxmtl_kK; with --tasks: jaxmtl, snorkel, jax)")
     parser.add_argument("--python", default=sys.executable,
                         help="interpreter of the JAX children (default: this one)")
     parser.add_argument("--torch-python", default=None,
@@ -112,7 +116,15 @@ def main(argv: list[str] | None = None) -> None:
     torch_python = args.torch_python or default_torch_python()
     created = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
     machine = {**machine_info(), **git_state()}
-    if args.devices or args.logging_overhead:
+    if args.tasks:
+        counts = many_tasks.parse_tasks(args.tasks)
+        records = many_tasks.run(counts, args.python, torch_python, args.only)
+        run = {"created": created, "machine": machine, "spec": {"tasks": counts},
+               "records": records}
+        stem = "many_tasks"
+        markdown = many_tasks.render_markdown(run)
+        png_note = many_tasks.plot(run, str(out_dir / "many_tasks.png"))
+    elif args.devices or args.logging_overhead:
         stem = "devices" if args.devices else "logging"
         run, render, plot = (run_devices if args.devices else run_logging)(args, created, machine)
         markdown, png_note = render(run), plot(run, str(out_dir / f"{stem}.png"))

@@ -30,7 +30,7 @@ def time_import(statement: str) -> float:
 def measure(repeats: int) -> dict[str, list[float]]:
     """``{label: [seconds per run]}``, the statements alternating so load drifts hit both."""
     times: dict[str, list[float]] = {label: [] for label in STATEMENTS}
-    for label, statement in STATEMENTS.items():  # warm the OS file cache once
+    for statement in STATEMENTS.values():  # warm the OS file cache once
         time_import(statement)
     for _ in range(repeats):
         for label, statement in STATEMENTS.items():
