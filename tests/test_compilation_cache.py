@@ -41,13 +41,6 @@ def test_second_run_loads_compiled_programs_from_the_cache(tmp_path):
     assert second["params_sum"] == first["params_sum"]
 
 
-def test_env_switch_keeps_the_cache_off(tmp_path):
-    result = run_fit(tmp_path, **{compilation_cache.ENV_SWITCH: "0"})
-    assert result["cache_dir"] is None
-    assert result["cache_hits"] == 0
-    assert not (tmp_path / "jaxmtl").exists()
-
-
 @pytest.fixture
 def fresh_decision(monkeypatch):
     """A process that has not decided yet; JAX's cache settings restored afterwards."""
@@ -99,6 +92,16 @@ def test_first_trainer_turns_the_cache_on_once(fresh_decision, tmp_path, monkeyp
     compilation_cache.disable_compilation_cache()
     assert jax.config.jax_compilation_cache_dir is None
     assert compilation_cache.ensure_compilation_cache() is None
+
+
+@pytest.mark.parametrize("value", ["0", "false", "OFF", " no "])
+def test_env_switch_keeps_the_cache_off(fresh_decision, tmp_path, monkeypatch, value):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv(compilation_cache.ENV_SWITCH, value)
+    jax.config.update("jax_compilation_cache_dir", None)
+    assert compilation_cache.ensure_compilation_cache() is None
+    assert jax.config.jax_compilation_cache_dir is None
+    assert not (tmp_path / "jaxmtl").exists()
 
 
 def test_min_compile_time_is_checked(fresh_decision, tmp_path):
