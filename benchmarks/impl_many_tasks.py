@@ -174,7 +174,13 @@ def run_snorkel(tasks: int) -> dict[str, Any]:
     trainer = Trainer(n_epochs=N_EPOCHS, lr=LR, optimizer="adam", batch_scheduler="shuffled",
                       progress_bar=False)
     clock = Clock()
-    trainer.batch_scheduler.get_batches = clock.wrap(trainer.batch_scheduler.get_batches)
+    set_scheduler = trainer._set_batch_scheduler  # Snorkel builds its scheduler in fit
+
+    def set_stamped_scheduler() -> None:
+        set_scheduler()
+        trainer.batch_scheduler.get_batches = clock.wrap(trainer.batch_scheduler.get_batches)
+
+    trainer._set_batch_scheduler = set_stamped_scheduler
     trainer.fit(model, train)
     end = time.time()
     scores = model.score(valid)
