@@ -25,12 +25,14 @@ def test_tensorboard_example_writes_events(tmp_path):
     assert (run_dir / "config.json").exists()
 
 
+@pytest.mark.slow  # test_resume.py's SIGKILL test checks the same guarantee by default
 def test_resume_example_is_bit_identical(tmp_path):
     import resume
 
     assert resume.main(str(tmp_path / "ck")) is True
 
 
+@pytest.mark.slow  # 3 methods x 4 epochs; test_trainer_balancers.py covers the methods
 def test_balancers_example_methods_pick_different_tradeoffs():
     import balancers
 

@@ -65,7 +65,11 @@ def test_equal_balancer_object_matches_plain_sum(two_task_loaders):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", [n for n in BALANCER_NAMES if n != "equal"])
+# By default one loss-weighting and one gradient method; every method with -m slow (each
+# method's math is checked against references in test_balancers.py).
+@pytest.mark.parametrize("name", [
+    name if name in ("uncertainty", "pcgrad") else pytest.param(name, marks=pytest.mark.slow)
+    for name in BALANCER_NAMES if name != "equal"])
 def test_every_balancer_trains_both_tasks(two_task_loaders, equal_mixed_params, name):
     model, trainer = fit(two_task_loaders, batch_scheduler="mixed", balancer=name,
                          n_epochs=4, lr=0.05)
