@@ -19,6 +19,7 @@ def test_quickstart_scores():
         (scores["task_a/synthetic_a/valid/accuracy"] + scores["task_b/synthetic_b/valid/accuracy"]) / 2)
 
 
+@pytest.mark.slow  # test_trainer_logging.py and test_writers.py check TensorBoard logging
 def test_tensorboard_example_writes_events(tmp_path):
     run_dir = Path(tensorboard_run.main(str(tmp_path), "run"))
     assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1
