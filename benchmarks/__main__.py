@@ -6,6 +6,7 @@
     .venv-bench/bin/python -m benchmarks --devices            # 1, 2, 4, 8 devices
     .venv-bench/bin/python -m benchmarks --logging-overhead   # json / tensorboard logging
     .venv-bench/bin/python -m benchmarks --varlen             # variable-length token inputs
+    .venv-bench/bin/python -m benchmarks --tasks 2,8,32,64    # many tasks: compiles, start-up
     .venv-bench/bin/python -m benchmarks --only jaxmtl,jax_numpy --repeats 5
 
 Writes ``latest.md`` (table), ``latest.png`` (ratios to Snorkel) and ``latest.json`` (raw
@@ -23,7 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks import devices, logging_overhead, report, scaling, varlen
+from benchmarks import devices, logging_overhead, many_tasks, report, scaling, varlen
 from benchmarks.runner import (
     JAX_NUMPY,
     JAX_SCAN,
@@ -54,6 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="variable-length token inputs (lognormal lengths, max 239 and "
                              "512): Snorkel, a JAX loop padding to 2^k, jaxmtl default and "
                              "bucket_by_length=True")
+    parser.add_argument("--tasks", default="", metavar="T1,T2,...",
+                        help="the many-task workload for these task counts (jaxmtl, Snorkel, "
+                             "hand-written JAX) -> many_tasks.{md,json,png}")
     parser.add_argument("--steps-per-call", type=int, default=0, metavar="K",
                         help="also run jaxmtl with TrainerConfig(steps_per_call=K)")
     parser.add_argument("--repeats", type=int, default=None,
@@ -61,7 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "logging-overhead 5)")
     parser.add_argument("--only", default="",
                         help="comma-separated implementation keys (snorkel, torch, jax_numpy, "
-                             "jax_scan, jaxmtl, jaxmtl_kK)")
+                             "jax_scan, jaxmtl, jaxmtl_kK; with --tasks: jaxmtl, snorkel, jax)")
     parser.add_argument("--python", default=sys.executable,
                         help="interpreter of the JAX children (default: this one)")
     parser.add_argument("--torch-python", default=None,
@@ -124,6 +128,14 @@ def main(argv: list[str] | None = None) -> None:
         run = {"created": created, "machine": machine, "spec": spec, "records": records}
         stem = "varlen"
         markdown, png_note = varlen.render_markdown(run), "no plot for --varlen"
+    elif args.tasks:
+        counts = many_tasks.parse_tasks(args.tasks)
+        records = many_tasks.run(counts, args.python, torch_python, args.only)
+        run = {"created": created, "machine": machine, "spec": {"tasks": counts},
+               "records": records}
+        stem = "many_tasks"
+        markdown = many_tasks.render_markdown(run)
+        png_note = many_tasks.plot(run, str(out_dir / "many_tasks.png"))
     elif args.devices or args.logging_overhead:
         stem = "devices" if args.devices else "logging"
         run, render, plot = (run_devices if args.devices else run_logging)(args, created, machine)

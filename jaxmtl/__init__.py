@@ -7,6 +7,7 @@ and ``jaxmtl.training.step``.
 
 from .analysis import Scorer, metric_score, metrics_dict_to_dataframe
 from .classifier import MultitaskClassifier
+from .compilation_cache import disable_compilation_cache, enable_compilation_cache
 from .data import DictDataset
 from .loader import Batch, DictDataLoader
 from .losses import cross_entropy, cross_entropy_with_probs
@@ -30,6 +31,7 @@ from .training import (
     LogWriter,
     LogWriterConfig,
     LRSchedulerConfig,
+    MetricWriter,
     OptimizerConfig,
     SGDConfig,
     TensorBoardWriter,
@@ -56,6 +58,7 @@ __all__ = [
     "LogManagerConfig",
     "LogWriter",
     "LogWriterConfig",
+    "MetricWriter",
     "ModelGraph",
     "MultitaskClassifier",
     "Operation",
@@ -71,6 +74,8 @@ __all__ = [
     "build_graph",
     "cross_entropy",
     "cross_entropy_with_probs",
+    "disable_compilation_cache",
+    "enable_compilation_cache",
     "init_variables",
     "make_optimizer",
     "metric_score",

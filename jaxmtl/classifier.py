@@ -9,12 +9,11 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pandas as pd
 
 from .analysis.scorer import metrics_dict_to_dataframe
 from .loader import DictDataLoader
@@ -32,6 +31,9 @@ from .persistence import load_variables, save_params
 from .signatures import family_of, task_families, view_modules, view_variables
 from .task import Operation, Task, is_flax_module
 from .utils import probs_to_preds
+
+if TYPE_CHECKING:  # pandas is imported only when a DataFrame is asked for
+    import pandas as pd
 
 logger = logging.getLogger(__name__)
 

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
+# The suite never writes JAX's persistent compilation cache (nor reads the user's): each
+# Trainer would otherwise turn it on in ~/.cache. Subprocesses inherit this;
+# test_compilation_cache.py turns it on in a temporary directory where it tests it.
+os.environ["JAXMTL_COMPILATION_CACHE"] = "0"
+
 import flax.linen as nn
 import numpy as np
 import pytest

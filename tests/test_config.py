@@ -167,3 +167,23 @@ def test_snorkel_class_names_build_the_nested_configs():
     assert config.lr_scheduler_config.exponential_config.gamma == 0.5
     assert (config.lr_scheduler_config.step_config.step_size,
             config.lr_scheduler_config.step_config.gamma) == (2, 0.9)
+
+
+
+def test_config_names_match_the_implementations_and_import_nothing_of_them():
+    import ast
+
+    from jaxmtl.parallel import PARALLEL_MODES
+    from jaxmtl.training import config
+    from jaxmtl.training.balancers import BALANCER_NAMES
+
+    assert config.PARALLEL_MODES == PARALLEL_MODES
+    assert config.BALANCER_NAMES == BALANCER_NAMES
+    with open(config.__file__) as f:
+        tree = ast.parse(f.read())
+    imported = [node.module for node in ast.walk(tree)
+                if isinstance(node, ast.ImportFrom) and node.module != "__future__"]
+    imported += [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+                 for alias in node.names]
+    assert sorted(imported) == ["dataclasses", "dataclasses", "math", "numbers", "optax",
+                                "typing"]

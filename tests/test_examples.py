@@ -19,18 +19,21 @@ def test_quickstart_scores():
         (scores["task_a/synthetic_a/valid/accuracy"] + scores["task_b/synthetic_b/valid/accuracy"]) / 2)
 
 
+@pytest.mark.slow  # test_trainer_logging.py and test_writers.py check TensorBoard logging
 def test_tensorboard_example_writes_events(tmp_path):
     run_dir = Path(tensorboard_run.main(str(tmp_path), "run"))
     assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1
     assert (run_dir / "config.json").exists()
 
 
+@pytest.mark.slow  # test_resume.py's SIGKILL test checks the same guarantee by default
 def test_resume_example_is_bit_identical(tmp_path):
     import resume
 
     assert resume.main(str(tmp_path / "ck")) is True
 
 
+@pytest.mark.slow  # 3 methods x 4 epochs; test_trainer_balancers.py covers the methods
 def test_balancers_example_methods_pick_different_tradeoffs():
     import balancers
 

@@ -54,6 +54,7 @@ def test_split_data_rejects_two_fractions():
         per_task_inputs.split_data(X, Y, np.random.default_rng(0), fractions=(0.5, 0.5))
 
 
+@pytest.mark.slow  # the tutorial's shape also trains in test_snorkel_tutorial_port.py
 def test_main_trains_three_tasks_with_per_task_inputs():
     scores = per_task_inputs.main(n_epochs=10, seed=123, verbose=False)
     expected = {f"{task}_task/{per_task_inputs.DATASET_NAMES[task]}/{split}/accuracy"

@@ -37,11 +37,14 @@ def assert_same_run(got, expected):
     assert scores == pytest.approx(want_scores)
 
 
-@pytest.mark.parametrize("n_devices", [2, 4])
+# The default run keeps one multi-device equality test (pmap, 2 devices); the sharded mode
+# is checked against one device by the layers_run tests below. The rest: -m slow.
+@pytest.mark.parametrize("n_devices", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_pmap_matches_single_device(tmp_path, reference, n_devices):
     assert_same_run(run(tmp_path, n_devices, "auto"), reference)
 
 
+@pytest.mark.slow
 def test_sharded_matches_single_device(tmp_path, reference):
     assert_same_run(run(tmp_path, 4, "sharded"), reference)
 
@@ -57,6 +60,7 @@ def free_port():
         return probe.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_match_single_process(tmp_path, reference):
     """Two JAX processes (2 devices each, CPU collectives over localhost) = one process."""
     out, port = tmp_path / "multi", free_port()
@@ -129,7 +133,7 @@ print(int(trainer.state.step))
 """
 
 
-@pytest.mark.parametrize("mode", ["pmap", "sharded"])
+@pytest.mark.parametrize("mode", ["pmap", pytest.param("sharded", marks=pytest.mark.slow)])
 def test_many_queued_steps_on_cpu_devices_do_not_deadlock(mode):
     # 942 steps with no host sync in between: XLA:CPU collectives of queued steps used to
     # hold every pool thread and time out in the all-reduce rendezvous.

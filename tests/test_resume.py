@@ -51,8 +51,8 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path, uninterrupted)
     assert Path(f"{uninterrupted}.msgpack").read_bytes() == Path(f"{resumed}.msgpack").read_bytes()
 
 
-@pytest.mark.parametrize("saved_on, resumed_on", [
-    (4, 1), pytest.param(1, 2, marks=pytest.mark.slow)])
+@pytest.mark.slow  # the default run keeps the same-device SIGKILL test above
+@pytest.mark.parametrize("saved_on, resumed_on", [(4, 1), (1, 2)])
 def test_resume_on_another_device_count(tmp_path, uninterrupted, saved_on, resumed_on):
     resumed = crash_and_resume(tmp_path, saved_on, resumed_on)
     expected, got = np.load(f"{uninterrupted}.npz"), np.load(f"{resumed}.npz")

@@ -18,7 +18,13 @@ from tensorboardX.proto import event_pb2
 
 from jaxmtl.training.config import LogWriterConfig, TrainerConfig
 from jaxmtl.training.locks import DirectoryLockedError
-from jaxmtl.training.writers import LogWriter, TensorBoardWriter, make_log_writer
+from jaxmtl.training.writers import (
+    LogWriter,
+    MetricWriter,
+    RunDirectoryWriter,
+    TensorBoardWriter,
+    make_log_writer,
+)
 
 
 def _masked_crc(data: bytes) -> int:
@@ -157,6 +163,25 @@ def test_tensorboard_writer(tmp_path) -> None:
     np.testing.assert_allclose(lr, 1e-3, rtol=1e-6)  # simple_value is float32
     assert json.loads(_text(run_dir, "config")) == config
     assert not os.path.exists(os.path.join(run_dir, "log.json"))
+
+
+def test_both_writers_are_metric_writers_and_siblings(tmp_path) -> None:
+    step_scalars = {"model/all/train/loss": np.float32(0.5), "model/all/train/lr": 0.25}
+    json_writer = LogWriter(run_name="json", log_dir=str(tmp_path))
+    tb_writer = TensorBoardWriter(run_name="tb", log_dir=str(tmp_path))
+    for writer in (json_writer, tb_writer):
+        assert isinstance(writer, MetricWriter) and isinstance(writer, RunDirectoryWriter)
+        writer.write_scalars(4, step_scalars)
+        writer.write_scalars(8, {"model/all/train/loss": 0.125})
+        writer.flush()
+        writer.close()
+    assert not isinstance(tb_writer, LogWriter)  # siblings: no JSON log behind TensorBoard
+    assert not isinstance(object(), MetricWriter)
+    expected = {"model/all/train/loss": [[4, 0.5], [8, 0.125]], "model/all/train/lr": [[4, 0.25]]}
+    assert _read_json(str(tmp_path / "json" / "log.json")) == expected
+    assert {name: [list(point) for point in points]
+            for name, points in _scalars(str(tmp_path / "tb")).items()} == expected
+    assert not os.path.exists(tmp_path / "tb" / "log.json")
 
 
 def test_tensorboard_context_manager_flushes_on_error(tmp_path) -> None:

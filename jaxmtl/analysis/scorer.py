@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
+from jaxmtl._lazy import lazy_module
 from jaxmtl.analysis.metrics import (
     CONFUSION_METRICS,
     METRICS,
@@ -18,6 +19,8 @@ from jaxmtl.analysis.metrics import (
     scores_from_confusion,
     to_label_array,
 )
+
+pd = lazy_module("pandas")  # imported when a DataFrame is asked for, not at import
 
 CustomMetric = Callable[[np.ndarray, np.ndarray | None, np.ndarray | None], Any]
 
@@ -177,7 +180,9 @@ class Scorer:
 
 def _slice_masks(S: Any) -> dict[str, np.ndarray]:
     """``{slice_name: [N] bool mask}`` from a structured array, DataFrame or mapping."""
-    if isinstance(S, pd.DataFrame):
+    # S can only be a DataFrame if pandas is already imported; don't import it to ask.
+    pandas = sys.modules.get("pandas")
+    if pandas is not None and isinstance(S, pandas.DataFrame):
         return {str(name): S[name].to_numpy().astype(bool) for name in S.columns}
     if isinstance(S, Mapping):
         return {str(name): np.asarray(mask).astype(bool) for name, mask in S.items()}

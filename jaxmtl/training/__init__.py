@@ -15,7 +15,7 @@ from .config import (
 from .log_manager import LogManager
 from .step import TrainState, make_optimizer, train_step
 from .trainer import Trainer
-from .writers import LogWriter, TensorBoardWriter
+from .writers import LogWriter, MetricWriter, TensorBoardWriter
 
 __all__ = [
     "Checkpointer",
@@ -27,6 +27,7 @@ __all__ = [
     "LogManagerConfig",
     "LogWriter",
     "LogWriterConfig",
+    "MetricWriter",
     "OptimizerConfig",
     "SGDConfig",
     "TensorBoardWriter",

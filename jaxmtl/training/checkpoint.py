@@ -33,11 +33,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 
+from .._lazy import lazy_module
 from .config import CheckpointerConfig, LogWriterConfig, from_dict, merge_config
 from .locks import DirectoryLock
 from .writers import run_directory, to_jsonable
+
+ocp = lazy_module("orbax.checkpoint")  # imported by the first checkpoint, not by `import jaxmtl`
 
 logger = logging.getLogger(__name__)
 

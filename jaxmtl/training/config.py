@@ -15,8 +15,11 @@ from typing import Any, TypeVar
 
 import optax
 
-from ..parallel import PARALLEL_MODES
-from .balancers import BALANCER_NAMES
+# The allowed names, kept here so that configuration depends on no implementation module
+# (tests/test_config.py checks they equal jaxmtl.parallel's and the balancers' own lists).
+PARALLEL_MODES = ("auto", "pmap", "sharded", "single")
+BALANCER_NAMES = ("equal", "uncertainty", "dwa", "rlw", "gradnorm", "pcgrad", "cagrad", "mgda",
+                  "famo")
 
 ConfigT = TypeVar("ConfigT")
 

@@ -15,8 +15,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 
+from .._lazy import lazy_module
 from .checkpoint import (
     CHECKPOINTS_SUBDIR,
     CheckpointError,
@@ -26,6 +26,8 @@ from .checkpoint import (
 from .config import TrainerConfig, from_dict
 from .step import TrainState, make_optimizer
 from .writers import to_jsonable
+
+ocp = lazy_module("orbax.checkpoint")  # imported by the first save/restore, not at import
 
 logger = logging.getLogger(__name__)
 

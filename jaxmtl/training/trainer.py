@@ -19,6 +19,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from ..classifier import MultitaskClassifier
+from ..compilation_cache import ensure_compilation_cache
 from ..loader import DictDataLoader
 from ..parallel import check_balancer_parallel, choose_parallel
 from .balancers import Balancer, balancer_for_tasks
@@ -92,6 +93,7 @@ class Trainer:
         self.metrics: Metrics = {}
         self._compiled: dict[Any, tuple] = {}
         self._loaded_optimizer: dict[str, Any] | None = None
+        ensure_compilation_cache()  # JAX's persistent cache, unless the user decided
 
     def fit(self, model: MultitaskClassifier, dataloaders: Sequence[DictDataLoader],
             resume_from: str | None = None) -> None:

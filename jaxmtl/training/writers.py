@@ -1,7 +1,10 @@
 """Log writers: JSON files (``LogWriter``) and TensorBoard event files (``TensorBoardWriter``).
 
 Both write under ``{log_dir}/{run_name}``, as Snorkel's writers, and are context managers
-that write/flush on exit, including when training raises.
+that write/flush on exit, including when training raises. They are siblings over
+``RunDirectoryWriter`` (the run directory, its lock, config and text files) and both are
+``MetricWriter``s, CLU's shape: ``write_scalars(step, {name: value})``, ``flush()``,
+``close()``; Snorkel's ``add_scalar(name, value, step)`` and ``cleanup()`` stay.
 """
 
 from __future__ import annotations
@@ -18,15 +21,18 @@ from collections import defaultdict
 from collections.abc import Mapping
 from datetime import datetime
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import optax
-from tensorboardX import SummaryWriter
 
 from jaxmtl._io import atomic_write
+from jaxmtl._lazy import lazy_module
 from jaxmtl.training.config import LOG_WRITERS, LogWriterConfig, from_dict, merge_config
 from jaxmtl.training.locks import DirectoryLock
+
+# Imported by the first TensorBoardWriter, not by `import jaxmtl`.
+tensorboardX = lazy_module("tensorboardX")
 
 logger = logging.getLogger(__name__)
 
@@ -112,12 +118,30 @@ def _number(value: Any) -> int | float:
     return np.asarray(value).item()
 
 
-class LogWriter:
-    """Collects scalars in memory and writes them, and the run's config, as JSON.
+@runtime_checkable
+class MetricWriter(Protocol):
+    """Writes scalar metrics of a run (the shape of CLU's ``metric_writers.MetricWriter``).
 
-    Files go to ``{log_dir}/{run_name}`` (created at construction): ``log.json`` maps
-    each scalar name to a list of ``[step, value]`` pairs; ``config.json`` holds the
-    config given to ``write_config``.
+    ``LogWriter`` and ``TensorBoardWriter`` implement it; so can any object with these
+    three methods (``isinstance(obj, MetricWriter)`` checks their presence).
+    """
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+        """Records each ``{name: value}`` of ``scalars`` at ``step``."""
+
+    def flush(self) -> None:
+        """Makes what was written so far durable."""
+
+    def close(self) -> None:
+        """Flushes and releases the writer's resources; no writes afterwards."""
+
+
+class RunDirectoryWriter:
+    """The part both writers share: the run directory, its lock, config and text files.
+
+    Subclasses write scalars with ``add_scalar`` and define ``flush``, ``cleanup`` and
+    ``continue_log``; this class turns those into ``MetricWriter``'s ``write_scalars`` and
+    ``close``.
 
     Args:
       log_dir: root directory of all runs; None takes it from ``config`` (default "logs").
@@ -133,7 +157,6 @@ class LogWriter:
     Attributes:
       log_dir: the run's directory ``{log_dir}/{run_name}``.
       run_name: the run's name.
-      run_log: scalar name -> list of ``[step, value]``.
     """
 
     def __init__(self, log_dir: str | None = None, run_name: str | None = None,
@@ -147,18 +170,36 @@ class LogWriter:
             self.run_name = default_run_name()
         self.log_dir = run_directory(self.config, self.run_name)
         self._lock = DirectoryLock(self.log_dir, LOG_LOCK_FILE, "log directory").acquire()
-        self.run_log: defaultdict[str, list[list[int | float]]] = defaultdict(list)
 
     def add_scalar(self, name: str, value: Any, step: int | float) -> None:
-        """Records ``value`` of scalar ``name`` at ``step``.
+        """Records ``value`` of scalar ``name`` at ``step`` (Snorkel's writer method)."""
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        """Makes the scalars written so far durable."""
+        raise NotImplementedError
+
+    def cleanup(self) -> None:
+        """Writes/flushes everything and releases the run directory (Snorkel's name)."""
+        raise NotImplementedError
+
+    def continue_log(self, previous_log_dir: str | None, up_to_step: int | float) -> None:
+        """Continues the log of an interrupted run up to ``up_to_step`` (on resume)."""
+        raise NotImplementedError
+
+    def write_scalars(self, step: int | float, scalars: Mapping[str, Any]) -> None:
+        """Records every ``{name: value}`` of ``scalars`` at ``step`` (``MetricWriter``).
 
         Args:
-          name: the scalar's name, e.g. "model/all/train/loss".
-          value: a Python, numpy or JAX scalar.
-          step: the x-axis value (Snorkel logs ``LogManager.point_total``).
+          step: the x-axis value (the Trainer logs ``LogManager.point_total``).
+          scalars: scalar name -> Python, numpy or JAX scalar.
         """
-        # Lists (not tuples) so that the log survives a JSON round trip unchanged.
-        self.run_log[name].append([_number(step), _number(value)])
+        for name, value in scalars.items():
+            self.add_scalar(name, value, step)
+
+    def close(self) -> None:
+        """``cleanup()`` under ``MetricWriter``'s name."""
+        self.cleanup()
 
     def write_config(self, config: Any, config_filename: str = "config.json") -> None:
         """Writes ``config`` (a dataclass, dict, NamedTuple ...) as JSON in the run directory.
@@ -168,14 +209,6 @@ class LogWriter:
           config_filename: file name inside the run directory.
         """
         self.write_json(to_jsonable(config), config_filename)
-
-    def write_log(self, log_filename: str = "log.json") -> None:
-        """Writes the scalars recorded so far as JSON in the run directory.
-
-        Args:
-          log_filename: file name inside the run directory.
-        """
-        self.write_json(self.run_log, log_filename)
 
     def write_text(self, text: str, filename: str) -> None:
         """Writes ``text`` (e.g. the launch command) to ``filename`` in the run directory.
@@ -196,6 +229,56 @@ class LogWriter:
             so a reader or a crash never sees half a file.
         """
         atomic_write(os.path.join(self.log_dir, filename), lambda f: json.dump(obj, f), text=True)
+
+    def release(self) -> None:
+        """Releases the run directory without writing anything (a run that failed before
+        it started must not replace the log already there)."""
+        self._lock.release()
+
+    def __enter__(self) -> RunDirectoryWriter:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        # Also on error: the scalars logged before a crash are the ones worth reading.
+        self.cleanup()
+
+
+class LogWriter(RunDirectoryWriter):
+    """Collects scalars in memory and writes them, and the run's config, as JSON.
+
+    Files go to ``{log_dir}/{run_name}`` (created at construction): ``log.json`` maps
+    each scalar name to a list of ``[step, value]`` pairs; ``config.json`` holds the
+    config given to ``write_config``. Arguments, errors and attributes as
+    ``RunDirectoryWriter``'s.
+
+    Attributes:
+      run_log: scalar name -> list of ``[step, value]``.
+    """
+
+    def __init__(self, log_dir: str | None = None, run_name: str | None = None,
+                 config: LogWriterConfig | dict[str, Any] | None = None) -> None:
+        super().__init__(log_dir=log_dir, run_name=run_name, config=config)
+        self.run_log: defaultdict[str, list[list[int | float]]] = defaultdict(list)
+
+    def add_scalar(self, name: str, value: Any, step: int | float) -> None:
+        """Records ``value`` of scalar ``name`` at ``step``.
+
+        Args:
+          name: the scalar's name, e.g. "model/all/train/loss".
+          value: a Python, numpy or JAX scalar.
+          step: the x-axis value (Snorkel logs ``LogManager.point_total``).
+        """
+        # Lists (not tuples) so that the log survives a JSON round trip unchanged.
+        self.run_log[name].append([_number(step), _number(value)])
+
+    def write_log(self, log_filename: str = "log.json") -> None:
+        """Writes the scalars recorded so far as JSON in the run directory.
+
+        Args:
+          log_filename: file name inside the run directory.
+        """
+        self.write_json(self.run_log, log_filename)
 
     def flush(self) -> None:
         """Writes ``log.json`` now (the Checkpointer calls it before each checkpoint, so a
@@ -233,11 +316,6 @@ class LogWriter:
             raise ValueError(f"{path}: not a jaxmtl JSON log ({error})") from error
         logger.info("Continuing the log %s up to step %s", path, up_to_step)
 
-    def release(self) -> None:
-        """Releases the run directory without writing anything (a run that failed before
-        it started must not replace the log already there)."""
-        self._lock.release()
-
     def cleanup(self) -> None:
         """Writes ``log.json`` and releases the run directory; call once training ends
         (the context manager does)."""
@@ -246,23 +324,16 @@ class LogWriter:
         finally:
             self._lock.release()
 
-    def __enter__(self) -> LogWriter:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 traceback: TracebackType | None) -> None:
-        # Also on error: the scalars logged before a crash are the ones worth reading.
-        self.cleanup()
 
 
-class TensorBoardWriter(LogWriter):
+class TensorBoardWriter(RunDirectoryWriter):
     """Writes scalars to a TensorBoard event file in ``{log_dir}/{run_name}``.
 
     Scalars go only to TensorBoard (as Snorkel's ``TensorBoardWriter``; there is no
     ``log.json``); ``write_config`` writes ``config.json`` and adds the config as text.
 
     Args:
-      log_dir, run_name, config: as ``LogWriter``.
+      log_dir, run_name, config: as ``RunDirectoryWriter`` (and ``LogWriter``).
 
     Attributes:
       writer: the ``tensorboardX.SummaryWriter``.
@@ -273,11 +344,11 @@ class TensorBoardWriter(LogWriter):
         super().__init__(log_dir=log_dir, run_name=run_name, config=config)
         self.writer = self._open_event_file()
 
-    def _open_event_file(self, purge_step: int | None = None) -> SummaryWriter:
+    def _open_event_file(self, purge_step: int | None = None) -> tensorboardX.SummaryWriter:
         # A unique suffix: tensorboardX names files by the second and the host, so two
         # writers of one second (a resume, a copied file) would share a file.
         self._suffix, self._added = f".{uuid.uuid4().hex[:8]}", 0
-        return SummaryWriter(self.log_dir, purge_step=purge_step,
+        return tensorboardX.SummaryWriter(self.log_dir, purge_step=purge_step,
                              filename_suffix=self._suffix)
 
     def add_scalar(self, name: str, value: Any, step: int | float) -> None:
@@ -356,7 +427,7 @@ class TensorBoardWriter(LogWriter):
 
 
 def make_log_writer(name: str, config: LogWriterConfig | dict[str, Any] | None = None
-                    ) -> LogWriter:
+                    ) -> RunDirectoryWriter:
     """Builds the writer named by ``TrainerConfig.log_writer``.
 
     Args:
