@@ -10,6 +10,7 @@ import os
 os.environ["JAXMTL_COMPILATION_CACHE"] = "0"
 
 import flax.linen as nn
+import jax
 import numpy as np
 import pytest
 from hypothesis import settings
@@ -57,3 +58,19 @@ def two_task_loaders():
         loaders += [jaxmtl.DictDataLoader(ds1, batch_size=32, shuffle=split == "train", seed=3),
                     jaxmtl.DictDataLoader(ds2, batch_size=32, shuffle=split == "train", seed=4)]
     return loaders
+
+
+def count_compiles(fn) -> int:
+    """How many XLA programs ``fn()`` compiles (backend-compile events)."""
+    events = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            events.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        fn()
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    return len(events)

@@ -6,27 +6,12 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+from conftest import count_compiles
 
 import jaxmtl
 from jaxmtl.signatures import family_of, task_families
 from jaxmtl.training import Trainer
 from jaxmtl.training.runners import PerStepRunner
-
-
-def count_compiles(fn):
-    events = []
-
-    def listener(event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            events.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        fn()
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
-    return len(events)
-
 
 BODY = nn.Sequential([nn.Dense(8), nn.relu])
 

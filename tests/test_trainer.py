@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import make_task
+from conftest import count_compiles, make_task
 
 from jaxmtl import (
     DictDataLoader,
@@ -57,23 +57,9 @@ def test_same_seed_same_params(two_task_loaders):
                for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(other), strict=True))
 
 
-def count_compiles(fn):
-    events = []
-
-    def listener(event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            events.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        fn()
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
-    return len(events)
-
-
 def test_no_recompilation_after_first_epoch(two_task_loaders):
     # Loaders' last batches are partial (600 = 18*32 + 24): padded, so shapes never change.
+    train_params(two_task_loaders, seed=0, n_epochs=1)  # eager set-up programs, once a process
     one_epoch = count_compiles(lambda: train_params(two_task_loaders, seed=0, n_epochs=1))
     three_epochs = count_compiles(lambda: train_params(two_task_loaders, seed=0, n_epochs=3))
     assert one_epoch > 0
