@@ -22,7 +22,7 @@ from .model import (
     PyTree,
     apply_ops,
     build_graph,
-    init_variables,
+    compiled_init_variables,
     task_loss_terms,
     task_probs,
 )
@@ -214,8 +214,8 @@ class MultitaskClassifier:
                     f"init: X_dict has keys {sorted(X_dict)}, which hold the inputs of no "
                     f"task; the tasks read {needed}")
         rng = jax.random.PRNGKey(self.init_seed() if seed is None else seed)
-        self.variables = init_variables(self.graph, _as_device_batch(X_dict), rng,
-                                        task_names, self.variables)
+        self.variables = compiled_init_variables(self.graph, _as_device_batch(X_dict), rng,
+                                                 task_names, self.variables)
         self._created |= set(self.graph.modules_for(task_names))
         return self.variables
 

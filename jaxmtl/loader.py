@@ -448,10 +448,25 @@ class DictDataLoader:
     def batch_at(self, order: np.ndarray, index: int) -> Batch:
         """Batch number ``index`` of the given row order, padded to ``batch_size``."""
         rows, num_valid = self.rows_at(order, index)
+        return self._assemble(rows, num_valid, self.shape_index(rows))
+
+    def example_batch(self, shape: int = 0) -> Batch:
+        """A batch with the shapes and dtypes of ``bucket_shapes[shape]``'s batches.
+
+        Its rows are the dataset's first ``batch_size`` (repeated if the dataset is
+        smaller), cut or padded to the bucket's lengths: what a program for that batch
+        shape can be compiled from before such a batch comes (only its shapes count).
+        """
+        if not 0 <= shape < len(self.bucket_shapes):
+            raise ValueError(f"example_batch: shape must be in [0, "
+                             f"{len(self.bucket_shapes)}), got {shape}")
+        rows = np.resize(np.arange(len(self.dataset)), self.batch_size)
+        return self._assemble(rows, self.batch_size, shape)
+
+    def _assemble(self, rows: np.ndarray, num_valid: int, shape: int) -> Batch:
         mask = np.arange(self.batch_size) < num_valid
         width = {}
-        for key, length in zip(self.ragged_keys, self.bucket_shapes[self.shape_index(rows)],
-                               strict=True):
+        for key, length in zip(self.ragged_keys, self.bucket_shapes[shape], strict=True):
             width[key] = width[mask_key(key)] = length
         X = {key: value[rows, : width[key]] if key in width else value[rows]
              for key, value in self.dataset.X_dict.items()}

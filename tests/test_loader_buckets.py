@@ -294,3 +294,20 @@ def test_multi_device_modes_use_the_same_buckets():
     differences = dict(line.split() for line in done.stdout.splitlines())
     assert {mode: float(d) < 1e-5 for mode, d in differences.items()} == {
         "pmap": True, "sharded": True}, differences
+
+
+def test_example_batch_has_each_bucket_shape_of_real_batches():
+    dl = jaxmtl.DictDataLoader(ragged_dataset(), batch_size=16, shuffle=True, seed=0)
+    seen = {}
+    for X, Y in dl:
+        seen[X["tokens"].shape[1]] = ({k: (v.shape, v.dtype) for k, v in X.items()},
+                                      {k: (v.shape, v.dtype) for k, v in Y.items()})
+    for shape, (length,) in enumerate(dl.bucket_shapes):
+        X, Y = dl.example_batch(shape)
+        assert X["tokens"].shape == X["tokens_mask"].shape == (16, length)
+        if length in seen:
+            assert ({k: (v.shape, v.dtype) for k, v in X.items()},
+                    {k: (v.shape, v.dtype) for k, v in Y.items()}) == seen[length]
+    with pytest.raises(ValueError, match=r"example_batch: shape must be in \[0, "
+                                         rf"{len(dl.bucket_shapes)}\), got -1"):
+        dl.example_batch(-1)

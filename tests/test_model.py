@@ -198,3 +198,27 @@ def test_tuple_dict_and_whole_outputs_inputs():
     outputs, _ = apply_ops(graph, variables, X, ["t"])
     np.testing.assert_allclose(outputs["sum"], 3 * np.arange(4.0).reshape(2, 2))
     assert outputs["concat"].shape == (2, 5) and outputs["head"].shape == (2, 2)
+
+
+def test_compiled_init_is_one_program_with_init_variables_values():
+    from conftest import count_compiles
+
+    from jaxmtl.model import compiled_init_variables
+
+    graph = build_graph([make_task("task1", ("A", "B")), make_task("task2", ("C", "D"))])
+    X = {"data": jnp.asarray(np.random.default_rng(1).normal(size=(4, 2)), jnp.float32)}
+    eager = init_variables(graph, X, jax.random.PRNGKey(3))
+    compiled = {}
+    n = count_compiles(lambda: compiled.update(
+        compiled_init_variables(graph, X, jax.random.PRNGKey(3))))
+    assert n == 1
+    assert jax.tree.structure(compiled) == jax.tree.structure(eager)
+    for a, b in zip(jax.tree.leaves(compiled), jax.tree.leaves(eager), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    # Existing modules are kept as they are; only the missing ones are created.
+    kept = {"params": {"linear1A": jax.tree.map(lambda v: v + 1.0,
+                                                eager["params"]["linear1A"])}}
+    grown = compiled_init_variables(graph, X, jax.random.PRNGKey(3), ["task1"], kept)
+    np.testing.assert_array_equal(grown["params"]["linear1A"]["kernel"],
+                                  kept["params"]["linear1A"]["kernel"])
+    assert sorted(grown["params"]) == ["linear1A", "linear2B"]
