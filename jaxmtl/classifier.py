@@ -214,8 +214,8 @@ class MultitaskClassifier:
                     f"init: X_dict has keys {sorted(X_dict)}, which hold the inputs of no "
                     f"task; the tasks read {needed}")
         rng = jax.random.PRNGKey(self.init_seed() if seed is None else seed)
-        self.variables = compiled_init_variables(self.graph, _as_device_batch(X_dict), rng,
-                                                 task_names, self.variables)
+        self.variables = compiled_init_variables(
+            self.graph, [(_as_device_batch(X_dict), task_names)], rng, self.variables)
         self._created |= set(self.graph.modules_for(task_names))
         return self.variables
 
@@ -237,12 +237,24 @@ class MultitaskClassifier:
         Returns:
           The model's variables (None if no loader carries a task).
         """
+        batches, planned = [], set(self._created)
+        if self.variables is not None:
+            planned |= {name for tree in self.variables.values() for name in tree}
         for dataloader in dataloaders:
             tasks = list(dict.fromkeys(self._labels_to_tasks(
                 list(dataloader.dataset.Y_dict), remap_labels or {}).values()))
-            if tasks and self._missing_modules(tasks):
+            missing = [name for name in self.graph.modules_for(tasks) if name not in planned
+                       and is_flax_module(self.graph.module_pool[name])] if tasks else []
+            if missing:
                 X_dict, _ = dataloader.batch_at(dataloader.order(0), 0)
-                self.init(X_dict, seed=self.init_seed(seed), task_names=tasks)
+                batches.append((_as_device_batch(X_dict), tasks))
+                planned |= set(missing)
+        if batches:
+            # One program creates every module, each from the first loader that runs it.
+            rng = jax.random.PRNGKey(self.init_seed(seed))
+            self.variables = compiled_init_variables(self.graph, batches, rng,
+                                                     self.variables)
+            self._created |= planned
         return self.variables
 
     def _ensure_variables(self, X_dict: Mapping[str, Any], task_names: Sequence[str]

@@ -23,7 +23,6 @@ functions, so nothing here mutates a module object.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -204,30 +203,44 @@ def init_variables(
 
 def compiled_init_variables(
     graph: ModelGraph,
-    X_dict: Mapping[str, Any],
+    batches: Sequence[tuple[Mapping[str, Any], Sequence[str]]],
     rng: jax.Array,
-    task_names: Sequence[str] | None = None,
     variables: PyTree | None = None,
 ) -> PyTree:
-    """``init_variables`` as one compiled program: the same variables, made faster.
+    """``init_variables`` over several batches, as one compiled program.
 
-    Run eagerly, every initialiser and every op of the forward pass that feeds the next
-    module is its own small XLA program (dozens per model, more with every new head
-    shape); under ``jax.jit`` the whole initialisation is one. NNX modules' own values
-    are taken outside the program (they are constants, not computed). Random draws are
-    the same as ``init_variables``'s; floating-point results may differ from it in the
-    last bit where XLA fuses differently.
+    ``init_variables(graph, X, rng, tasks, variables)`` runs for each ``(X, tasks)`` of
+    ``batches`` in turn (a module is created by the first batch whose tasks run it), all
+    inside one ``jax.jit``: run eagerly, every initialiser and every op of the forward
+    pass that feeds the next module is its own small XLA program (dozens per model, more
+    with every task). NNX modules' own values are taken outside the program (constants,
+    not computed). Random draws are ``init_variables``'s; floating-point results may
+    differ from it in the last bit where XLA fuses differently.
+
+    Args:
+      graph: the task graph.
+      batches: ``(X_dict, task_names)`` pairs, in order.
+      rng: the PRNG key, as ``init_variables``.
+      variables: existing variables, kept as they are.
+
+    Returns:
+      The variables, as ``init_variables`` returns them.
     """
-    task_names = graph.task_names if task_names is None else tuple(task_names)
+    task_lists = [tuple(tasks) for _, tasks in batches]
     variables = {"params": {}} if variables is None else {
         col: dict(tree) for col, tree in variables.items()}
     existing = {name for tree in variables.values() for name in tree}
-    for name in graph.modules_for(task_names):
+    for name in graph.modules_for(list(dict.fromkeys(t for ts in task_lists for t in ts))):
         if name not in existing and is_nnx_module(graph.module_pool[name]):
             variables = _with_module_variables(variables, name,
                                                graph.nnx_specs[name].initial_variables())
-    init = jax.jit(functools.partial(init_variables, graph, task_names=task_names))
-    return init(X_dict, rng, variables=variables)
+
+    def init_all(X_dicts: list, rng: jax.Array, variables: PyTree) -> PyTree:
+        for X_dict, tasks in zip(X_dicts, task_lists, strict=True):
+            variables = init_variables(graph, X_dict, rng, tasks, variables)
+        return variables
+
+    return jax.jit(init_all)([dict(X) for X, _ in batches], rng, variables)
 
 
 def apply_ops(

@@ -210,7 +210,7 @@ def test_compiled_init_is_one_program_with_init_variables_values():
     eager = init_variables(graph, X, jax.random.PRNGKey(3))
     compiled = {}
     n = count_compiles(lambda: compiled.update(
-        compiled_init_variables(graph, X, jax.random.PRNGKey(3))))
+        compiled_init_variables(graph, [(X, graph.task_names)], jax.random.PRNGKey(3))))
     assert n == 1
     assert jax.tree.structure(compiled) == jax.tree.structure(eager)
     for a, b in zip(jax.tree.leaves(compiled), jax.tree.leaves(eager), strict=True):
@@ -218,7 +218,7 @@ def test_compiled_init_is_one_program_with_init_variables_values():
     # Existing modules are kept as they are; only the missing ones are created.
     kept = {"params": {"linear1A": jax.tree.map(lambda v: v + 1.0,
                                                 eager["params"]["linear1A"])}}
-    grown = compiled_init_variables(graph, X, jax.random.PRNGKey(3), ["task1"], kept)
+    grown = compiled_init_variables(graph, [(X, ["task1"])], jax.random.PRNGKey(3), kept)
     np.testing.assert_array_equal(grown["params"]["linear1A"]["kernel"],
                                   kept["params"]["linear1A"]["kernel"])
     assert sorted(grown["params"]) == ["linear1A", "linear2B"]
