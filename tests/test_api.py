@@ -160,6 +160,18 @@ def test_validation_and_factory_read_the_same_registry(monkeypatch):
      "CheckpointerConfig.checkpoint_dir must be a non-empty path or None, got ''"),
     (lambda: CheckpointerConfig(checkpoint_factor=1.5),
      "CheckpointerConfig.checkpoint_factor must be an int >= 1, got 1.5"),
+    (lambda: TrainerConfig(optimizer_config={"sgd_config": {"momentum": -0.1}}),
+     "SGDConfig.momentum must be >= 0, got -0.1"),
+    (lambda: TrainerConfig(optimizer_config={"adam_config": {"betas": (0.9, 1.0)}}),
+     "AdamConfig.betas must be two numbers in [0, 1), got (0.9, 1.0)"),
+    (lambda: TrainerConfig(optimizer_config={"adamax_config": {"eps": math.inf}}),
+     "AdamaxConfig.eps must be a finite number, got inf"),
+    (lambda: TrainerConfig(optimizer_config={"adam_config": {"amsgrad": "no"}}),
+     "AdamConfig.amsgrad must be a bool, got 'no'"),
+    (lambda: TrainerConfig(lr_scheduler_config={"step_config": {"step_size": 0}}),
+     "StepConfig.step_size must be an int >= 1, got 0"),
+    (lambda: TrainerConfig(lr_scheduler_config={"exponential_config": {"gamma": "0.5"}}),
+     "ExponentialConfig.gamma must be a number, got '0.5' (str)"),
     (lambda: TrainerConfig(balancer="dwa", balancer_config={"temp": 2.0}),
      "TrainerConfig.balancer_config: unknown key(s) ['temp'] for balancer 'dwa'; allowed: "
      "['num_tasks', 'period', 'temperature']"),
@@ -189,6 +201,8 @@ def test_balancer_config_beside_a_balancer_object_is_an_error_not_ignored():
 def test_valid_configs_convert_once():
     config = CheckpointerConfig(checkpoint_task_metrics=["a/b/c/d:max"])
     assert config.checkpoint_task_metrics == ("a/b/c/d:max",)
+    adam = TrainerConfig(optimizer_config={"adam_config": {"betas": [0.8, 0.99]}})
+    assert adam.optimizer_config.adam_config.betas == (0.8, 0.99)
     assert TrainerConfig(balancer="dwa", balancer_config={"temperature": 3.0}).balancer == "dwa"
 
 

@@ -118,6 +118,9 @@ class SGDConfig:
 
     momentum: float = 0.9
 
+    def __post_init__(self) -> None:
+        _check_finite_non_negative("SGDConfig", "momentum", self.momentum)
+
 
 @dataclass(frozen=True)
 class AdamConfig:
@@ -127,6 +130,12 @@ class AdamConfig:
     eps: float = 1e-8
     amsgrad: bool = False
 
+    def __post_init__(self) -> None:
+        _check_betas("AdamConfig", self)
+        _check_finite_non_negative("AdamConfig", "eps", self.eps)
+        if not isinstance(self.amsgrad, bool):
+            raise ValueError(f"AdamConfig.amsgrad must be a bool, got {self.amsgrad!r}")
+
 
 @dataclass(frozen=True)
 class AdamaxConfig:
@@ -134,6 +143,20 @@ class AdamaxConfig:
 
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        _check_betas("AdamaxConfig", self)
+        _check_finite_non_negative("AdamaxConfig", "eps", self.eps)
+
+
+def _check_betas(owner: str, config: AdamConfig | AdamaxConfig) -> None:
+    """``betas``: two numbers in [0, 1) (torch's check), stored as a tuple."""
+    betas = config.betas
+    if (isinstance(betas, str) or not hasattr(betas, "__len__") or len(betas) != 2
+            or not all(isinstance(b, numbers.Real) and not isinstance(b, bool)
+                       and 0.0 <= b < 1.0 for b in betas)):
+        raise ValueError(f"{owner}.betas must be two numbers in [0, 1), got {betas!r}")
+    object.__setattr__(config, "betas", tuple(betas))
 
 
 @dataclass(frozen=True)
@@ -154,6 +177,9 @@ class ExponentialConfig:
 
     gamma: float = 0.9
 
+    def __post_init__(self) -> None:
+        _check_finite_non_negative("ExponentialConfig", "gamma", self.gamma)
+
 
 @dataclass(frozen=True)
 class StepConfig:
@@ -161,6 +187,12 @@ class StepConfig:
 
     step_size: int = 5
     gamma: float = 0.9
+
+    def __post_init__(self) -> None:
+        if (isinstance(self.step_size, bool) or not isinstance(self.step_size, int)
+                or self.step_size < 1):
+            raise ValueError(f"StepConfig.step_size must be an int >= 1, got {self.step_size!r}")
+        _check_finite_non_negative("StepConfig", "gamma", self.gamma)
 
 
 @dataclass(frozen=True)
