@@ -241,3 +241,18 @@ def test_checkpoint_imports_no_log_writer_and_no_tensorboardx():
     assert "jaxmtl.training.checkpoint" in loaded
     assert not [m for m in loaded if m.startswith(("jaxmtl.training.writers", "tensorboardX",
                                                    "orbax"))]
+
+
+def test_json_and_tensorboard_writers_are_siblings_behind_metric_writer():
+    from jaxmtl.training.writers import (
+        LogWriter,
+        MetricWriter,
+        RunDirectoryWriter,
+        TensorBoardWriter,
+    )
+
+    assert LogWriter.__bases__ == TensorBoardWriter.__bases__ == (RunDirectoryWriter,)
+    for writer in (LogWriter, TensorBoardWriter):
+        assert all(callable(getattr(writer, name))
+                   for name in ("write_scalars", "flush", "close"))
+    assert MetricWriter.__module__ == "jaxmtl.training.writers.base"
