@@ -172,6 +172,8 @@ def test_validation_and_factory_read_the_same_registry(monkeypatch):
      "StepConfig.step_size must be an int >= 1, got 0"),
     (lambda: TrainerConfig(lr_scheduler_config={"exponential_config": {"gamma": "0.5"}}),
      "ExponentialConfig.gamma must be a number, got '0.5' (str)"),
+    (lambda: TrainerConfig(model_config={"dataparallel": "yes"}),
+     "ClassifierConfig.dataparallel must be a bool, got 'yes'"),
     (lambda: TrainerConfig(balancer="dwa", balancer_config={"temp": 2.0}),
      "TrainerConfig.balancer_config: unknown key(s) ['temp'] for balancer 'dwa'; allowed: "
      "['num_tasks', 'period', 'temperature']"),

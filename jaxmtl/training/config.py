@@ -363,6 +363,13 @@ class ClassifierConfig:
     device: int = 0
     dataparallel: bool = True
 
+    def __post_init__(self) -> None:
+        if isinstance(self.device, bool) or not isinstance(self.device, int):
+            raise ValueError(f"ClassifierConfig.device must be an int, got {self.device!r}")
+        if not isinstance(self.dataparallel, bool):
+            raise ValueError(
+                f"ClassifierConfig.dataparallel must be a bool, got {self.dataparallel!r}")
+
 
 @dataclass(frozen=True)
 class TrainerConfig(_NestedConfig):
