@@ -219,7 +219,7 @@ def step_costs(config: dict[str, Any], model: Any, loaders: list[Any],
     steps = len(batches)
     tx = make_optimizer(TrainerConfig(lr=config["lr"], grad_clip=config["grad_clip"]),
                         config["lr"])
-    variables = model._ensure_variables(batches[0][0][0])
+    variables = model.ensure_variables(batches[0][0][0])
     index = {id(dl): i for i, dl in enumerate(loaders)}
     prepared = [(b[0], b[1], b.mask, index[id(dl)]) for b, dl in batches]
     graph = model.graph

@@ -1,10 +1,21 @@
 """jaxmtl: Snorkel's multi-task classification workflow in JAX (Flax modules, optax).
 
 DictDataset -> Tasks of Operations over a shared module pool -> MultitaskClassifier ->
-Trainer -> score/predict. The pure functions behind the classes live in ``jaxmtl.model``
-and ``jaxmtl.training.step``.
+Trainer -> score/predict.
+
+The API comes in layers (``jaxmtl.core``'s docstring describes them):
+
+- ``jaxmtl``: Snorkel's ``snorkel.classification`` surface plus scoring (below, first
+  group of ``__all__``);
+- ``jaxmtl.core``: the pure functions and ``TrainState`` for a hand-written JAX loop;
+- ``jaxmtl.balancers``: ``Balancer`` and ``make_balancer`` (multi-task gradient balancing);
+- ``jaxmtl.training``: the Trainer's services; ``jaxmtl.registry``: every setting's choices.
+
+The core names are also importable from here (``jaxmtl.train_step`` ...), as before; their
+documented home is ``jaxmtl.core``.
 """
 
+from . import balancers, core, registry
 from .analysis import Scorer, metric_score, metrics_dict_to_dataframe
 from .classifier import MultitaskClassifier
 from .compilation_cache import disable_compilation_cache, enable_compilation_cache
@@ -46,6 +57,7 @@ from .utils import preds_to_probs, probs_to_preds
 __version__ = "0.1.0"
 
 __all__ = [
+    # The Snorkel surface plus scoring.
     "AdamConfig",
     "AdamaxConfig",
     "Batch",
@@ -59,7 +71,6 @@ __all__ = [
     "LogWriter",
     "LogWriterConfig",
     "MetricWriter",
-    "ModelGraph",
     "MultitaskClassifier",
     "Operation",
     "OptimizerConfig",
@@ -67,23 +78,29 @@ __all__ = [
     "Scorer",
     "Task",
     "TensorBoardWriter",
-    "TrainState",
     "Trainer",
     "TrainerConfig",
-    "apply_ops",
-    "build_graph",
     "cross_entropy",
     "cross_entropy_with_probs",
     "disable_compilation_cache",
     "enable_compilation_cache",
-    "init_variables",
-    "make_optimizer",
     "metric_score",
     "metrics_dict_to_dataframe",
     "preds_to_probs",
     "probs_to_preds",
+    # Kept importable from the top level for compatibility; documented in ``jaxmtl.core``.
+    "ModelGraph",
+    "TrainState",
+    "apply_ops",
+    "build_graph",
+    "init_variables",
+    "make_optimizer",
     "task_loss_terms",
     "task_probs",
     "total_loss",
     "train_step",
+    # The layers.
+    "balancers",
+    "core",
+    "registry",
 ]

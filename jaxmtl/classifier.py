@@ -257,8 +257,17 @@ class MultitaskClassifier:
             self._created |= planned
         return self.variables
 
-    def _ensure_variables(self, X_dict: Mapping[str, Any], task_names: Sequence[str]
-                          ) -> PyTree:
+    def ensure_variables(self, X_dict: Mapping[str, Any], task_names: Sequence[str]
+                         ) -> PyTree:
+        """The model's variables, after creating the modules ``task_names`` need but lack.
+
+        Args:
+          X_dict: a batch of inputs (as in ``init``) to create missing modules from.
+          task_names: the tasks about to run.
+
+        Returns:
+          ``self.variables`` (``{"params": {}}`` for a model without parameters).
+        """
         if self._missing_modules(task_names):
             self.init(X_dict, task_names=task_names)
         if self.variables is None:
@@ -307,7 +316,7 @@ class MultitaskClassifier:
 
     def forward(self, X_dict: Mapping[str, Any], task_names: Sequence[str]) -> dict[str, Any]:
         """Evaluation-mode outputs of every op the tasks need, plus "_input_" -> X_dict."""
-        variables = self._ensure_variables(X_dict, task_names)
+        variables = self.ensure_variables(X_dict, task_names)
         single = choose_parallel("single", devices=self.devices)
         return self._compiled("forward", tuple(task_names), single)(
             variables, _as_device_batch(X_dict))
@@ -320,7 +329,7 @@ class MultitaskClassifier:
         Rows whose label is -1 are ignored; label names that are not tasks are skipped.
         """
         tasks = tuple(name for name in Y_dict if name in self.graph.op_sequences)
-        variables = self._ensure_variables(X_dict, tasks)
+        variables = self.ensure_variables(X_dict, tasks)
         parallel = self.parallel
         family_view = self._family_view(tasks)
         if family_view is not None:  # the representative's program on the task's view
@@ -405,7 +414,7 @@ class MultitaskClassifier:
                 n_rows = len(next(iter(X_dict.values())))
                 mask = getattr(batch, "mask", np.ones(n_rows, bool))
                 if device_variables is None:
-                    variables = self._ensure_variables(X_dict, tasks)
+                    variables = self.ensure_variables(X_dict, tasks)
                     probs_fn, variables = self._probs_fn(tasks, parallel, variables)
                     device_variables = parallel.replicate(variables)
                 device_X, _, _ = parallel.put_batch(X_dict, {}, mask)

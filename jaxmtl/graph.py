@@ -72,7 +72,12 @@ def train_keywords(module: Any) -> dict[str, bool]:
             if name in parameters and not (name in fields and getattr(module, name) is not None)}
 
 
-def _same_module(a: Any, b: Any) -> bool:
+def same_module(a: Any, b: Any) -> bool:
+    """Whether two module-pool entries (or loss/output functions) are one and the same.
+
+    The same object, or equal ones (Flax modules compare by configuration); an entry
+    whose ``__eq__`` raises is equal only to itself.
+    """
     if a is b:
         return True
     try:
@@ -191,7 +196,7 @@ def build_graph(tasks: Sequence[Task]) -> ModelGraph:
             raise ValueError(f"Found duplicate task '{task.name}'; task names must be unique")
         for name, module in task.module_pool.items():
             check_pool_entry(task.name, name, module)
-            if name in module_pool and not _same_module(module_pool[name], module):
+            if name in module_pool and not same_module(module_pool[name], module):
                 if is_nnx_module(module) or is_nnx_module(module_pool[name]):
                     raise ValueError(
                         f"Module name '{name}' is used for two different modules: a "

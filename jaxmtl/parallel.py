@@ -38,8 +38,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from . import registry
+
 DEVICE_AXIS = "devices"
-PARALLEL_MODES = ("auto", "pmap", "sharded", "single")
+PARALLEL_MODES = registry.PARALLEL_MODES.names
 
 PyTree = Any
 
@@ -221,10 +223,7 @@ def choose_parallel(mode: str = "auto", dataparallel: bool = True,
     Raises:
       ValueError: for an unknown mode, or "sharded"/"single" across several processes.
     """
-    if mode not in PARALLEL_MODES:
-        raise ValueError(
-            f"Unrecognized parallel mode '{mode}'; expected one of {list(PARALLEL_MODES)}"
-        )
+    registry.PARALLEL_MODES.check(mode, "choose_parallel(mode)")
     devices = tuple(devices) if devices is not None else tuple(jax.devices())
     if len({d.process_index for d in devices}) > 1:
         if mode not in ("auto", "pmap") or not dataparallel:

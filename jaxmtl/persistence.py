@@ -231,12 +231,12 @@ def read_checkpoint(directory: str) -> SavedVariables:
     import orbax.checkpoint as ocp
 
     # Imported here: training/ imports the classifier, which imports this module.
-    from .training.checkpoint import _manager
+    from .training.checkpoint import open_manager
 
     manager_dir, step = _resolve_checkpoint(directory)
     handlers = {MODEL_ITEM: ocp.StandardCheckpointHandler(),
                 "meta": ocp.JsonCheckpointHandler()}
-    manager = _manager(manager_dir, None, async_save=False, item_handlers=handlers)
+    manager = open_manager(manager_dir, None, async_save=False, item_handlers=handlers)
     try:
         step = manager.latest_step() if step is None else step
         if step is None or step not in manager.all_steps():

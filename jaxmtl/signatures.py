@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from .data import INPUT_KEY
-from .graph import ALL_OUTPUTS, ModelGraph, _same_module
+from .graph import ALL_OUTPUTS, ModelGraph, same_module
 from .model import PyTree, call_node, node_args
 
 __all__ = ["TaskFamily", "apply_family", "family_of", "member_model_state",
@@ -157,9 +157,9 @@ def task_families(graph: ModelGraph, variables: PyTree | None = None
         for group_key, tasks, owns in groups:
             first = tasks[0]
             if (group_key == signature
-                    and _same_module(graph.loss_funcs[first], graph.loss_funcs[task_name])
-                    and _same_module(graph.output_funcs[first], graph.output_funcs[task_name])
-                    and all(_same_module(graph.module_pool[a], graph.module_pool[b])
+                    and same_module(graph.loss_funcs[first], graph.loss_funcs[task_name])
+                    and same_module(graph.output_funcs[first], graph.output_funcs[task_name])
+                    and all(same_module(graph.module_pool[a], graph.module_pool[b])
                             for a, b in zip(owns[0], own, strict=True))):
                 tasks.append(task_name)
                 owns.append(own)

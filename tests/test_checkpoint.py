@@ -20,9 +20,9 @@ from jaxmtl.training.checkpoint import (
     resolve_checkpoint_dir,
     restore_checkpoint,
 )
-from jaxmtl.training.config import TrainerConfig
+from jaxmtl.training.config import CheckpointerConfig, TrainerConfig
 from jaxmtl.training.locks import DirectoryLockedError
-from jaxmtl.training.resume import save_optimizer_state
+from jaxmtl.training.resume import load_optimizer_state, save_optimizer_state
 from jaxmtl.training.state import make_optimizer
 
 METRIC = "task/dataset/valid/f1"
@@ -94,17 +94,30 @@ def test_no_best_model_keeps_model(model, tmp_path):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"checkpoint_runway": -1}, "checkpoint_runway"),
-        ({"checkpoint_factor": 0}, "checkpoint freq"),
-        ({"checkpoint_metric": "task/dataset/split/f1-min"}, "metric_name:mode"),
-        ({"checkpoint_metric": "task/dataset/split/f1:mode"}, "metric mode"),
-        ({"checkpoint_metric": "task/dataset/split:max"}, "checkpoint_metric must be formatted"),
-        ({"checkpoint_task_metrics": ["a/b/c/d:up"]}, "metric mode"),
+        ({"checkpoint_runway": -1}, "CheckpointerConfig.checkpoint_runway must be >= 0, got -1"),
+        ({"checkpoint_factor": 0},
+         "CheckpointerConfig.checkpoint_factor must be an int >= 1, got 0"),
+        ({"checkpoint_metric": "task/dataset/split/f1-min"},
+         "CheckpointerConfig.checkpoint_metric: metric must be of the form 'metric_name:mode' "
+         "where mode is 'max' or 'min', got 'task/dataset/split/f1-min'"),
+        ({"checkpoint_metric": "task/dataset/split/f1:mode"},
+         "Unrecognized checkpoint metric mode 'mode' (CheckpointerConfig.checkpoint_metric, "
+         "metric 'task/dataset/split/f1'); expected one of ['min', 'max']"),
+        ({"checkpoint_metric": "task/dataset/split:max"},
+         "CheckpointerConfig.checkpoint_metric must be formatted "
+         "'task/dataset/split/metric:mode', got 'task/dataset/split:max'"),
+        ({"checkpoint_task_metrics": ["a/b/c/d:up"]},
+         "Unrecognized checkpoint metric mode 'up' (CheckpointerConfig.checkpoint_task_metrics, "
+         "metric 'a/b/c/d'); expected one of ['min', 'max']"),
     ],
 )
 def test_bad_config(tmp_path, kwargs, message):
-    with pytest.raises(ValueError, match=message):
-        Checkpointer("epochs", 1.0, checkpoint_dir=str(tmp_path), **kwargs)
+    # Validated where the config is built, so the Checkpointer and the config say the same.
+    for build in (lambda: CheckpointerConfig(**kwargs),
+                  lambda: Checkpointer("epochs", 1.0, checkpoint_dir=str(tmp_path), **kwargs)):
+        with pytest.raises(ValueError) as info:
+            build()
+        assert str(info.value) == message
     with pytest.raises(ValueError, match="checkpoint freq"):
         Checkpointer("epochs", 0.0, checkpoint_dir=str(tmp_path))
 
@@ -269,9 +282,9 @@ def test_trainer_load_of_a_corrupt_optimizer_state_raises(model, tmp_path):
     tx = make_optimizer(config, lambda count: config.lr)
     state = SimpleNamespace(opt_state=tx.init(model.params), step=jnp.asarray(5, jnp.int32))
     save_optimizer_state(str(tmp_path / "trainer"), state, config)
-    loaded = Trainer()
-    loaded.load(str(tmp_path / "trainer"), model)
-    assert int(loaded._loaded_optimizer["step"]) == 5
+    Trainer().load(str(tmp_path / "trainer"), model)
+    _, optimizer = load_optimizer_state(str(tmp_path / "trainer"), config, model.params)
+    assert int(optimizer["step"]) == 5
     for folder, _, files in os.walk(tmp_path / "trainer"):
         if "train" in os.path.relpath(folder, tmp_path / "trainer").split(os.sep):
             for name in files:

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from jaxmtl.training.config import BATCH_SCHEDULERS
+from jaxmtl import registry
 
 
 class DataLoaderLike(Protocol):
@@ -208,19 +208,12 @@ class MixedScheduler(BatchScheduler):
             yield tuple(group), tuple(dataloaders)
 
 
-_SCHEDULERS: dict[str, type[BatchScheduler]] = {
-    "mixed": MixedScheduler,
-    "sequential": SequentialScheduler,
-    "shuffled": ShuffledScheduler,
-    "proportional": ProportionalScheduler,
-}
-
-
 def make_batch_scheduler(name: str, seed: int) -> BatchScheduler:
     """Builds the scheduler named by ``TrainerConfig.batch_scheduler``.
 
     Args:
-      name: "sequential", "shuffled", "proportional" or "mixed".
+      name: a name of ``jaxmtl.registry.BATCH_SCHEDULERS``: "sequential", "shuffled",
+        "proportional" or "mixed".
       seed: seed of the randomised schedulers (non-negative int).
 
     Returns:
@@ -229,9 +222,4 @@ def make_batch_scheduler(name: str, seed: int) -> BatchScheduler:
     Raises:
       ValueError: for an unknown ``name`` or an invalid ``seed``.
     """
-    if name not in _SCHEDULERS:
-        raise ValueError(
-            f"Unrecognized batch scheduler option '{name}'; expected one of "
-            f"{list(BATCH_SCHEDULERS)}"
-        )
-    return _SCHEDULERS[name](seed)
+    return registry.BATCH_SCHEDULERS.load(name, "make_batch_scheduler(name)")(seed)

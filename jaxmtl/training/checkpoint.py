@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -35,9 +35,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._lazy import lazy_module
-from .config import CheckpointerConfig, LogWriterConfig, from_dict, merge_config
+from .config import (
+    CheckpointerConfig,
+    LogWriterConfig,
+    from_dict,
+    merge_config,
+    parse_metric_modes,
+)
 from .locks import DirectoryLock
-from .writers import run_directory, to_jsonable
+from .run_files import run_directory, to_jsonable
 
 ocp = lazy_module("orbax.checkpoint")  # imported by the first checkpoint, not by `import jaxmtl`
 
@@ -116,30 +122,6 @@ def agree_run_name(run_name: str | None, max_bytes: int = 1024) -> str | None:
     return bytes(data[1:]).rstrip(b"\0").decode()
 
 
-def _metric_modes(metric_modes: Iterable[str] | None) -> dict[str, str]:
-    modes: dict[str, str] = {}
-    for metric_mode in metric_modes or ():
-        parts = str(metric_mode).split(":")
-        if len(parts) != 2:
-            raise ValueError(
-                f"Metric must be of the form 'metric_name:mode' where mode is 'max' or "
-                f"'min'. Instead, got {metric_mode}"
-            )
-        metric, mode = parts
-        if mode not in ("min", "max"):
-            raise ValueError(
-                f"Unrecognized checkpoint metric mode {mode} for metric {metric}, must be "
-                f"'min' or 'max'."
-            )
-        if len(metric.split("/")) != 4:
-            raise ValueError(
-                f"checkpoint_metric must be formatted 'task/dataset/split/metric:mode', "
-                f"got {metric_mode}"
-            )
-        modes[metric] = mode
-    return modes
-
-
 def _is_better(value: float, best: float, mode: str) -> bool:
     return value > best if mode == "max" else value < best
 
@@ -151,8 +133,16 @@ def _this_process_only() -> ocp.options.MultiprocessingOptions:
     return ocp.options.MultiprocessingOptions(primary_host=here, active_processes={here})
 
 
-def _manager(directory: str, max_to_keep: int | None, async_save: bool,
-             item_handlers: dict | None = None) -> ocp.CheckpointManager:
+def open_manager(directory: str, max_to_keep: int | None, async_save: bool,
+                 item_handlers: dict | None = None) -> ocp.CheckpointManager:
+    """An Orbax ``CheckpointManager`` on ``directory`` that this process drives alone.
+
+    Args:
+      directory: the manager's directory (made absolute; not created).
+      max_to_keep: how many steps to keep; None keeps all.
+      async_save: save in the background.
+      item_handlers: Orbax item handlers by item name, for reading without ``args``.
+    """
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, create=False, enable_async_checkpointing=async_save,
         multiprocessing_options=_this_process_only(),
@@ -216,7 +206,7 @@ def restore_checkpoint(directory: str, step: int | None, target: Mapping[str, Py
         raise CheckpointError(f"{directory}: not a jaxmtl checkpoint directory (it does not exist)")
     handlers = {name: ocp.StandardCheckpointHandler() for name in target}
     handlers["meta"] = ocp.JsonCheckpointHandler()
-    manager = _manager(directory, None, async_save=False, item_handlers=handlers)
+    manager = open_manager(directory, None, async_save=False, item_handlers=handlers)
     try:
         step = manager.latest_step() if step is None else step
         if step is None:
@@ -280,11 +270,6 @@ class Checkpointer:
                  async_save: bool = True, write: bool | None = None, log_writer: Any = None,
                  **kwargs: Any) -> None:
         self.config = merge_config(from_dict(CheckpointerConfig, config), kwargs)
-        if self.config.checkpoint_runway is None or self.config.checkpoint_runway < 0:
-            raise ValueError(
-                f"Invalid checkpoint_runway {self.config.checkpoint_runway}, must be greater "
-                f"than or equal to 0."
-            )
         self.checkpoint_factor = self.config.checkpoint_factor
         self.checkpoint_freq = evaluation_freq * self.checkpoint_factor
         if not self.checkpoint_freq or self.checkpoint_freq <= 0:
@@ -295,8 +280,10 @@ class Checkpointer:
         self.checkpoint_dir = self.config.checkpoint_dir or DEFAULT_CHECKPOINT_DIR
         self.checkpoint_runway = self.config.checkpoint_runway
         self.checkpoint_clear = self.config.checkpoint_clear
-        self.checkpoint_metric = _metric_modes([self.config.checkpoint_metric])
-        self.checkpoint_task_metrics = _metric_modes(self.config.checkpoint_task_metrics)
+        self.checkpoint_metric = parse_metric_modes([self.config.checkpoint_metric],
+                                                    "CheckpointerConfig.checkpoint_metric")
+        self.checkpoint_task_metrics = parse_metric_modes(
+            self.config.checkpoint_task_metrics, "CheckpointerConfig.checkpoint_task_metrics")
         self.checkpoint_task_metrics.update(self.checkpoint_metric)
         self.max_to_keep = max_to_keep
         self.async_save = async_save
@@ -318,7 +305,7 @@ class Checkpointer:
         if subdir not in self._managers:
             path = os.path.join(self.checkpoint_dir, subdir)
             os.makedirs(path, exist_ok=True)
-            self._managers[subdir] = _manager(path, max_to_keep, self.async_save)
+            self._managers[subdir] = open_manager(path, max_to_keep, self.async_save)
         return self._managers[subdir]
 
     def checkpoint(self, iteration: float, model: Any, metric_dict: Metrics,

@@ -1,44 +1,50 @@
 """Trainer settings: frozen dataclasses with Snorkel's field names and defaults.
 
 Every config accepts plain dicts for its nested configs (as Snorkel's ``merge_config``
-does) and converts them once, at construction. Unknown keys and values outside the
-allowed set raise ``ValueError`` naming the field, the value and what is allowed.
+does) and converts them once, at construction, and is validated there (``__post_init__``):
+unknown keys and values outside the allowed set raise ``ValueError`` naming the field,
+the value and what is allowed. The allowed names come from ``jaxmtl.registry``, the one
+list per concept that the factories read too; this module imports no implementation
+module (not even JAX), so a config can be built and checked before anything is compiled.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import numbers
+import os
+import sys
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import optax
-
-# The allowed names, kept here so that configuration depends on no implementation module
-# (tests/test_config.py checks they equal jaxmtl.parallel's and the balancers' own lists).
-PARALLEL_MODES = ("auto", "pmap", "sharded", "single")
-BALANCER_NAMES = ("equal", "uncertainty", "dwa", "rlw", "gradnorm", "pcgrad", "cagrad", "mgda",
-                  "famo")
+from .. import registry
 
 ConfigT = TypeVar("ConfigT")
 
-OPTIMIZERS = ("sgd", "adam", "adamax")
-LR_SCHEDULERS = ("constant", "linear", "exponential", "step", "cosine")
-BATCH_SCHEDULERS = ("sequential", "shuffled", "proportional", "mixed")
-PRECISIONS = ("fp32", "bf16")
-LOG_WRITERS = ("json", "tensorboard")
-COUNTER_UNITS = ("points", "batches", "epochs")
-WARMUP_UNITS = ("batches", "epochs")
-ON_NONFINITE = ("raise", "warn")
+# The allowed names as tuples, for callers that list them; each is its registry's names.
+OPTIMIZERS = registry.OPTIMIZERS.names
+LR_SCHEDULERS = registry.LR_SCHEDULERS.names
+BATCH_SCHEDULERS = registry.BATCH_SCHEDULERS.names
+PRECISIONS = registry.PRECISIONS.names
+LOG_WRITERS = registry.LOG_WRITERS.names
+COUNTER_UNITS = registry.COUNTER_UNITS.names
+WARMUP_UNITS = registry.WARMUP_UNITS.names
+ON_NONFINITE = registry.ON_NONFINITE.names
+PARALLEL_MODES = registry.PARALLEL_MODES.names
+BALANCER_NAMES = registry.BALANCERS.names
 
 
-def _check_choice(owner: str, field_name: str, value: Any, allowed: tuple[str, ...],
-                  message: str) -> None:
-    if value not in allowed:
-        raise ValueError(
-            f"{message} '{value}' ({owner}.{field_name}); expected one of {list(allowed)}"
-        )
+def is_gradient_transformation(value: Any) -> bool:
+    """Whether ``value`` is an ``optax.GradientTransformation``, without importing optax.
+
+    A value can only be one if the caller has imported optax already, so configuration
+    never loads it (nor JAX) itself.
+    """
+    optax = sys.modules.get("optax")
+    return optax is not None and isinstance(value, optax.GradientTransformation)
 
 
 def _check_non_negative(owner: str, field_name: str, value: float) -> None:
@@ -112,6 +118,9 @@ class SGDConfig:
 
     momentum: float = 0.9
 
+    def __post_init__(self) -> None:
+        _check_finite_non_negative("SGDConfig", "momentum", self.momentum)
+
 
 @dataclass(frozen=True)
 class AdamConfig:
@@ -121,6 +130,12 @@ class AdamConfig:
     eps: float = 1e-8
     amsgrad: bool = False
 
+    def __post_init__(self) -> None:
+        _check_betas("AdamConfig", self)
+        _check_finite_non_negative("AdamConfig", "eps", self.eps)
+        if not isinstance(self.amsgrad, bool):
+            raise ValueError(f"AdamConfig.amsgrad must be a bool, got {self.amsgrad!r}")
+
 
 @dataclass(frozen=True)
 class AdamaxConfig:
@@ -128,6 +143,20 @@ class AdamaxConfig:
 
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        _check_betas("AdamaxConfig", self)
+        _check_finite_non_negative("AdamaxConfig", "eps", self.eps)
+
+
+def _check_betas(owner: str, config: AdamConfig | AdamaxConfig) -> None:
+    """``betas``: two numbers in [0, 1) (torch's check), stored as a tuple."""
+    betas = config.betas
+    if (isinstance(betas, str) or not hasattr(betas, "__len__") or len(betas) != 2
+            or not all(isinstance(b, numbers.Real) and not isinstance(b, bool)
+                       and 0.0 <= b < 1.0 for b in betas)):
+        raise ValueError(f"{owner}.betas must be two numbers in [0, 1), got {betas!r}")
+    object.__setattr__(config, "betas", tuple(betas))
 
 
 @dataclass(frozen=True)
@@ -148,6 +177,9 @@ class ExponentialConfig:
 
     gamma: float = 0.9
 
+    def __post_init__(self) -> None:
+        _check_finite_non_negative("ExponentialConfig", "gamma", self.gamma)
+
 
 @dataclass(frozen=True)
 class StepConfig:
@@ -155,6 +187,12 @@ class StepConfig:
 
     step_size: int = 5
     gamma: float = 0.9
+
+    def __post_init__(self) -> None:
+        if (isinstance(self.step_size, bool) or not isinstance(self.step_size, int)
+                or self.step_size < 1):
+            raise ValueError(f"StepConfig.step_size must be an int >= 1, got {self.step_size!r}")
+        _check_finite_non_negative("StepConfig", "gamma", self.gamma)
 
 
 @dataclass(frozen=True)
@@ -170,8 +208,7 @@ class LRSchedulerConfig(_NestedConfig):
 
     def __post_init__(self) -> None:
         self._convert_nested()
-        _check_choice("LRSchedulerConfig", "warmup_unit", self.warmup_unit, WARMUP_UNITS,
-                      "Unrecognized warmup_unit")
+        registry.WARMUP_UNITS.check(self.warmup_unit, "LRSchedulerConfig.warmup_unit")
         if self.warmup_steps is not None:
             _check_finite("LRSchedulerConfig", "warmup_steps", self.warmup_steps)
             if self.warmup_steps < 0:
@@ -195,9 +232,9 @@ class LogManagerConfig:
     evaluation_freq: float = 1.0
 
     def __post_init__(self) -> None:
-        _check_choice("LogManagerConfig", "counter_unit", self.counter_unit, COUNTER_UNITS,
-                      "Unrecognized counter_unit")
-        if not self.evaluation_freq or self.evaluation_freq <= 0:
+        registry.COUNTER_UNITS.check(self.counter_unit, "LogManagerConfig.counter_unit")
+        _check_finite("LogManagerConfig", "evaluation_freq", self.evaluation_freq)
+        if self.evaluation_freq <= 0:
             raise ValueError(
                 f"LogManagerConfig.evaluation_freq must be > 0, got {self.evaluation_freq!r}"
             )
@@ -209,6 +246,9 @@ class CheckpointerConfig:
 
     ``checkpoint_dir`` defaults to "checkpoints" as in Snorkel 0.10; None puts the
     checkpoints beside the logs when logging is on (else in "checkpoints").
+    ``checkpoint_metric`` and each of ``checkpoint_task_metrics`` is
+    ``"task/dataset/split/metric:mode"`` with mode "min" or "max" (a list is stored as a
+    tuple).
     """
 
     checkpoint_dir: str | None = "checkpoints"
@@ -218,13 +258,98 @@ class CheckpointerConfig:
     checkpoint_runway: float = 0
     checkpoint_clear: bool = True
 
+    def __post_init__(self) -> None:
+        owner = "CheckpointerConfig"
+        if self.checkpoint_dir is not None and (
+                not isinstance(self.checkpoint_dir, str) or not self.checkpoint_dir):
+            raise ValueError(f"{owner}.checkpoint_dir must be a non-empty path or None, got "
+                             f"{self.checkpoint_dir!r}")
+        if (isinstance(self.checkpoint_factor, bool) or not isinstance(self.checkpoint_factor, int)
+                or self.checkpoint_factor < 1):
+            raise ValueError(f"{owner}.checkpoint_factor must be an int >= 1, got "
+                             f"{self.checkpoint_factor!r}")
+        _check_finite_non_negative(owner, "checkpoint_runway", self.checkpoint_runway)
+        if not isinstance(self.checkpoint_clear, bool):
+            raise ValueError(f"{owner}.checkpoint_clear must be a bool, got "
+                             f"{self.checkpoint_clear!r}")
+        parse_metric_modes([self.checkpoint_metric], f"{owner}.checkpoint_metric")
+        if self.checkpoint_task_metrics is not None:
+            if isinstance(self.checkpoint_task_metrics, str):
+                raise ValueError(
+                    f"{owner}.checkpoint_task_metrics must be a list of "
+                    f"'task/dataset/split/metric:mode' strings or None, got the string "
+                    f"{self.checkpoint_task_metrics!r}")
+            object.__setattr__(self, "checkpoint_task_metrics",
+                               tuple(self.checkpoint_task_metrics))
+            parse_metric_modes(self.checkpoint_task_metrics, f"{owner}.checkpoint_task_metrics")
+
+
+def parse_metric_modes(metric_modes: Iterable[str] | None, where: str) -> dict[str, str]:
+    """Parses checkpoint metrics ``"task/dataset/split/metric:mode"`` into metric -> mode.
+
+    Args:
+      metric_modes: the strings; None means none.
+      where: the field that holds them, for error messages.
+
+    Returns:
+      ``{"task/dataset/split/metric": "min" | "max"}`` in the given order.
+
+    Raises:
+      ValueError: for a string without exactly one ":", a mode other than "min"/"max", or a
+        metric name without four "/"-separated parts.
+    """
+    modes: dict[str, str] = {}
+    for metric_mode in metric_modes or ():
+        parts = str(metric_mode).split(":")
+        if len(parts) != 2:
+            raise ValueError(
+                f"{where}: metric must be of the form 'metric_name:mode' where mode is "
+                f"'max' or 'min', got {metric_mode!r}"
+            )
+        metric, mode = parts
+        registry.METRIC_MODES.check(mode, f"{where}, metric {metric!r}")
+        if len(metric.split("/")) != 4:
+            raise ValueError(
+                f"{where} must be formatted 'task/dataset/split/metric:mode', got "
+                f"{metric_mode!r}"
+            )
+        modes[metric] = mode
+    return modes
+
+
+def check_run_name(run_name: str) -> str:
+    """Returns ``run_name`` if it names one directory inside ``log_dir``.
+
+    Raises:
+      ValueError: for an empty name, an absolute path, a path separator, or a "." or ".."
+        name (any of which would put the logs outside ``{log_dir}/{run_name}``).
+    """
+    separators = [sep for sep in (os.sep, os.altsep, "/") if sep]
+    if (not isinstance(run_name, str) or run_name in ("", ".", "..")
+            or os.path.isabs(run_name) or any(sep in run_name for sep in separators)):
+        raise ValueError(
+            f"log_writer_config.run_name must be a plain directory name (no path separator, "
+            f"not absolute, not '.' or '..'), got {run_name!r}"
+        )
+    return run_name
+
 
 @dataclass(frozen=True)
 class LogWriterConfig:
-    """Where logs go: ``{log_dir}/{run_name}``; ``run_name`` defaults to a timestamp."""
+    """Where logs go: ``{log_dir}/{run_name}``; ``run_name`` defaults to a timestamp.
+
+    ``run_name``, when given, must be a plain directory name (see ``check_run_name``).
+    """
 
     log_dir: str = "logs"
     run_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.log_dir, str | os.PathLike) or not os.fspath(self.log_dir):
+            raise ValueError(
+                f"LogWriterConfig.log_dir must be a non-empty path, got {self.log_dir!r}")
+        if self.run_name is not None:
+            check_run_name(self.run_name)
 
 
 @dataclass(frozen=True)
@@ -237,6 +362,13 @@ class ClassifierConfig:
 
     device: int = 0
     dataparallel: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.device, bool) or not isinstance(self.device, int):
+            raise ValueError(f"ClassifierConfig.device must be an int, got {self.device!r}")
+        if not isinstance(self.dataparallel, bool):
+            raise ValueError(
+                f"ClassifierConfig.dataparallel must be a bool, got {self.dataparallel!r}")
 
 
 @dataclass(frozen=True)
@@ -315,24 +447,17 @@ class TrainerConfig(_NestedConfig):
 
     def __post_init__(self) -> None:
         self._convert_nested()
-        _check_choice("TrainerConfig", "parallel", self.parallel, PARALLEL_MODES,
-                      "Unrecognized parallel mode")
-        if not isinstance(self.optimizer, optax.GradientTransformation):
-            _check_choice("TrainerConfig", "optimizer", self.optimizer, OPTIMIZERS,
-                          "Unrecognized optimizer option")
-        _check_choice("TrainerConfig", "lr_scheduler", self.lr_scheduler, LR_SCHEDULERS,
-                      "Unrecognized lr scheduler option")
-        _check_choice("TrainerConfig", "batch_scheduler", self.batch_scheduler,
-                      BATCH_SCHEDULERS, "Unrecognized batch scheduler option")
-        _check_choice("TrainerConfig", "log_writer", self.log_writer, LOG_WRITERS,
-                      "Unrecognized writer option")
-        _check_choice("TrainerConfig", "precision", self.precision, PRECISIONS,
-                      "Unrecognized precision")
-        _check_choice("TrainerConfig", "on_nonfinite", self.on_nonfinite, ON_NONFINITE,
-                      "Unrecognized on_nonfinite option")
+        registry.PARALLEL_MODES.check(self.parallel, "TrainerConfig.parallel")
+        if not is_gradient_transformation(self.optimizer):
+            registry.OPTIMIZERS.check(self.optimizer, "TrainerConfig.optimizer")
+        registry.LR_SCHEDULERS.check(self.lr_scheduler, "TrainerConfig.lr_scheduler")
+        registry.BATCH_SCHEDULERS.check(self.batch_scheduler, "TrainerConfig.batch_scheduler")
+        registry.LOG_WRITERS.check(self.log_writer, "TrainerConfig.log_writer")
+        registry.PRECISIONS.check(self.precision, "TrainerConfig.precision")
+        registry.ON_NONFINITE.check(self.on_nonfinite, "TrainerConfig.on_nonfinite")
         if isinstance(self.balancer, str):
-            _check_choice("TrainerConfig", "balancer", self.balancer, BALANCER_NAMES,
-                          "Unrecognized balancer")
+            registry.BALANCERS.check(self.balancer, "TrainerConfig.balancer")
+        _check_balancer_config(self.balancer, self.balancer_config)
         if not isinstance(self.grad_accumulation_steps, int) or self.grad_accumulation_steps < 1:
             raise ValueError(
                 f"TrainerConfig.grad_accumulation_steps must be an int >= 1, got "
@@ -353,6 +478,38 @@ class TrainerConfig(_NestedConfig):
         _check_finite_non_negative("TrainerConfig", "l2", self.l2)
         if self.grad_clip is not None:
             _check_finite_non_negative("TrainerConfig", "grad_clip", self.grad_clip)
+
+
+def _check_balancer_config(balancer: Any, balancer_config: Any) -> None:
+    """``TrainerConfig.balancer`` and ``balancer_config``: a name with its settings, or an object.
+
+    Checking a named balancer's setting names reads its factory's signature, which loads
+    the balancer module (and JAX) only when settings are given.
+    """
+    if not isinstance(balancer, str):
+        base = sys.modules.get("jaxmtl.training.balancers.base")
+        if base is None or not isinstance(balancer, base.Balancer):
+            raise ValueError(
+                f"TrainerConfig.balancer must be one of {list(registry.BALANCERS.names)} or a "
+                f"Balancer, got {balancer!r} ({type(balancer).__name__})")
+    if not isinstance(balancer_config, Mapping) or not all(
+            isinstance(key, str) for key in balancer_config):
+        raise ValueError(
+            f"TrainerConfig.balancer_config must be a dict of setting name -> value, got "
+            f"{balancer_config!r}")
+    if not balancer_config:
+        return
+    if not isinstance(balancer, str):
+        raise ValueError(
+            f"TrainerConfig.balancer_config={dict(balancer_config)!r} applies to a balancer "
+            f"given by name; balancer is a Balancer object, so build it with these settings")
+    factory = registry.BALANCERS.load(balancer, "TrainerConfig.balancer")
+    allowed = sorted(inspect.signature(factory).parameters)
+    unknown = sorted(set(balancer_config) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"TrainerConfig.balancer_config: unknown key(s) {unknown} for balancer "
+            f"'{balancer}'; allowed: {allowed}")
 
 
 # Snorkel 0.10's class names for the nested configs (snorkel.utils.optimizers and

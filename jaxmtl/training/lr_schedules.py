@@ -29,7 +29,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxmtl.training.config import LR_SCHEDULERS, LRSchedulerConfig
+from jaxmtl import registry
+from jaxmtl.training.config import LRSchedulerConfig
 
 
 def resolve_warmup_steps(config: LRSchedulerConfig, n_batches_per_epoch: int,
@@ -56,22 +57,37 @@ def resolve_warmup_steps(config: LRSchedulerConfig, n_batches_per_epoch: int,
     return 0
 
 
-def _post_warmup_schedule(lr: float, lr_scheduler: str, config: LRSchedulerConfig,
-                          decay_steps: int) -> optax.Schedule:
-    """The schedule counted from the end of warm-up, before the ``min_lr`` floor."""
-    if lr_scheduler == "constant":
-        return optax.constant_schedule(lr)
-    if lr_scheduler == "linear":
-        # Snorkel's lambda reaches 0 exactly at the last update + 1 and would go negative
-        # beyond; optax clamps at 0 there, which training never reaches.
-        return optax.linear_schedule(lr, 0.0, decay_steps)
-    if lr_scheduler == "exponential":
-        return optax.exponential_decay(lr, transition_steps=1,
-                                       decay_rate=config.exponential_config.gamma)
-    if lr_scheduler == "step":
-        return optax.exponential_decay(lr, transition_steps=config.step_config.step_size,
-                                       decay_rate=config.step_config.gamma, staircase=True)
-    # cosine: alpha is the final fraction of lr, chosen so the schedule ends at min_lr.
+def constant_decay(lr: float, config: LRSchedulerConfig, decay_steps: int) -> optax.Schedule:
+    """"constant" after warm-up: ``lr``."""
+    del config, decay_steps
+    return optax.constant_schedule(lr)
+
+
+def linear_decay(lr: float, config: LRSchedulerConfig, decay_steps: int) -> optax.Schedule:
+    """"linear" after warm-up: ``lr * (T - W - s) / (T - W)``."""
+    del config
+    # Snorkel's lambda reaches 0 exactly at the last update + 1 and would go negative
+    # beyond; optax clamps at 0 there, which training never reaches.
+    return optax.linear_schedule(lr, 0.0, decay_steps)
+
+
+def exponential_decay(lr: float, config: LRSchedulerConfig, decay_steps: int) -> optax.Schedule:
+    """"exponential" after warm-up: ``lr * gamma ** s`` (``config.exponential_config``)."""
+    del decay_steps
+    return optax.exponential_decay(lr, transition_steps=1,
+                                   decay_rate=config.exponential_config.gamma)
+
+
+def step_decay(lr: float, config: LRSchedulerConfig, decay_steps: int) -> optax.Schedule:
+    """"step" after warm-up: ``lr * gamma ** (s // step_size)`` (``config.step_config``)."""
+    del decay_steps
+    return optax.exponential_decay(lr, transition_steps=config.step_config.step_size,
+                                   decay_rate=config.step_config.gamma, staircase=True)
+
+
+def cosine_decay(lr: float, config: LRSchedulerConfig, decay_steps: int) -> optax.Schedule:
+    """"cosine" after warm-up: from ``lr`` down to ``config.min_lr`` over ``T - W`` updates."""
+    # alpha is the final fraction of lr, chosen so the schedule ends at min_lr.
     alpha = min(config.min_lr / lr, 1.0) if lr > 0 else 0.0
     return optax.cosine_decay_schedule(lr, decay_steps=decay_steps, alpha=alpha)
 
@@ -115,15 +131,11 @@ def make_lr_schedule(lr: float, lr_scheduler: str, config: LRSchedulerConfig,
     Raises:
       ValueError: if ``lr_scheduler`` is not one of the options above.
     """
-    if lr_scheduler not in LR_SCHEDULERS:
-        raise ValueError(
-            f"Unrecognized lr scheduler option '{lr_scheduler}'; expected one of "
-            f"{list(LR_SCHEDULERS)}"
-        )
+    post_warmup = registry.LR_SCHEDULERS.load(lr_scheduler, "make_lr_schedule(lr_scheduler)")
     warmup_steps = resolve_warmup_steps(config, n_batches_per_epoch, n_epochs)
     total_steps = n_epochs * n_batches_per_epoch
     decay_steps = max(total_steps - warmup_steps, 1)
-    post = _post_warmup_schedule(lr, lr_scheduler, config, decay_steps)
+    post = post_warmup(lr, config, decay_steps)
     min_lr = config.min_lr
     floor = lr_scheduler != "constant" and min_lr > 0
 
@@ -151,4 +163,5 @@ def make_lr_schedule(lr: float, lr_scheduler: str, config: LRSchedulerConfig,
     return schedule, warmup_steps
 
 
-__all__ = ["make_lr_schedule", "resolve_warmup_steps"]
+__all__ = ["constant_decay", "cosine_decay", "exponential_decay", "linear_decay",
+           "make_lr_schedule", "resolve_warmup_steps", "step_decay"]

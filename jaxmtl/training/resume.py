@@ -24,8 +24,8 @@ from .checkpoint import (
     restore_checkpoint,
 )
 from .config import TrainerConfig, from_dict
+from .run_files import to_jsonable
 from .step import TrainState, make_optimizer
-from .writers import to_jsonable
 
 ocp = lazy_module("orbax.checkpoint")  # imported by the first save/restore, not at import
 

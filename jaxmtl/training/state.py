@@ -15,11 +15,14 @@ import numpy as np
 import optax
 from flax import struct
 
+from .. import registry
 from ..model import PyTree
 from .balancers import Balancer
-from .config import TrainerConfig
+from .config import OptimizerConfig, TrainerConfig, is_gradient_transformation
 
-PRECISIONS = {"fp32": None, "bf16": jnp.bfloat16}
+# Precision name -> compute dtype (None: the parameters' float32), from the one registry.
+PRECISIONS = {name: registry.PRECISIONS.load(name, "PRECISIONS")
+              for name in registry.PRECISIONS.names}
 
 
 class TrainState(struct.PyTreeNode):
@@ -52,10 +55,7 @@ class TrainState(struct.PyTreeNode):
     def create(cls, variables: PyTree, tx: optax.GradientTransformation, rng: jax.Array,
                balancer: Balancer | None = None, precision: str = "fp32") -> TrainState:
         """A fresh state: optimizer (and balancer) initialised on ``variables["params"]``."""
-        if precision not in PRECISIONS:
-            raise ValueError(
-                f"Unrecognized precision '{precision}'; expected one of {list(PRECISIONS)}"
-            )
+        registry.PRECISIONS.check(precision, "TrainState.create(precision)")
         params = variables.get("params", {})
         model_state = {col: tree for col, tree in variables.items() if col != "params"}
         balancer_state = balancer.init(params) if balancer is not None else optax.EmptyState()
@@ -92,26 +92,37 @@ def make_optimizer(config: TrainerConfig, learning_rate: optax.ScalarOrSchedule
     chain: list[optax.GradientTransformation] = []
     if config.grad_clip:
         chain.append(optax.clip_by_global_norm(config.grad_clip))
-    if isinstance(config.optimizer, optax.GradientTransformation):
+    if is_gradient_transformation(config.optimizer):
         chain.append(config.optimizer)
         return _accumulate(optax.chain(*chain), config)
     if config.l2:
         chain.append(optax.add_decayed_weights(config.l2))
-    options = config.optimizer_config
-    if config.optimizer == "sgd":
-        if options.sgd_config.momentum:
-            chain.append(optax.trace(decay=options.sgd_config.momentum, nesterov=False))
-    elif config.optimizer == "adam":
-        b1, b2 = options.adam_config.betas
-        scale = optax.scale_by_amsgrad if options.adam_config.amsgrad else optax.scale_by_adam
-        chain.append(scale(b1=b1, b2=b2, eps=options.adam_config.eps))
-    elif config.optimizer == "adamax":
-        b1, b2 = options.adamax_config.betas
-        chain.append(optax.scale_by_adamax(b1=b1, b2=b2, eps=options.adamax_config.eps))
-    else:
-        raise ValueError(f"Unrecognized optimizer option '{config.optimizer}'")
+    scale = registry.OPTIMIZERS.load(config.optimizer, "TrainerConfig.optimizer")
+    chain.extend(scale(config.optimizer_config))
     chain.append(optax.scale_by_learning_rate(learning_rate))
     return _accumulate(optax.chain(*chain), config)
+
+
+# Each optimizer's direction, before the learning rate scales it: a tuple of transforms
+# for ``optax.chain`` (empty for plain SGD, so that its optimizer state stays as it was).
+
+def scale_by_sgd(options: OptimizerConfig) -> tuple[optax.GradientTransformation, ...]:
+    """torch's SGD direction: momentum without dampening (``sgd_config.momentum``)."""
+    momentum = options.sgd_config.momentum
+    return (optax.trace(decay=momentum, nesterov=False),) if momentum else ()
+
+
+def scale_by_torch_adam(options: OptimizerConfig) -> tuple[optax.GradientTransformation, ...]:
+    """torch's Adam (or AMSGrad) direction from ``adam_config``."""
+    b1, b2 = options.adam_config.betas
+    scale = optax.scale_by_amsgrad if options.adam_config.amsgrad else optax.scale_by_adam
+    return (scale(b1=b1, b2=b2, eps=options.adam_config.eps),)
+
+
+def scale_by_torch_adamax(options: OptimizerConfig) -> tuple[optax.GradientTransformation, ...]:
+    """torch's Adamax direction from ``adamax_config``."""
+    b1, b2 = options.adamax_config.betas
+    return (optax.scale_by_adamax(b1=b1, b2=b2, eps=options.adamax_config.eps),)
 
 
 def _accumulate(tx: optax.GradientTransformation, config: TrainerConfig

@@ -23,6 +23,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
+from ... import registry
 from .base import (
     BalancedGrads,
     Balancer,
@@ -47,21 +48,12 @@ from .solvers import (
 )
 from .weighting import DWAState, FAMOState, UncertaintyState, dwa, equal, famo, rlw, uncertainty
 
-_FACTORIES: dict[str, Callable[..., Balancer]] = {
-    "equal": equal,
-    "uncertainty": uncertainty,
-    "dwa": dwa,
-    "rlw": rlw,
-    "gradnorm": gradnorm,
-    "pcgrad": pcgrad,
-    "cagrad": cagrad,
-    "mgda": mgda,
-    "famo": famo,
-}
-
-BALANCER_NAMES: tuple[str, ...] = tuple(_FACTORIES)
+# The names and their factories come from one registry (``jaxmtl.registry.BALANCERS``),
+# which configuration validation reads too; a new method is one line there.
+BALANCER_NAMES: tuple[str, ...] = registry.BALANCERS.names
 # Name -> factory, for callers that fill in settings the factory accepts (num_tasks, shared).
-BALANCER_FACTORIES: dict[str, Callable[..., Balancer]] = dict(_FACTORIES)
+BALANCER_FACTORIES: dict[str, Callable[..., Balancer]] = {
+    name: registry.BALANCERS.load(name, "BALANCER_FACTORIES") for name in BALANCER_NAMES}
 
 
 def make_balancer(name: str = "equal", **config: Any) -> Balancer:
@@ -81,9 +73,9 @@ def make_balancer(name: str = "equal", **config: Any) -> Balancer:
     Raises:
       ValueError: for an unknown name, unknown or missing config keys, or bad values.
     """
-    if name not in _FACTORIES:
+    if name not in BALANCER_FACTORIES:
         raise ValueError(f"Unknown balancer {name!r}; valid names: {', '.join(BALANCER_NAMES)}")
-    factory = _FACTORIES[name]
+    factory = BALANCER_FACTORIES[name]
     parameters = inspect.signature(factory).parameters
     unknown = sorted(set(config) - set(parameters))
     if unknown:
