@@ -338,3 +338,24 @@ def test_combiner_errors_name_missing_outputs():
         combine(outputs)
     with pytest.raises(ValueError, match="no output name ends with '_ind_head'"):
         combine({"x_pred_head": jnp.ones((B, 2))})
+
+
+def test_snorkel_pandas_sf_applier_output_feeds_add_slice_labels():
+    """Snorkel's own SF applier (bench extra) produces the S that add_slice_labels takes."""
+    pd = pytest.importorskip("pandas")
+    snorkel_slicing = pytest.importorskip("snorkel.slicing")
+
+    @snorkel_slicing.slicing_function()
+    def f(x):
+        return x.val < 0.25
+
+    S = snorkel_slicing.PandasSFApplier([f]).apply(pd.DataFrame({"val": X, "y": Y}),
+                                                   progress_bar=False)
+    assert isinstance(S, np.recarray) and S.dtype.names == ("f",)
+    dataloader = loader()
+    add_slice_labels(dataloader, dummy_task("TestTask"), S)
+    labelsets = dataloader.dataset.Y_dict
+    assert len(labelsets) == 5
+    assert labelsets["TestTask_slice:f_ind"].tolist() == [1, 1, 0, 0, 0]
+    assert labelsets["TestTask_slice:f_pred"].tolist() == [0, 1, -1, -1, -1]
+    assert labelsets["TestTask_slice:base_pred"].tolist() == [0, 1, 1, 0, 1]

@@ -230,3 +230,25 @@ def test_balancer_checkpoint_and_exact_resume_work_on_slice_tasks(tmp_path):
     log_vars = np.asarray(resumed_balancer.log_vars)
     np.testing.assert_array_equal(log_vars, np.asarray(reference_balancer.log_vars))
     assert log_vars.shape == (7,) and not np.allclose(log_vars, 0.0)
+
+
+def test_snorkel_sf_applier_output_feeds_make_slice_dataloader():
+    """Snorkel's SFApplier (bench extra) output, as in Snorkel's classifier test."""
+    snorkel_slicing = pytest.importorskip("snorkel.slicing")
+    from types import SimpleNamespace
+
+    @snorkel_slicing.slicing_function()
+    def f(x) -> int:
+        return x.num > 42
+
+    @snorkel_slicing.slicing_function()
+    def g(x) -> int:
+        return x.num > 10
+
+    S = snorkel_slicing.SFApplier([f, g]).apply([SimpleNamespace(num=n) for n in DATA],
+                                                progress_bar=False)
+    dataloader = make_model().make_slice_dataloader(dataset("train"), S)
+    Y_dict = dataloader.dataset.Y_dict
+    assert len(Y_dict) == 7
+    assert Y_dict["test_task_slice:f_ind"].tolist() == [0, 1, 0, 0, 0]
+    assert Y_dict["test_task_slice:g_pred"].tolist() == [-1, 0, 1, -1, -1]
