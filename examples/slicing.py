@@ -9,7 +9,7 @@ scored on 2,000 held-out points, overall and per slice, over three seeds. Binary
 classes. With this small body and budget the base model underfits the reversed slice; the
 slice expert (trained on the slice's rows only) and the indicator-weighted combiner fix
 it, and the overall accuracy goes up with it. (The slice-aware model has more
-parameters: the transforms and heads, ~1,100 weights here against ~80.)
+parameters: the transforms and heads, ~1,000 weights here against ~80.)
 
 Run: python examples/slicing.py   (about a minute on 2 CPU cores, compiles included)
 """

@@ -359,3 +359,16 @@ def test_snorkel_pandas_sf_applier_output_feeds_add_slice_labels():
     assert labelsets["TestTask_slice:f_ind"].tolist() == [1, 1, 0, 0, 0]
     assert labelsets["TestTask_slice:f_pred"].tolist() == [0, 1, -1, -1, -1]
     assert labelsets["TestTask_slice:base_pred"].tolist() == [0, 1, 1, 0, 1]
+
+
+def test_import_jaxmtl_leaves_slicing_unloaded_and_slicing_loads_nothing_heavy():
+    import subprocess
+    import sys
+
+    probe = ("import sys, jaxmtl; before = 'jaxmtl.slicing' in sys.modules; "
+             "import jaxmtl.slicing; print(before, [m for m in ('pandas', 'orbax', "
+             "'tensorboardX', 'snorkel', 'torch') if m in sys.modules])")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False []"
