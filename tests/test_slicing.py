@@ -372,3 +372,39 @@ def test_import_jaxmtl_leaves_slicing_unloaded_and_slicing_loads_nothing_heavy()
                           timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False []"
+
+
+def test_nnx_body_and_head_convert_to_slice_tasks():
+    from flax import nnx
+
+    rngs = nnx.Rngs(0)
+    head = nnx.Linear(6, 3, rngs=rngs)
+    task = jaxmtl.Task("t", {"body": nnx.Sequential(nnx.Linear(1, 6, rngs=rngs), nnx.relu),
+                             "head": head},
+                       [jaxmtl.Operation("body", [("_input_", "data")]),
+                        jaxmtl.Operation("head", ["body"])])
+    tasks = convert_to_slice_tasks(task, ["a"])
+    assert tasks[-1].module_pool["t_master_head"] is head  # the head, under its new name
+    assert tasks[2].module_pool["t_slice:shared_pred_head"] == nn.Dense(3)
+    model = jaxmtl.MultitaskClassifier(tasks)
+    outputs = model.forward({"data": X[:, None]}, model.task_names)
+    # The master head is the NNX head with its own initial weights.
+    np.testing.assert_allclose(outputs["t_master_head"],
+                               head(jnp.asarray(outputs["t_master_combiner"])), rtol=1e-5)
+    assert outputs["t_slice:a_pred_head"].shape == (5, 3)
+
+
+def test_a_head_without_a_known_width_is_an_error():
+    from flax import nnx
+
+    class NnxHead(nnx.Module):
+        def __call__(self, x):
+            return x
+
+    task = jaxmtl.Task("t", {"body": nn.Dense(4), "head": NnxHead()},
+                       [jaxmtl.Operation("body", [("_input_", "data")]),
+                        jaxmtl.Operation("head", ["body"])])
+    with pytest.raises(ValueError, match="Task 't': its head module NnxHead is neither a Flax "
+                                         "Linen module nor an NNX module with an int "
+                                         "out_features"):
+        convert_to_slice_tasks(task, ["a"])

@@ -252,3 +252,47 @@ def test_snorkel_sf_applier_output_feeds_make_slice_dataloader():
     assert len(Y_dict) == 7
     assert Y_dict["test_task_slice:f_ind"].tolist() == [0, 1, 0, 0, 0]
     assert Y_dict["test_task_slice:g_pred"].tolist() == [-1, 0, 1, -1, -1]
+
+
+DEVICE_RUN = """
+import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+import json, sys
+import jax, numpy as np
+sys.path.insert(0, {tests!r})
+from test_slicing_classifier import make_model, dataset, synthetic
+import jaxmtl
+assert len(jax.local_devices()) == 2
+X, Y, S = synthetic(150, 0, 3)
+results = {{}}
+for parallel in ("single", "pmap", "sharded"):
+    model = make_model(num_classes=3)
+    train = model.make_slice_dataloader(dataset("train", X, Y), S, batch_size=32, shuffle=True,
+                                        seed=0)
+    jaxmtl.Trainer(n_epochs=2, lr=0.02, seed=0, progress_bar=False, parallel=parallel).fit(
+        model, [train])
+    scores = model.score_slices([train])
+    results[parallel] = {{"params": [np.asarray(x).ravel().tolist()
+                                     for x in jax.tree.leaves(model.params)],
+                         "scores": scores}}
+print(json.dumps(results))
+"""
+
+
+@pytest.mark.slow  # three fits in a subprocess with 2 forced CPU devices
+def test_slice_model_trains_the_same_on_two_devices():
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = DEVICE_RUN.format(tests=str(Path(__file__).parent))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    single = results["single"]
+    for parallel in ("pmap", "sharded"):
+        for a, b in zip(single["params"], results[parallel]["params"], strict=True):
+            np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6, err_msg=parallel)
+        assert results[parallel]["scores"] == pytest.approx(single["scores"], abs=1e-6)
