@@ -19,7 +19,7 @@ import optax
 # (tests/test_config.py checks they equal jaxmtl.parallel's and the balancers' own lists).
 PARALLEL_MODES = ("auto", "pmap", "sharded", "single")
 BALANCER_NAMES = ("equal", "uncertainty", "dwa", "rlw", "gradnorm", "pcgrad", "cagrad", "mgda",
-                  "famo")
+                  "famo", "nash_mtl", "imtl", "aligned_mtl", "upgrad", "db_mtl")
 
 ConfigT = TypeVar("ConfigT")
 
