@@ -19,9 +19,10 @@ class DBMTLState(NamedTuple):
     """State of DB-MTL.
 
     Attributes:
-      grad_buffer: like the parameters with a leading [T] axis on the shared leaves:
-        the exponential moving average of each task's log-loss gradient (a [T, 0]
-        placeholder on the leaves that are not shared).
+      grad_buffer: a tuple with one [T, ...] array per shared parameter leaf (in
+        ``jax.tree.leaves`` order): the exponential moving average of each task's
+        log-loss gradient. (A tuple, not a parameter-shaped tree with empty leaves:
+        Orbax cannot save zero-size arrays.)
       steps: [T] int32, present steps per task (the EMA's ``k``).
     """
 
@@ -65,10 +66,10 @@ def db_mtl(*, num_tasks: int, beta: float = 0.9, beta_sigma: float = 0.0,
         if params is None:
             raise ValueError("Balancer 'db_mtl': init(params=None); the gradient buffer "
                              "needs the parameter pytree")
-        mask = shared_mask(params, shared)
-        buffer = jax.tree.map(
-            lambda keep, p: jnp.zeros((num_tasks, *jnp.shape(p)) if keep else (num_tasks, 0),
-                                      jnp.float32), mask, params)
+        keep = jax.tree.leaves(shared_mask(params, shared))
+        buffer = tuple(jnp.zeros((num_tasks, *jnp.shape(leaf)), jnp.float32)
+                       for leaf, shared_leaf in zip(jax.tree.leaves(params), keep, strict=True)
+                       if shared_leaf)
         return DBMTLState(buffer, jnp.zeros((num_tasks,), jnp.int32))
 
     def update(task_losses: jax.Array, task_grads: PyTree | None, state: DBMTLState,
@@ -83,28 +84,32 @@ def db_mtl(*, num_tasks: int, beta: float = 0.9, beta_sigma: float = 0.0,
         decay = beta / jnp.maximum(steps, 1).astype(jnp.float32) ** beta_sigma
         decay = jnp.where(mask, decay, 1.0)  # absent tasks: buffer unchanged
 
-        def average(keep: bool, grad: jax.Array, buffer: jax.Array) -> jax.Array:
-            if not keep:
-                return buffer
+        grad_leaves, treedef = jax.tree.flatten(prep.grads)
+        keep = jax.tree.leaves(prep.leaf_mask)
+        shared_grads = [grad for grad, shared_leaf in zip(grad_leaves, keep, strict=True)
+                        if shared_leaf]
+        if len(shared_grads) != len(state.grad_buffer):
+            raise ValueError(f"Balancer 'db_mtl': {len(shared_grads)} shared gradient leaves, "
+                             f"but the state's buffer has {len(state.grad_buffer)}: init "
+                             "it with the parameters these gradients belong to")
+
+        def average(grad: jax.Array, buffer: jax.Array) -> jax.Array:
             shape = (-1,) + (1,) * (grad.ndim - 1)
             log_grad = grad.astype(jnp.float32) * inverse_loss.reshape(shape)
             return log_grad + decay.reshape(shape) * (buffer - log_grad)
 
-        buffer = jax.tree.map(average, prep.leaf_mask, prep.grads, state.grad_buffer)
-        squares = sum((jnp.sum(leaf.reshape(num_tasks, -1) ** 2, axis=1)
-                       for keep, leaf in zip(jax.tree.leaves(prep.leaf_mask),
-                                             jax.tree.leaves(buffer), strict=True) if keep),
+        buffer = tuple(map(average, shared_grads, state.grad_buffer))
+        squares = sum((jnp.sum(leaf.reshape(num_tasks, -1) ** 2, axis=1) for leaf in buffer),
                       jnp.zeros((num_tasks,), jnp.float32))
         norms = jnp.sqrt(squares)
         largest = jnp.max(jnp.where(mask, norms, 0.0))
         scale = jnp.where(mask, largest / (norms + 1e-8), 0.0)
 
-        def combine(keep: bool, grad: jax.Array, task_buffer: jax.Array) -> jax.Array:
-            if keep:
-                return weighted_task_sum(task_buffer, scale).astype(grad.dtype)
-            return weighted_task_sum(grad, inverse_loss)
-
-        combined = jax.tree.map(combine, prep.leaf_mask, prep.grads, buffer)
+        averaged = iter(buffer)
+        combined = jax.tree.unflatten(treedef, [
+            weighted_task_sum(next(averaged), scale).astype(grad.dtype) if shared_leaf
+            else weighted_task_sum(grad, inverse_loss)
+            for grad, shared_leaf in zip(grad_leaves, keep, strict=True)])
         return combined, scale * inverse_loss, DBMTLState(buffer, steps)
 
     return Balancer(init, update, needs_task_grads=True)
