@@ -1,13 +1,15 @@
 """Step time of every gradient balancer relative to equal weighting, in jaxmtl.
 
-Run: python -m benchmarks.balancers [--tasks 2 4] [--epochs 2]
+Run: python -m benchmarks.balancers [--tasks 2 4] [--epochs 2] [--methods upgrad imtl ...]
 
 The reference workload (N = 20,000 points, D = 128, body Dense(256)-ReLU-Dense(256)-ReLU,
 batch 64 per task, Adam lr 1e-3, clip 1.0) with 2 or 4 tasks (tasks c and d: the signs of
 logits 2 and 3), trained with the "mixed" batch scheduler (one batch of every task per
 step, the setting these methods assume). For each method: a warm-up ``fit`` (compiles),
 then the median of timed ``fit`` calls on the same model and Trainer (the compiled step is
-reused, so they measure steady steps). Writes ``benchmarks/results/balancers.{md,json}``.
+reused, so they measure steady steps). Writes ``benchmarks/results/balancers.{md,json}``;
+with ``--methods`` (rows whose label starts with one of the names, plus "equal"), only
+prints the table.
 
 LibMTL (the PyTorch library of these methods) is not in the ``bench`` extra here: its
 PyPI release pins an older torch than the 2.13.0 CPU build available on this machine, so
@@ -57,7 +59,9 @@ def make_model(n_tasks: int) -> jaxmtl.MultitaskClassifier:
 
 
 # Rows: a balancer name, or (label, name, balancer_config).
-METHODS = [*BALANCER_NAMES, ("mgda (upper_bound)", "mgda", {"upper_bound": True})]
+METHODS = [*BALANCER_NAMES,
+           *((f"{name} (upper_bound)", name, {"upper_bound": True})
+             for name in ("mgda", "imtl", "aligned_mtl"))]
 
 
 def time_method(method: str, n_tasks: int, epochs: int,
@@ -84,8 +88,13 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help="only these methods (and equal); the table is printed, not written")
     args = parser.parse_args()
     rows = [(m, m, {}) if isinstance(m, str) else m for m in METHODS]
+    if args.methods:
+        rows = [row for row in rows
+                if row[0] == "equal" or any(row[0].split()[0] == m for m in args.methods)]
     results = {n: {label: time_method(name, n, args.epochs, config)
                    for label, name, config in rows}
                for n in args.tasks}
@@ -108,8 +117,11 @@ def main() -> None:
             row, base = results[n][method], results[n]["equal"]
             cells.append(f"{row['step_ms']:.2f} | {row['step_ms'] / base['step_ms']:.2f}")
         lines.append(f"| {method} | " + " | ".join(cells) + " | not measured |")
-    lines += ["", "Target: per-task-gradient methods (gradnorm, pcgrad, cagrad, mgda) under "
-              "2x equal weighting for 2-4 tasks."]
+    lines += ["", "Target: per-task-gradient methods (gradnorm, pcgrad, cagrad, mgda, nash_mtl, "
+              "imtl, aligned_mtl, upgrad, db_mtl) under 2x equal weighting for 2-4 tasks."]
+    if args.methods:
+        print("\n".join(lines))
+        return
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "balancers.md").write_text("\n".join(lines) + "\n")
     (RESULTS / "balancers.json").write_text(json.dumps(results, indent=2))

@@ -241,8 +241,8 @@ def check_balancer_parallel(balancer: Any, balancer_config: Mapping[str, Any],
                             mode: str, devices: Iterable[Any] | None = None) -> None:
     """Refuses a balancer that cannot run in the data-parallel mode ``mode`` would pick.
 
-    MGDA-UB (``balancer="mgda"`` with ``balancer_config={"upper_bound": True}``, or any
-    ``Balancer`` with ``representation_grads``) solves on the gradients with respect to
+    A balancer on representation gradients (``balancer_config={"upper_bound": True}``:
+    MGDA-UB, IMTL-UB, Aligned-MTL-UB; or any ``Balancer`` with ``representation_grads``) solves on the gradients with respect to
     the whole batch's shared representation, which a pmapped step holds only per device;
     the sharded mode (and one device) runs it. The Trainer calls this at construction, so
     the error comes before any data is read or step compiled. Devices are looked up only
@@ -256,11 +256,12 @@ def check_balancer_parallel(balancer: Any, balancer_config: Mapping[str, Any],
       devices: as ``choose_parallel`` (default: all devices of all processes).
 
     Raises:
-      ValueError: for MGDA-UB when ``mode`` resolves to pmap.
+      ValueError: for representation gradients when ``mode`` resolves to pmap.
     """
     if isinstance(balancer, str):
-        upper_bound = balancer == "mgda" and bool((balancer_config or {}).get("upper_bound"))
-        what = "balancer='mgda' with balancer_config upper_bound=True (MGDA-UB)"
+        upper_bound = bool((balancer_config or {}).get("upper_bound"))
+        what = (f"balancer={balancer!r} with balancer_config upper_bound=True "
+                f"({'MGDA-UB' if balancer == 'mgda' else 'representation gradients'})")
     else:
         upper_bound = bool(getattr(balancer, "representation_grads", False))
         what = "a balancer with representation_grads=True (MGDA-UB)"

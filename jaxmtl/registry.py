@@ -118,6 +118,11 @@ BALANCERS = Registry("balancer", {
     "cagrad": f"{_GRADIENT}:cagrad",
     "mgda": f"{_GRADIENT}:mgda",
     "famo": f"{_WEIGHTING}:famo",
+    "nash_mtl": "jaxmtl.training.balancers.nash:nash_mtl",
+    "imtl": "jaxmtl.training.balancers.imtl:imtl",
+    "aligned_mtl": "jaxmtl.training.balancers.aligned:aligned_mtl",
+    "upgrad": "jaxmtl.training.balancers.upgrad:upgrad",
+    "db_mtl": "jaxmtl.training.balancers.dbmtl:db_mtl",
 })
 # The compute dtype of each precision (None: compute in the parameters' float32).
 PRECISIONS = Registry("precision", {"fp32": None, "bf16": "jax.numpy:bfloat16"})

@@ -97,7 +97,7 @@ def test_every_registered_implementation_loads():
               for key, registry_ in registry.ALL_REGISTRIES.items() for name in registry_.names}
     with_target = {key: value for key, value in loaded.items()
                    if registry.ALL_REGISTRIES[key[0]].entries[key[1]] is not None}
-    assert len(with_target) == 3 + 5 + 4 + 2 + 9 + 1
+    assert len(with_target) == 3 + 5 + 4 + 2 + 14 + 1
     assert all(callable(value) for value in with_target.values())
     assert loaded["LOG_WRITERS", "json"] is LogWriter
     assert loaded["LOG_WRITERS", "tensorboard"] is TensorBoardWriter
@@ -182,7 +182,8 @@ def test_validation_and_factory_read_the_same_registry(monkeypatch):
      "[('temperature', 2.0)]"),
     (lambda: TrainerConfig(balancer=3),
      "TrainerConfig.balancer must be one of ['equal', 'uncertainty', 'dwa', 'rlw', 'gradnorm', "
-     "'pcgrad', 'cagrad', 'mgda', 'famo'] or a Balancer, got 3 (int)"),
+     "'pcgrad', 'cagrad', 'mgda', 'famo', 'nash_mtl', 'imtl', 'aligned_mtl', 'upgrad', "
+     "'db_mtl'] or a Balancer, got 3 (int)"),
 ])
 def test_configs_are_validated_where_they_are_built(build, message):
     with pytest.raises(ValueError) as info:

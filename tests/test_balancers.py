@@ -22,7 +22,7 @@ from jaxmtl.training.balancers import (
     split_shared,
 )
 
-STATEFUL = ("uncertainty", "dwa", "gradnorm", "famo")
+STATEFUL = ("uncertainty", "dwa", "gradnorm", "famo", "imtl", "db_mtl")
 KEY = jax.random.PRNGKey(0)
 
 
@@ -43,7 +43,9 @@ def run(name, losses, grads=None, state=None, rng=KEY, mask=None, **config):
     losses = jnp.asarray(losses, jnp.float32)
     balancer, update = jitted_update(name, losses.shape[0], **config)
     if state is None:
-        state = balancer.init(None)
+        # One task's slice of the gradients stands in for the parameters (db_mtl's
+        # buffer takes their shapes).
+        state = balancer.init(None if grads is None else jax.tree.map(lambda g: g[0], grads))
     if not balancer.needs_task_grads:
         grads = None
     return update(losses, grads, state, None, rng, mask)
@@ -70,10 +72,12 @@ def test_bad_config_keys_are_named():
 
 def test_default_is_equal_and_names_complete():
     assert BALANCER_NAMES == ("equal", "uncertainty", "dwa", "rlw", "gradnorm", "pcgrad",
-                              "cagrad", "mgda", "famo")
+                              "cagrad", "mgda", "famo", "nash_mtl", "imtl", "aligned_mtl",
+                              "upgrad", "db_mtl")
     assert not make_balancer().needs_task_grads
     for name in BALANCER_NAMES:
-        expected = name in ("gradnorm", "pcgrad", "cagrad", "mgda")
+        expected = name in ("gradnorm", "pcgrad", "cagrad", "mgda", "nash_mtl", "imtl",
+                            "aligned_mtl", "upgrad", "db_mtl")
         assert build(name, 2).needs_task_grads == expected, name
 
 

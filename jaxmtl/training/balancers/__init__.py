@@ -14,7 +14,9 @@ the gradient to hand to the optimizer:
 
 Methods: "equal" (default), "uncertainty", "dwa", "rlw", "famo" (loss weighting, in
 ``weighting.py``) and "gradnorm", "pcgrad", "cagrad", "mgda" (gradient methods, in
-``gradient.py``); solvers in ``solvers.py``.
+``gradient.py``), "nash_mtl" (``nash.py``), "imtl" (``imtl.py``), "aligned_mtl"
+(``aligned.py``), "upgrad" (``upgrad.py``), "db_mtl" (``dbmtl.py``); solvers in
+``solvers.py`` and beside each method.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ... import registry
+from .aligned import aligned_mtl, aligned_weights
 from .base import (
     BalancedGrads,
     Balancer,
@@ -39,13 +42,17 @@ from .base import (
     split_shared,
     weighted_task_sum,
 )
+from .dbmtl import DBMTLState, db_mtl
 from .gradient import GradNormState, cagrad, gradnorm, mgda, pcgrad
+from .imtl import IMTLState, imtl, imtl_weights
+from .nash import nash_mtl, nash_weights
 from .solvers import (
     cagrad_dual_weights,
     min_norm_weights,
     pcgrad_coefficients,
     project_to_simplex,
 )
+from .upgrad import dual_cone_weights, upgrad, upgrad_weights
 from .weighting import DWAState, FAMOState, UncertaintyState, dwa, equal, famo, rlw, uncertainty
 
 # The names and their factories come from one registry (``jaxmtl.registry.BALANCERS``),
@@ -61,11 +68,15 @@ def make_balancer(name: str = "equal", **config: Any) -> Balancer:
 
     Args:
       name: one of ``BALANCER_NAMES``: "equal", "uncertainty", "dwa", "rlw", "gradnorm",
-        "pcgrad", "cagrad", "mgda", "famo".
+        "pcgrad", "cagrad", "mgda", "famo", "nash_mtl", "imtl", "aligned_mtl",
+        "upgrad", "db_mtl".
       **config: the keyword arguments of the method's factory (e.g. ``num_tasks=3``,
         ``temperature=2.0``, ``shared=["encoder"]``); see each factory's docstring.
-        "uncertainty", "dwa", "gradnorm" and "famo" keep [T] state and need
-        ``num_tasks``.
+        "uncertainty", "dwa", "gradnorm", "famo", "imtl" and "db_mtl" keep [T] state
+        and need ``num_tasks``. "mgda", "imtl" and "aligned_mtl" accept
+        ``upper_bound=True`` (weights from the gradients w.r.t. the shared
+        representation, ``Balancer.representation_grads``; one device or
+        ``parallel="sharded"`` only).
 
     Returns:
       The ``Balancer``.
@@ -117,27 +128,37 @@ __all__ = [
     "BALANCER_NAMES",
     "BalancedGrads",
     "Balancer",
+    "DBMTLState",
     "DWAState",
     "FAMOState",
     "GradNormState",
+    "IMTLState",
     "InitFn",
     "PyTree",
     "SharedSpec",
     "UncertaintyState",
     "UpdateFn",
+    "aligned_mtl",
+    "aligned_weights",
     "balanced_grads",
     "balancer_for_tasks",
     "cagrad",
     "cagrad_dual_weights",
+    "db_mtl",
+    "dual_cone_weights",
     "dwa",
     "equal",
     "famo",
     "gradnorm",
     "gram_matrix",
+    "imtl",
+    "imtl_weights",
     "make_balancer",
     "merge_shared",
     "mgda",
     "min_norm_weights",
+    "nash_mtl",
+    "nash_weights",
     "pcgrad",
     "pcgrad_coefficients",
     "per_task_grads",
@@ -146,5 +167,7 @@ __all__ = [
     "shared_mask",
     "split_shared",
     "uncertainty",
+    "upgrad",
+    "upgrad_weights",
     "weighted_task_sum",
 ]
