@@ -179,7 +179,7 @@ def test_trainer_save_load_continues_optimizer(two_task_loaders, tmp_path):
     other.init({"data": np.zeros((1, 2), np.float32)})
     fresh = Trainer()
     fresh.load(str(tmp_path / "trainer"), other)
-    assert fresh.config.lr == 0.01 and getattr(fresh, "_loaded_optimizer", None) is None
+    assert fresh.config.lr == 0.01 and fresh.loaded_optimizer is None
     with pytest.raises(ValueError, match="nothing to save"):
         Trainer().save(str(tmp_path / "x"))
 
@@ -271,7 +271,7 @@ def test_trainer_load_of_a_corrupt_optimizer_state_raises(model, tmp_path):
     save_optimizer_state(str(tmp_path / "trainer"), state, config)
     loaded = Trainer()
     loaded.load(str(tmp_path / "trainer"), model)
-    assert int(loaded._loaded_optimizer["step"]) == 5
+    assert int(loaded.loaded_optimizer["step"]) == 5
     for folder, _, files in os.walk(tmp_path / "trainer"):
         if "train" in os.path.relpath(folder, tmp_path / "trainer").split(os.sep):
             for name in files:
