@@ -22,7 +22,7 @@ from jaxmtl.training.checkpoint import (
 )
 from jaxmtl.training.config import CheckpointerConfig, TrainerConfig
 from jaxmtl.training.locks import DirectoryLockedError
-from jaxmtl.training.resume import load_optimizer_state, save_optimizer_state
+from jaxmtl.training.resume import save_optimizer_state
 from jaxmtl.training.state import make_optimizer
 
 METRIC = "task/dataset/valid/f1"
@@ -192,7 +192,7 @@ def test_trainer_save_load_continues_optimizer(two_task_loaders, tmp_path):
     other.init({"data": np.zeros((1, 2), np.float32)})
     fresh = Trainer()
     fresh.load(str(tmp_path / "trainer"), other)
-    assert fresh.config.lr == 0.01 and getattr(fresh, "_loaded_optimizer", None) is None
+    assert fresh.config.lr == 0.01 and fresh.loaded_optimizer is None
     with pytest.raises(ValueError, match="nothing to save"):
         Trainer().save(str(tmp_path / "x"))
 
@@ -282,9 +282,9 @@ def test_trainer_load_of_a_corrupt_optimizer_state_raises(model, tmp_path):
     tx = make_optimizer(config, lambda count: config.lr)
     state = SimpleNamespace(opt_state=tx.init(model.params), step=jnp.asarray(5, jnp.int32))
     save_optimizer_state(str(tmp_path / "trainer"), state, config)
-    Trainer().load(str(tmp_path / "trainer"), model)
-    _, optimizer = load_optimizer_state(str(tmp_path / "trainer"), config, model.params)
-    assert int(optimizer["step"]) == 5
+    loaded = Trainer()
+    loaded.load(str(tmp_path / "trainer"), model)
+    assert int(loaded.loaded_optimizer["step"]) == 5
     for folder, _, files in os.walk(tmp_path / "trainer"):
         if "train" in os.path.relpath(folder, tmp_path / "trainer").split(os.sep):
             for name in files:

@@ -192,10 +192,10 @@ def test_compiles_stay_bounded_over_epochs_and_training_learns():
     dl = jaxmtl.DictDataLoader(ragged_dataset(), batch_size=16, shuffle=True, seed=2,
                                length_buckets=3)
     model, trainer = fit([dl], n_epochs=4)
-    compiled = next(iter(trainer._compiled.values()))[-1]
+    compiled = trainer.compiled_steps
     seen = {dl.shape_index(dl.rows_at(dl.order(e), i)[0]) for e in range(4)
             for i in range(len(dl))}
-    assert compiled.programs() == len(seen) <= len(dl.bucket_shapes) == 3
+    assert compiled.programs() == trainer.compiled_programs() == len(seen) <= len(dl.bucket_shapes) == 3
     scores = model.score([jaxmtl.DictDataLoader(ragged_dataset(split="valid"), 32)])
     assert scores["task/text/valid/accuracy"] > 0.8
 
@@ -219,7 +219,7 @@ def test_fused_mode_with_buckets_matches_per_step():
 
     _, per_step = fit(loaders(), n_epochs=2)
     _, fused = fit(loaders(), n_epochs=2, steps_per_call=8)
-    (groups, program), = next(iter(fused._compiled.values()))[-1].items()
+    (groups, program), = fused.compiled_steps.by_layout.items()
     assert program._cache_size() == 1  # one program, a branch per bucket shape
     assert len(groups) == len(loaders()[0].bucket_shapes) == 3
     assert int(fused.state.step) == int(per_step.state.step) == 2 * 13

@@ -110,7 +110,7 @@ def test_fused_mode_runs_on_one_device_only():
     two = DataParallel("pmap", (jax.devices()[0], jax.devices()[0]))
     with pytest.raises(ValueError, match="steps_per_call=8 runs on one device; got parallel "
                                          "mode 'pmap' over 2 devices"):
-        FusedRunner(None, two, None, None, [], steps_per_call=8)
+        FusedRunner(None, two, None, [], steps_per_call=8)
 
 
 LONG_RUN = """

@@ -106,7 +106,7 @@ def test_family_steps_equal_per_task_set_programs(monkeypatch, config):
              head_task("h", dropout=True)]
     loaders = loaders_for(tasks, soft=("b",))
     shared, trainer = fit(tasks, loaders, True, monkeypatch, **config)
-    programs = next(iter(trainer._compiled.values()))[-1]
+    programs = trainer.compiled_steps
     assert len(programs.families) == 3
     reference, _ = fit(tasks, loaders, False, monkeypatch, **config)
     assert set(shared.params) == set(reference.params)
@@ -167,7 +167,7 @@ def test_compiled_programs_do_not_grow_with_the_number_of_tasks(monkeypatch):
         model = jaxmtl.MultitaskClassifier(tasks)
         trainer = Trainer(n_epochs=1, seed=0, progress_bar=False)
         fit_compiles = count_compiles(lambda: trainer.fit(model, train))  # noqa: B023
-        programs = next(iter(trainer._compiled.values()))[-1]
+        programs = trainer.compiled_steps
         # One train program for every task: the general step never ran.
         assert programs.general._cache_size() == 0
         assert [p._cache_size() for p in programs.families.values()] == [1]
@@ -187,7 +187,7 @@ def test_fused_steps_switch_per_family_and_equal_per_task_set_programs(monkeypat
              head_task("e", width=3), deep_task("f")]
     loaders = loaders_for(tasks, soft=("c",))
     fused, trainer = fit(tasks, loaders, True, monkeypatch, steps_per_call=5)
-    (groups,) = next(iter(trainer._compiled.values()))[-1]
+    (groups,) = trainer.compiled_steps.by_layout
     # a and b share a branch; c (soft labels) has its own signature; d+e; f alone.
     assert [(g.family.tasks if g.family else None, g.loader) for g in groups] == [
         (("a", "b", "c"), -1), (("a", "b", "c"), -1), (("d", "e"), -1), (None, 5)]
@@ -210,7 +210,7 @@ def test_optimizer_that_labels_modules_by_name_trains_through_the_general_step(m
     tasks = [head_task("a"), head_task("b")]
     loaders = loaders_for(tasks)
     shared, trainer = fit(tasks, loaders, True, monkeypatch, optimizer=tx)
-    assert next(iter(trainer._compiled.values()))[-1].families == {}
+    assert trainer.compiled_steps.families == {}
     reference, _ = fit(tasks, loaders, False, monkeypatch, optimizer=tx)
     for got, want in zip(jax.tree.leaves(shared.params), jax.tree.leaves(reference.params),
                          strict=True):

@@ -1,8 +1,15 @@
 """How the Trainer's steps reach the device: one call per batch, or many per call.
 
-Both runners take the batches of an epoch in the batch scheduler's order and hold the
-device-side ``state`` and loss ``accumulator``; ``flush()`` makes both current (the Trainer
-flushes before it evaluates or checkpoints), so the two give the same results:
+The Trainer threads the state through a runner, as a Flax ``train.py`` threads it
+through its jitted step::
+
+    state, accumulator = runner.prepare(state, accumulator)    # own, replicated buffers
+    for item, num_valid in runner.batches(scheduled):
+        state, accumulator = runner.step(state, accumulator, item)
+    state, accumulator = runner.flush(state, accumulator)       # before reading them
+    host_state = runner.host(state)
+
+Two siblings implement the ``Runner`` protocol and give the same results:
 
 - ``PerStepRunner``: one jitted (or pmapped) step per batch, numpy batches sent to the
   devices one batch ahead of the step that needs them.
@@ -12,18 +19,18 @@ flushes before it evaluates or checkpoints), so the two give the same results:
   evaluation, or at the end of an epoch) is filled with no-op steps (no active row), which
   leave the state unchanged, so every call has the same shapes and compiles once.
 
-Batches without any labelled row are dropped on the host (Snorkel skips them too), so the
-compiled step never needs a select over the whole state to undo an update.
+A runner holds placement and compiled programs, never the state. Batches without any
+labelled row are dropped on the host (Snorkel skips them too), so the compiled step never
+needs a select over the whole state to undo an update.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Iterator, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ..data import is_active, mask_key
@@ -40,7 +47,56 @@ from ..signatures import (
     write_back,
     write_back_variables,
 )
-from .step import TrainState, family_train_step, train_step_on
+from .accumulate import (
+    Accumulator,
+    FusedGroup,
+    fit_family_step,
+    fit_group_step,
+    fit_step,
+    fused_steps,
+    zero_loss_accumulator,
+)
+from .step import TrainState
+
+__all__ = ["FusedPrograms", "FusedRunner", "IndexBatch", "PerStepRunner", "Runner",
+           "StepPrograms", "family_routes", "fit_step", "make_runner", "own_buffers",
+           "zero_loss_accumulator"]
+
+
+@runtime_checkable
+class Runner(Protocol):
+    """What the Trainer's loop calls; the state and accumulator pass through, visibly.
+
+    Attributes:
+      scheduler_loaders: what the batch scheduler iterates (the loaders, or stand-ins).
+      compiled: the compiled programs, kept by the Trainer across ``fit`` calls (a
+        ``StepPrograms`` or ``FusedPrograms``, with ``programs() -> int``).
+    """
+
+    scheduler_loaders: Sequence[Any]
+    compiled: Any
+
+    def prepare(self, state: TrainState, accumulator: Accumulator
+                ) -> tuple[TrainState, Accumulator]:
+        """The state and accumulator on the devices, in buffers the steps may donate."""
+
+    def batches(self, scheduled: Iterator[tuple[Any, Any]]) -> Iterator[tuple[Any, int]]:
+        """Wraps the scheduler's ``(batch, loader)`` pairs: yields ``(item, num_valid)``
+        (``num_valid`` is 0 for a batch without any labelled row: no step, no count)."""
+
+    def step(self, state: TrainState, accumulator: Accumulator, item: Any
+             ) -> tuple[TrainState, Accumulator]:
+        """Runs (or queues) the item's step."""
+
+    def flush(self, state: TrainState, accumulator: Accumulator
+              ) -> tuple[TrainState, Accumulator]:
+        """Runs any queued steps: the results are then current."""
+
+    def zero_accumulator(self) -> Accumulator:
+        """A zero loss accumulator, placed as ``prepare`` places it."""
+
+    def host(self, tree: Any) -> Any:
+        """One copy of a placed tree (the first device's under pmap)."""
 
 
 def own_buffers(tree: Any) -> Any:
@@ -56,90 +112,6 @@ def own_buffers(tree: Any) -> Any:
     for i, copy in zip(arrays, copies, strict=True):
         leaves[i] = copy
     return jax.tree.unflatten(treedef, leaves)
-
-
-def zero_loss_accumulator(n_loaders: int, n_tasks: int) -> dict[str, jax.Array]:
-    """[n_loaders, n_tasks] loss sums and active counts, zero (two distinct buffers).
-
-    Made on the host and transferred: ``jnp.zeros`` would compile a program per shape,
-    i.e. per number of tasks.
-    """
-    return jax.device_put({"loss_sum": np.zeros((n_loaders, n_tasks), np.float32),
-                           "count": np.zeros((n_loaders, n_tasks), np.float32)})
-
-
-def fit_step(
-    graph: ModelGraph,
-    state: TrainState,
-    accumulator: dict[str, jax.Array],
-    X_dict: dict[str, jax.Array],
-    Y_dict: dict[str, jax.Array],
-    mask: jax.Array,
-    loader_index: jax.Array,
-    axis_name: Any = None,
-) -> tuple[TrainState, dict[str, jax.Array]]:
-    """``train_step`` plus on-device accumulation of loss sums and counts.
-
-    ``accumulator`` holds [n_loaders, n_tasks] loss sums and active counts; row
-    ``loader_index`` collects this batch's terms, so logging needs no per-step host sync.
-    Under pmap the terms are summed over devices first, so every replica holds the totals.
-    The batch must hold an active row.
-    """
-    return fit_group_step(graph, state, accumulator, ((X_dict, Y_dict, mask),),
-                          (loader_index,), axis_name)
-
-
-def fit_group_step(
-    graph: ModelGraph,
-    state: TrainState,
-    accumulator: dict[str, jax.Array],
-    batches: tuple,
-    loader_indices: tuple,
-    axis_name: Any = None,
-) -> tuple[TrainState, dict[str, jax.Array]]:
-    """``fit_step`` on several batches in one update (one per loader: "mixed" schedule).
-
-    The batches must hold an active row (the runners drop the others on the host).
-    """
-    state, metrics = train_step_on(graph, state, batches, axis_name=axis_name,
-                                   skip_inactive=False)
-    loss_sum, count = accumulator["loss_sum"], accumulator["count"]
-    for terms, loader_index in zip(metrics["batch_terms"], loader_indices, strict=True):
-        if axis_name is not None:
-            terms = jax.lax.psum(terms, axis_name)
-        for task_name, (task_sum, task_count) in terms.items():
-            column = graph.task_names.index(task_name)
-            loss_sum = loss_sum.at[loader_index, column].add(task_sum)
-            count = count.at[loader_index, column].add(task_count)
-    return state, {"loss_sum": loss_sum, "count": count}
-
-
-def fit_family_step(
-    graph: ModelGraph,
-    family: TaskFamily,
-    state: TrainState,
-    accumulator: dict[str, jax.Array],
-    X_dict: dict[str, jax.Array],
-    labels: jax.Array,
-    mask: jax.Array,
-    member: jax.Array,
-    loader_index: jax.Array,
-    axis_name: Any = None,
-    in_view: bool = False,
-) -> tuple[TrainState, dict[str, jax.Array]]:
-    """``fit_step`` for a batch of one task of ``family`` (``family_train_step``).
-
-    The task's accumulator column is read from the member index, so one program serves
-    every loader of every member with this batch signature.
-    """
-    state, metrics = family_train_step(graph, family, state, X_dict, labels, mask, member,
-                                       axis_name=axis_name, in_view=in_view)
-    task_sum, task_count = metrics["terms"]
-    if axis_name is not None:
-        task_sum, task_count = jax.lax.psum((task_sum, task_count), axis_name)
-    column = jnp.asarray([graph.task_names.index(t) for t in family.tasks], jnp.int32)[member]
-    return state, {"loss_sum": accumulator["loss_sum"].at[loader_index, column].add(task_sum),
-                   "count": accumulator["count"].at[loader_index, column].add(task_count)}
 
 
 class StepPrograms:
@@ -190,6 +162,15 @@ def _state_view(state: TrainState, view: dict[str, str], modules: set[str]) -> T
     return state.replace(params=view_of(state.params, view, modules),
                          opt_state=view_of(state.opt_state, view, modules),
                          model_state=view_variables(state.model_state, view))
+
+
+def _write_view_back(state: TrainState, view_state: TrainState, view: dict[str, str],
+                     modules: set[str]) -> TrainState:
+    """``state`` with the member's updated view written back under the member's names."""
+    return view_state.replace(
+        params=write_back(state.params, view_state.params, view, modules),
+        opt_state=write_back(state.opt_state, view_state.opt_state, view, modules),
+        model_state=write_back_variables(state.model_state, view_state.model_state, view))
 
 
 def _views_fit(state: TrainState, family: TaskFamily, graph: ModelGraph) -> bool:
@@ -245,21 +226,28 @@ class PerStepRunner:
     A loader whose batches carry one task of a ``TaskFamily`` steps through the family's
     program (one for all members); other batches, "mixed" groups and balanced training
     use the general step, one program per task set.
+
+    Args:
+      graph: the task graph.
+      parallel: the device placement.
+      state: a state of the run (read for its structure, balancer and optimizer only).
+      train_loaders: the train loaders, in the accumulator's row order.
+      compiled: the ``StepPrograms`` of an earlier fit of the same model and settings.
     """
 
     #: False forces one program per task set (the reference the family steps must equal).
     share_family_programs = True
 
     def __init__(self, graph: ModelGraph, parallel: DataParallel, state: TrainState,
-                 accumulator: dict[str, jax.Array], train_loaders: Sequence[DictDataLoader],
+                 train_loaders: Sequence[DictDataLoader],
                  compiled: StepPrograms | None = None) -> None:
         self.parallel = parallel
         self.n_accumulator = (len(train_loaders), len(graph.task_names))
         self.compiled = compiled or StepPrograms(graph, parallel)
+        self.scheduler_loaders = list(train_loaders)
         self._loader_index = {id(dl): parallel.per_device(np.int32(i))
                               for i, dl in enumerate(train_loaders)}
         self._task_names = set(graph.task_names)
-        self.loaders = list(train_loaders)
         self._modules = set(state.params)
         self._routes = {
             key: route._replace(program=self.compiled.family(route.family),
@@ -271,13 +259,47 @@ class PerStepRunner:
         # when the previous one is done.
         self._wait_for_previous_step = (parallel.mode != "single"
                                         and parallel.devices[0].platform == "cpu")
-        self.state = parallel.replicate(own_buffers(state))
-        self.accumulator = parallel.replicate(accumulator)
 
-    @property
-    def scheduler_loaders(self) -> list[Any]:
-        """What the batch scheduler iterates: the loaders themselves."""
-        return self.loaders
+    def prepare(self, state: TrainState, accumulator: Accumulator
+                ) -> tuple[TrainState, Accumulator]:
+        """Own copies of the state's buffers, replicated as ``parallel`` says."""
+        return (self.parallel.replicate(own_buffers(state)),
+                self.parallel.replicate(accumulator))
+
+    def batches(self, scheduled: Iterator[tuple[Any, Any]]) -> Iterator[tuple[Any, int]]:
+        """The scheduler's batches on the devices, one batch ahead: ``(item, num_valid)``."""
+        for item in prefetch(scheduled, self._to_devices):
+            yield item, item[1]
+
+    def step(self, state: TrainState, accumulator: Accumulator, item: tuple[Any, int, Any]
+             ) -> tuple[TrainState, Accumulator]:
+        """One step on the item's batches (none for a batch without labelled rows)."""
+        device_batches, _, loader_indices = item
+        if device_batches is None:
+            return state, accumulator
+        if self._wait_for_previous_step:
+            jax.block_until_ready(state.step)
+        if not isinstance(loader_indices[0], _Route):
+            return self.compiled.general(state, accumulator, device_batches, loader_indices)
+        route, loader_index = loader_indices
+        # The step sees only the member's modules; the others are not even passed.
+        view_state, accumulator = route.program(
+            _state_view(state, route.view, self._modules), accumulator, *device_batches,
+            route.member, loader_index)
+        return _write_view_back(state, view_state, route.view, self._modules), accumulator
+
+    def flush(self, state: TrainState, accumulator: Accumulator
+              ) -> tuple[TrainState, Accumulator]:
+        """Nothing is queued: the state and accumulator as they are."""
+        return state, accumulator
+
+    def zero_accumulator(self) -> Accumulator:
+        """A zero loss accumulator, replicated."""
+        return self.parallel.replicate(zero_loss_accumulator(*self.n_accumulator))
+
+    def host(self, tree: Any) -> Any:
+        """One copy of a replicated tree (the first device's under pmap)."""
+        return self.parallel.unreplicate(tree)
 
     def _to_devices(self, item: tuple[Any, Any]) -> tuple[Any, int, Any]:
         batches, dataloaders = item
@@ -309,53 +331,6 @@ class PerStepRunner:
         X, Y, mask = self.parallel.put_batch(X_dict, {"labels": labels}, batch.mask)
         return (X, Y["labels"], mask), batch.num_valid, (
             route, self._loader_index[id(dataloader)])
-
-    def epoch(self, batches: Iterator[tuple[Any, DictDataLoader]]) -> Iterator[tuple[Any, int]]:
-        """Wraps the scheduler's ``(batch, loader)`` pairs: yields ``(item, num_valid)``.
-
-        ``num_valid`` is 0 for a batch without any labelled row (``push`` ignores it).
-        """
-        for device_item in prefetch(batches, self._to_devices):
-            yield device_item, device_item[1]
-
-    def push(self, item: tuple[Any, int, Any]) -> None:
-        """Runs one step on the batch (none for a batch without labelled rows)."""
-        device_batches, _, loader_indices = item
-        if device_batches is None:
-            return
-        if self._wait_for_previous_step:
-            jax.block_until_ready(self.state.step)
-        if isinstance(loader_indices[0], _Route):
-            route, loader_index = loader_indices
-            state, modules = self.state, self._modules
-            # The step sees only the member's modules; the others are not even passed.
-            view_state, self.accumulator = route.program(
-                _state_view(state, route.view, modules), self.accumulator, *device_batches,
-                route.member, loader_index)
-            self.state = view_state.replace(
-                params=write_back(state.params, view_state.params, route.view, modules),
-                opt_state=write_back(state.opt_state, view_state.opt_state, route.view,
-                                     modules),
-                model_state=write_back_variables(state.model_state, view_state.model_state,
-                                                 route.view))
-            return
-        self.state, self.accumulator = self.compiled.general(
-            self.state, self.accumulator, device_batches, loader_indices)
-
-    def flush(self) -> None:
-        """Nothing is buffered."""
-
-    def reset_accumulator(self) -> None:
-        """Zeroes the loss accumulator (after an evaluation read it)."""
-        self.accumulator = self.parallel.replicate(zero_loss_accumulator(*self.n_accumulator))
-
-    def host_state(self) -> TrainState:
-        """The state, one copy (the first device's under pmap)."""
-        return self.parallel.unreplicate(self.state)
-
-    def host_accumulator(self) -> dict[str, jax.Array]:
-        """The loss accumulator, one copy."""
-        return self.parallel.unreplicate(self.accumulator)
 
 
 class IndexBatch(NamedTuple):
@@ -392,83 +367,25 @@ class _IndexLoader:
             yield IndexBatch(self.index, rows, num_valid, self.loader.shape_index(rows))
 
 
-def _mask_labels(labels: jax.Array, mask: jax.Array) -> jax.Array:
-    keep = mask if labels.ndim == 1 else mask[:, None]
-    return jnp.where(keep, labels, jnp.asarray(-1, labels.dtype))
+class FusedPrograms:
+    """The fused runner's compiled scans, by branch layout (a later fit whose loaders
+    group otherwise gets its own), kept by the Trainer across ``fit`` calls."""
 
+    def __init__(self, graph: ModelGraph) -> None:
+        self.graph = graph
+        self.by_layout: dict[tuple[FusedGroup, ...], Any] = {}
 
-class FusedGroup(NamedTuple):
-    """One ``lax.switch`` branch of ``fused_steps``: one loader, or a family's loaders,
-    at one bucket shape.
+    def programs(self) -> int:
+        """How many fused programs have been compiled (one per layout and call shape)."""
+        return sum(program._cache_size() for program in self.by_layout.values())
 
-    Attributes:
-      family: the TaskFamily whose loaders share the branch (their data concatenated
-        along the rows, with the task's labels under "labels"), or None for one loader
-        through the general step.
-      loader: that one loader's index (-1 for a family branch).
-      batch_size: the branch's batch size.
-      part: the index of the branch's data in ``fused_steps``'s ``data``.
-      widths: ``((input key, length), ...)``: the static lengths its variable-length
-        inputs and their masks are cut to (empty for fixed-shape data).
-    """
-
-    family: TaskFamily | None
-    loader: int
-    batch_size: int
-    part: int = 0
-    widths: tuple = ()
-
-
-def fused_steps(graph: ModelGraph, groups: tuple[FusedGroup, ...], state: TrainState,
-                accumulator: dict[str, jax.Array], data: list[dict[str, Any]],
-                group_ids: jax.Array, loader_ids: jax.Array, members: jax.Array,
-                rows: jax.Array, num_valid: jax.Array
-                ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """Runs ``len(group_ids)`` steps in one ``lax.scan`` over device-resident data.
-
-    Each step selects its branch with ``lax.switch``: one per ``FusedGroup``, so the
-    loaders of one task family (same batch signature) share one branch.
-
-    Args:
-      graph: the task graph (static).
-      groups: the branches (static).
-      state, accumulator: as ``fit_step``.
-      data: per data part ``{"X": {...}, "Y": {...}}`` (one loader's whole dataset) or
-        ``{"X": {...}, "labels": [N, ...]}`` (a family's loaders' datasets, concatenated);
-        a group reads ``data[group.part]``, sliced to its bucket widths.
-      group_ids: [K] the branch of each step; ``len(groups)`` for a no-op step.
-      loader_ids, members: [K] each step's loader and member index (family branches).
-      rows: [K, max batch size] row indices into that group's data.
-      num_valid: [K] real rows per step (0 for a no-op step).
-    """
-
-    def branch(index: int, carry: tuple, loader_k: jax.Array, member_k: jax.Array,
-               rows_k: jax.Array, valid_k: jax.Array) -> tuple:
-        group = groups[index]
-        part, widths = data[group.part], dict(group.widths)
-        step_rows = rows_k[: group.batch_size]
-        mask = jnp.arange(group.batch_size) < valid_k
-        X = {k: (v[:, : widths[k]] if k in widths else v)[step_rows]
-             for k, v in part["X"].items()}
-        if group.family is not None:
-            labels = _mask_labels(part["labels"][step_rows], mask)
-            return fit_family_step(graph, group.family, *carry, X, labels, mask, member_k,
-                                   loader_k)
-        Y = {k: _mask_labels(v[step_rows], mask) for k, v in part["Y"].items()}
-        return fit_step(graph, *carry, X, Y, mask, jnp.int32(group.loader))
-
-    def no_op(carry: tuple, *args: jax.Array) -> tuple:
-        return carry
-
-    branches = [functools.partial(branch, i) for i in range(len(groups))] + [no_op]
-
-    def body(carry: tuple, xs: tuple) -> tuple:
-        group_id, *args = xs
-        return jax.lax.switch(group_id, branches, carry, *args), None
-
-    (state, accumulator), _ = jax.lax.scan(
-        body, (state, accumulator), (group_ids, loader_ids, members, rows, num_valid))
-    return state, accumulator
+    def layout(self, groups: tuple[FusedGroup, ...]) -> Any:
+        """The compiled ``fused_steps`` of the branch layout ``groups``."""
+        if groups not in self.by_layout:
+            self.by_layout[groups] = jax.jit(functools.partial(fused_steps, self.graph,
+                                                               groups),
+                                             donate_argnums=(0, 1))
+        return self.by_layout[groups]
 
 
 def _signature(tree: Any) -> Any:
@@ -477,12 +394,19 @@ def _signature(tree: Any) -> Any:
                  for path, a in jax.tree_util.tree_flatten_with_path(tree)[0])
 
 
-class FusedRunner(PerStepRunner):
-    """Up to ``steps_per_call`` steps per device call, over device-resident datasets."""
+class FusedRunner:
+    """Up to ``steps_per_call`` steps per device call, over device-resident datasets.
+
+    Args: as ``PerStepRunner``, plus ``steps_per_call`` (K); ``compiled`` is a
+    ``FusedPrograms``.
+
+    Raises:
+      ValueError: when ``parallel`` spans more than one device.
+    """
 
     def __init__(self, graph: ModelGraph, parallel: DataParallel, state: TrainState,
-                 accumulator: dict[str, jax.Array], train_loaders: Sequence[DictDataLoader],
-                 steps_per_call: int, compiled: Any = None) -> None:
+                 train_loaders: Sequence[DictDataLoader], steps_per_call: int,
+                 compiled: FusedPrograms | None = None) -> None:
         if parallel.mode != "single":
             raise ValueError(
                 f"steps_per_call={steps_per_call} runs on one device; got parallel mode "
@@ -491,62 +415,90 @@ class FusedRunner(PerStepRunner):
             )
         self.parallel = parallel
         self.n_accumulator = (len(train_loaders), len(graph.task_names))
-        self.loaders = list(train_loaders)
         self.steps_per_call = steps_per_call
-        task_names = set(graph.task_names)
         groups, data, self._placement = _fused_groups(graph, state, train_loaders)
         self._data = jax.device_put(data, parallel.devices[0])
         self._n_groups = len(groups)
-        self._batch_sizes = tuple(dl.batch_size for dl in train_loaders)
-        # Programs by branch layout: a later fit whose loaders group otherwise gets its own.
-        self.compiled = {} if compiled is None else compiled
-        if groups not in self.compiled:
-            self.compiled[groups] = jax.jit(functools.partial(fused_steps, graph, groups),
-                                            donate_argnums=(0, 1))
-        self._program = self.compiled[groups]
-        self._proxies = [_IndexLoader(dl, i, task_names) for i, dl in enumerate(train_loaders)]
+        self._width = max(dl.batch_size for dl in train_loaders)
+        self.compiled = compiled or FusedPrograms(graph)
+        self._program = self.compiled.layout(groups)
+        task_names = set(graph.task_names)
+        self.scheduler_loaders = [_IndexLoader(dl, i, task_names)
+                                  for i, dl in enumerate(train_loaders)]
         self._pending: list[IndexBatch] = []
-        self.state = parallel.replicate(own_buffers(state))
-        self.accumulator = parallel.replicate(accumulator)
 
-    @property
-    def scheduler_loaders(self) -> list[_IndexLoader]:
-        """What the batch scheduler iterates instead of the loaders."""
-        return self._proxies
+    def prepare(self, state: TrainState, accumulator: Accumulator
+                ) -> tuple[TrainState, Accumulator]:
+        """Own copies of the state's buffers on the device."""
+        return (self.parallel.replicate(own_buffers(state)),
+                self.parallel.replicate(accumulator))
 
-    def epoch(self, batches: Iterator[tuple[IndexBatch, Any]]) -> Iterator[tuple[Any, int]]:
-        """Wraps the scheduler's ``(IndexBatch, proxy)`` pairs: yields ``(item, num_valid)``."""
-        for item, _ in batches:
+    def batches(self, scheduled: Iterator[tuple[IndexBatch, Any]]
+                ) -> Iterator[tuple[IndexBatch, int]]:
+        """The scheduler's ``IndexBatch``es: ``(item, num_valid)``."""
+        for item, _ in scheduled:
             yield item, item.num_valid
 
-    def push(self, item: IndexBatch) -> None:
+    def step(self, state: TrainState, accumulator: Accumulator, item: IndexBatch
+             ) -> tuple[TrainState, Accumulator]:
         """Queues the step; runs a call when ``steps_per_call`` steps are queued."""
         if item.num_valid == 0:
-            return
+            return state, accumulator
         self._pending.append(item)
-        if len(self._pending) == self.steps_per_call:
-            self.flush()
+        if len(self._pending) < self.steps_per_call:
+            return state, accumulator
+        return self.flush(state, accumulator)
 
-    def flush(self) -> None:
+    def flush(self, state: TrainState, accumulator: Accumulator
+              ) -> tuple[TrainState, Accumulator]:
         """Runs the queued steps (padded with no-op steps to ``steps_per_call``)."""
         if not self._pending:
-            return
-        k, width = self.steps_per_call, max(self._batch_sizes)
-        # Unused slots run the no-op branch (index n_groups): the state passes through.
-        group_ids = np.full(k, self._n_groups, np.int32)
-        loader_ids = np.zeros(k, np.int32)
-        members = np.zeros(k, np.int32)
-        rows = np.zeros((k, width), np.int32)
-        num_valid = np.zeros(k, np.int32)
-        for i, item in enumerate(self._pending):
-            shape_groups, offset, members[i] = self._placement[item.loader]
-            group_ids[i] = shape_groups[item.shape]
-            loader_ids[i], num_valid[i] = item.loader, item.num_valid
-            rows[i, : len(item.rows)] = item.rows + offset
-        self._pending = []
-        self.state, self.accumulator = self._program(
-            self.state, self.accumulator, self._data, group_ids, loader_ids, members, rows,
-            num_valid)
+            return state, accumulator
+        pending, self._pending = self._pending, []
+        return self._program(state, accumulator, self._data,
+                             *_scan_inputs(pending, self._placement, self.steps_per_call,
+                                           self._width, self._n_groups))
+
+    def zero_accumulator(self) -> Accumulator:
+        """A zero loss accumulator on the device."""
+        return self.parallel.replicate(zero_loss_accumulator(*self.n_accumulator))
+
+    def host(self, tree: Any) -> Any:
+        """The tree itself (one device)."""
+        return self.parallel.unreplicate(tree)
+
+
+def _scan_inputs(pending: Sequence[IndexBatch], placement: Sequence[tuple], k: int,
+                 width: int, n_groups: int) -> tuple[np.ndarray, ...]:
+    """``fused_steps``'s per-step inputs for the queued steps, padded to ``k`` steps:
+    (group_ids, loader_ids, members, rows, num_valid)."""
+    # Unused slots run the no-op branch (index n_groups): the state passes through.
+    group_ids = np.full(k, n_groups, np.int32)
+    loader_ids = np.zeros(k, np.int32)
+    members = np.zeros(k, np.int32)
+    rows = np.zeros((k, width), np.int32)
+    num_valid = np.zeros(k, np.int32)
+    for i, item in enumerate(pending):
+        shape_groups, offset, members[i] = placement[item.loader]
+        group_ids[i] = shape_groups[item.shape]
+        loader_ids[i], num_valid[i] = item.loader, item.num_valid
+        rows[i, : len(item.rows)] = item.rows + offset
+    return group_ids, loader_ids, members, rows, num_valid
+
+
+def make_runner(graph: ModelGraph, parallel: DataParallel, state: TrainState,
+                train_loaders: Sequence[DictDataLoader], steps_per_call: int = 1,
+                compiled: Any = None) -> Runner:
+    """The ``FusedRunner`` for ``steps_per_call > 1``, else the ``PerStepRunner``.
+
+    ``compiled`` (an earlier runner's ``compiled``) is reused only when it is of the
+    kind the runner keeps.
+    """
+    if steps_per_call > 1:
+        return FusedRunner(graph, parallel, state, train_loaders, steps_per_call,
+                           compiled if isinstance(compiled, FusedPrograms) else None)
+    return PerStepRunner(graph, parallel, state, train_loaders,
+                         compiled if isinstance(compiled, StepPrograms) else None)
 
 
 def _bucket_widths(dl: DictDataLoader) -> list[tuple]:
