@@ -105,16 +105,41 @@ def test_cgc_task_gate_sees_only_its_own_and_the_shared_experts():
                     + tree["layer_0"]["bias"])
 
     shared = experts(p["shared_experts"])
+    own = experts(p["task_experts"])                 # [B, T * m_t, H], task t's at t * m_t + j
     out = module.apply(variables, X)
     gates = gate_weights(module, variables, X)["gates"]
     for t, task in enumerate(TASKS):
-        pool = np.concatenate([experts(p[f"task_{t}_experts"]), shared], axis=1)  # [B, 3, H]
-        gate = softmax(X @ p[f"task_{t}_gate"]["kernel"] + p[f"task_{t}_gate"]["bias"])
+        pool = np.concatenate([own[:, t:t + 1], shared], axis=1)  # m_t = 1: [B, 1 + 2, H]
+        gate = softmax(X @ p["task_gates"]["kernel"][t] + p["task_gates"]["bias"][t])
         assert gates[task].shape == (6, 3)
         np.testing.assert_allclose(gates[task], gate, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(np.asarray(gates[task]).sum(-1), np.ones(6), atol=1e-6)
         np.testing.assert_allclose(out[task], np.einsum("be,beh->bh", gate, pool),
                                    rtol=1e-5, atol=1e-6)
+
+
+def test_cgc_level_with_per_task_inputs_matches_numpy():
+    # Inside PLE: task t's experts and gate read input t, the shared experts the shared one.
+    module = CGC(TASKS, num_shared_experts=1, num_task_experts=2, expert_features=(4,),
+                 shared_gate=True)
+    inputs = ((X, 2 * X), X - 1)
+    variables = init(module, inputs)
+    p = jax.tree.map(np.asarray, variables["params"])
+    kernel, bias = p["task_experts"]["layer_0"]["kernel"], p["task_experts"]["layer_0"]["bias"]
+    shared = relu((X - 1) @ p["shared_experts"]["layer_0"]["kernel"][0]
+                  + p["shared_experts"]["layer_0"]["bias"][0])
+    outputs, shared_out = module.apply(variables, inputs)
+    every = []
+    for t, (task, x_t) in enumerate(zip(TASKS, inputs[0], strict=True)):
+        own = [relu(x_t @ kernel[2 * t + j] + bias[2 * t + j]) for j in range(2)]
+        every += own
+        gate = softmax(x_t @ p["task_gates"]["kernel"][t] + p["task_gates"]["bias"][t])
+        expected = gate[:, :1] * own[0] + gate[:, 1:2] * own[1] + gate[:, 2:] * shared
+        np.testing.assert_allclose(outputs[task], expected, rtol=1e-5, atol=1e-5)
+    every.append(shared)
+    gate = softmax((X - 1) @ p["shared_gate"]["kernel"] + p["shared_gate"]["bias"])
+    np.testing.assert_allclose(shared_out, sum(gate[:, i:i + 1] * e for i, e in enumerate(every)),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_ple_stacks_cgc_levels_through_the_shared_gate():

@@ -117,9 +117,17 @@ class Experts(nn.Module):
     dropout_rate: float = 0.0
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        """Returns every expert's output, ``[..., num_experts, features[-1]]``."""
-        h, per_member = x, False
+    def __call__(self, x: jax.Array, train: bool = False, per_member: bool = False
+                 ) -> jax.Array:
+        """Returns every expert's output, ``[..., num_experts, features[-1]]``.
+
+        Args:
+          x: ``[..., D]``, read by every expert, or with ``per_member`` ``[..., E, D]``
+            (expert ``i`` reads ``x[..., i, :]``).
+          train: dropout on.
+          per_member: whether ``x`` holds one input per expert.
+        """
+        h = x
         for i, width in enumerate(self.features):
             h = self.activation(StackedDense(self.num_experts, width, name=f"layer_{i}")(
                 h, per_member=per_member))

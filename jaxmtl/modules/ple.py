@@ -14,7 +14,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ._common import Experts, check_features, check_positive, check_rate, check_task_names, mix
+from ._common import (
+    Experts,
+    StackedDense,
+    check_features,
+    check_positive,
+    check_rate,
+    check_task_names,
+    mix,
+)
 
 __all__ = ["CGC", "PLE"]
 
@@ -41,6 +49,9 @@ class CGC(nn.Module):
         cgc = CGC(("a", "b"), num_shared_experts=2, num_task_experts=1, expert_features=(32,))
         ops_a = [Operation("cgc", [("_input_", "x")]), Operation("head_a", [("cgc", "a")])]
 
+    Parameters: ``task_experts`` (every task's experts stacked, expert ``j`` of task ``t``
+    at index ``t * m_t + j`` of each ``[T * m_t, in, out]`` kernel), ``task_gates`` (kernel
+    ``[T, in, m_t + m_s]``), ``shared_experts`` and, with ``shared_gate``, ``shared_gate``.
     Gates are recorded as ``intermediates/gates`` (``{task: [B, m_t + m_s]}``) and, with
     ``shared_gate``, ``intermediates/shared_gates`` (``[B, T * m_t + m_s]``).
 
@@ -82,30 +93,42 @@ class CGC(nn.Module):
           ``{task: [batch, expert_features[-1]]}``; with ``shared_gate``, the pair
           ``(that dict, shared output [batch, expert_features[-1]])``.
         """
+        num_tasks, per_task = len(self.task_names), self.num_task_experts
         if isinstance(x, tuple):
             task_inputs, shared_input = x
-            if len(task_inputs) != len(self.task_names):
+            if len(task_inputs) != num_tasks:
                 raise ValueError(f"CGC: got {len(task_inputs)} task inputs for task_names "
                                  f"{list(self.task_names)}; expected one per task")
+            # Every task's experts run as one stack: expert j of task t reads input t.
+            stacked = jnp.stack(task_inputs, axis=-2)                          # [B, T, D]
+            own = Experts(num_tasks * per_task, self.expert_features, self.activation,
+                          self.dropout_rate, name="task_experts")(
+                jnp.repeat(stacked, per_task, axis=-2), train, per_member=True)
+            gate_logits = StackedDense(num_tasks, per_task + self.num_shared_experts,
+                                       name="task_gates")(stacked, per_member=True)
         else:
-            task_inputs, shared_input = (x,) * len(self.task_names), x
-        make_experts = lambda num, name: Experts(  # noqa: E731
-            num, self.expert_features, self.activation, self.dropout_rate, name=name)
-        shared = make_experts(self.num_shared_experts, "shared_experts")(shared_input, train)
-        own, outputs, gates = [], {}, {}
-        for t, task in enumerate(self.task_names):
-            # Submodule names use the task's position: task names are free-form strings.
-            experts = make_experts(self.num_task_experts, f"task_{t}_experts")(
-                task_inputs[t], train)
-            own.append(experts)
-            gate = nn.softmax(nn.Dense(self.num_task_experts + self.num_shared_experts,
-                                       name=f"task_{t}_gate")(task_inputs[t]), axis=-1)
-            gates[task] = gate
-            outputs[task] = mix(gate, jnp.concatenate([experts, shared], axis=-2))
-        self.sow("intermediates", "gates", gates)
+            shared_input = x
+            own = Experts(num_tasks * per_task, self.expert_features, self.activation,
+                          self.dropout_rate, name="task_experts")(x, train)
+            gate_logits = StackedDense(num_tasks, per_task + self.num_shared_experts,
+                                       name="task_gates")(x)
+        shared = Experts(self.num_shared_experts, self.expert_features, self.activation,
+                         self.dropout_rate, name="shared_experts")(shared_input, train)
+        # [B, T, m_t + m_s, H]: task t's own experts, then the shared ones.
+        own = own.reshape(*own.shape[:-2], num_tasks, per_task, own.shape[-1])
+        pools = jnp.concatenate(
+            [own, jnp.broadcast_to(shared[..., None, :, :], (*own.shape[:-2],
+                                                              *shared.shape[-2:]))], axis=-2)
+        gates = nn.softmax(gate_logits, axis=-1)                               # [B, T, m_t + m_s]
+        self.sow("intermediates", "gates",
+                 {task: gates[..., t, :] for t, task in enumerate(self.task_names)})
+        mixed = jnp.einsum("...te,...teh->...th", gates, pools)
+        outputs = {task: mixed[..., t, :] for t, task in enumerate(self.task_names)}
         if not self.shared_gate:
             return outputs
-        every_expert = jnp.concatenate([*own, shared], axis=-2)
+        every_expert = jnp.concatenate(
+            [own.reshape(*own.shape[:-3], num_tasks * per_task, own.shape[-1]), shared],
+            axis=-2)
         gate = nn.softmax(nn.Dense(every_expert.shape[-2], name="shared_gate")(shared_input),
                           axis=-1)
         self.sow("intermediates", "shared_gates", gate)
