@@ -1,6 +1,8 @@
 """Gradient balancing on two tasks that compete for a one-unit shared body.
 
 Run: python examples/balancers.py [--plot balancers.png]   (needs matplotlib for the plot)
+     python examples/balancers.py --architecture mmoe      (or cgc, ple, cross_stitch,
+                                                           dselect_k, shared, all)
 
 Task "a" reads x0 + 0.5 x1 and carries loss weight 20; task "b" reads x2 - x0 and has a
 tenth of the rows. The shared body has one unit, so the tasks cannot both be solved: each
@@ -9,6 +11,11 @@ only removes conflicting components) keep the heavy task "a"; MGDA's min-norm
 combination of the two task gradients (computed together with ``jax.vmap`` inside the
 jitted step) ignores the loss scale and moves to task "b". Each method trains with the
 "mixed" batch scheduler (one batch of every task per step) and the same seed.
+
+``--architecture`` swaps the body for one of ``jaxmtl.modules`` built from one-unit tanh
+experts or towers (``make_body``): an architecture that gives each task its own mixture of
+units (MMoE, CGC, PLE, CrossStitch, DSelect-k) can serve both tasks, where the one-unit
+hard-shared body (``shared``, the default body written as ``SharedBottom``) cannot.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import numpy as np
 import jaxmtl
 
 METHODS = ("equal", "pcgrad", "mgda")
+ARCHITECTURES = ("shared", "mmoe", "cgc", "ple", "cross_stitch", "dselect_k")
 
 
 def make_loaders(seed: int = 0) -> list[jaxmtl.DictDataLoader]:
@@ -38,23 +46,51 @@ def make_loaders(seed: int = 0) -> list[jaxmtl.DictDataLoader]:
     return loaders
 
 
-def make_tasks() -> list[jaxmtl.Task]:
-    body = nn.Sequential([nn.Dense(1), nn.tanh])
+def make_body(architecture: str) -> nn.Module:
+    """A ``jaxmtl.modules`` architecture for tasks "a" and "b" with one-unit tanh experts."""
+    from jaxmtl import modules
+
+    tasks, unit = ("a", "b"), (1,)
+    bodies = {
+        "shared": lambda: modules.SharedBottom(tasks, unit, nn.tanh),
+        "mmoe": lambda: modules.MMoE(tasks, num_experts=2, expert_features=unit,
+                                     activation=nn.tanh),
+        "cgc": lambda: modules.CGC(tasks, num_shared_experts=1, num_task_experts=1,
+                                   expert_features=unit, activation=nn.tanh),
+        "ple": lambda: modules.PLE(tasks, num_levels=2, num_shared_experts=1,
+                                   num_task_experts=1, expert_features=unit,
+                                   activation=nn.tanh),
+        "cross_stitch": lambda: modules.CrossStitch(tasks, unit, nn.tanh),
+        "dselect_k": lambda: modules.DSelectK(tasks, num_experts=2, k=1, expert_features=unit,
+                                              activation=nn.tanh),
+    }
+    if architecture not in bodies:
+        raise ValueError(f"architecture is {architecture!r}; expected one of {sorted(bodies)}")
+    return bodies[architecture]()
+
+
+def make_tasks(architecture: str | None = None) -> list[jaxmtl.Task]:
+    """The two tasks; ``architecture`` None is the original one-unit ``nn.Sequential`` body."""
+    if architecture is None:
+        body, reads = nn.Sequential([nn.Dense(1), nn.tanh]), {"a": "body", "b": "body"}
+    else:  # the architecture returns {task: representation}; each head reads its own
+        body, reads = make_body(architecture), {"a": ("body", "a"), "b": ("body", "b")}
     return [
         jaxmtl.Task(name, {"body": body, f"head_{name}": nn.Dense(2)},
                     [jaxmtl.Operation("body", [("_input_", "x")]),
-                     jaxmtl.Operation(f"head_{name}", ["body"])],
+                     jaxmtl.Operation(f"head_{name}", [reads[name]])],
                     loss_weight=weight)
         for name, weight in (("a", 20.0), ("b", 1.0))
     ]
 
 
-def compare(methods=METHODS, n_epochs: int = 8) -> dict[str, list[tuple[int, float, float]]]:
+def compare(methods=METHODS, n_epochs: int = 8, architecture: str | None = None,
+            ) -> dict[str, list[tuple[int, float, float]]]:
     """Per method: (points trained, valid accuracy a, valid accuracy b) per evaluation."""
     loaders = make_loaders()
     history: dict[str, list[tuple[int, float, float]]] = {}
     for method in methods:
-        model = jaxmtl.MultitaskClassifier(make_tasks(), seed=0)
+        model = jaxmtl.MultitaskClassifier(make_tasks(architecture), seed=0)
         trainer = jaxmtl.Trainer(n_epochs=1, lr=0.01, seed=0, progress_bar=False,
                                  batch_scheduler="mixed", balancer=method)
         history[method] = []
@@ -86,8 +122,14 @@ def plot(history: dict[str, list[tuple[int, float, float]]], path: str) -> None:
     figure.savefig(path, dpi=100)
 
 
-def main(plot_path: str | None = None) -> dict[str, list[tuple[int, float, float]]]:
-    history = compare()
+def main(plot_path: str | None = None, architecture: str | None = None,
+         ) -> dict[str, list[tuple[int, float, float]]]:
+    if architecture == "all":
+        return {f"{name}/{method}": rows for name in ARCHITECTURES
+                for method, rows in main(None, name).items()}
+    history = compare(architecture=architecture)
+    if architecture is not None:
+        print(f"architecture: {architecture}")
     for method, rows in history.items():
         _, acc_a, acc_b = rows[-1]
         print(f"{method:>7}: valid accuracy a {acc_a:.3f}, b {acc_b:.3f}")
@@ -98,6 +140,11 @@ def main(plot_path: str | None = None) -> dict[str, list[tuple[int, float, float
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--plot", default=None, help="write the accuracy plot here (PNG)")
-    main(parser.parse_args().plot)
+    parser.add_argument("--architecture", default=None, choices=(*ARCHITECTURES, "all"),
+                        help="replace the one-unit body by a jaxmtl.modules architecture "
+                             "(default: the original nn.Sequential body)")
+    arguments = parser.parse_args()
+    main(arguments.plot, arguments.architecture)

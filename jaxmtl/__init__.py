@@ -16,6 +16,7 @@ documented home is ``jaxmtl.core``.
 """
 
 from . import balancers, core, registry
+from ._lazy import lazy_module
 from .analysis import Scorer, metric_score, metrics_dict_to_dataframe
 from .classifier import MultitaskClassifier
 from .compilation_cache import disable_compilation_cache, enable_compilation_cache
@@ -53,6 +54,9 @@ from .training import (
     train_step,
 )
 from .utils import preds_to_probs, probs_to_preds
+
+# Multi-task architectures (MMoE, PLE, ...): imported on first use of ``jaxmtl.modules``.
+modules = lazy_module("jaxmtl.modules")
 
 __version__ = "0.1.0"
 
