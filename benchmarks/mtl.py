@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import resource
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +29,12 @@ from benchmarks.workload import machine_info
 
 DATASETS = ("digits", "yeast", "yeast_partial", "synthetic")
 # Epochs per data set, the same for every method (--epochs overrides them all).
-EPOCHS = {"digits": 10, "yeast": 20, "yeast_partial": 20, "synthetic": 15}
+# Sized for < 20 min on the 2-core machine (see estimate_full_seconds).
+EPOCHS = {"digits": 10, "yeast": 15, "yeast_partial": 15, "synthetic": 12}
 QUICK_EPOCHS, QUICK_SEEDS = 2, 2
 # Train rows of the full and the --quick data (for the run-time estimate).
-TRAIN_ROWS = {"digits": (6000, 1000), "yeast": (1451, 1451), "yeast_partial": (1451, 1451),
-              "synthetic": (4000, 1000)}
+TRAIN_ROWS = {"digits": (4000, 1000), "yeast": (1451, 1451), "yeast_partial": (1451, 1451),
+              "synthetic": (2000, 1000)}
 
 
 def all_methods() -> list[str]:
@@ -58,8 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 2 seeds, 2 epochs, smaller data -> mtl_quick.*")
     parser.add_argument("--hidden", type=int, default=64, help="body width (two Dense layers)")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--python", default=None, help="interpreter of the children")
     parser.add_argument("--out-dir", default=str(REPO_ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
@@ -91,8 +93,9 @@ def child_spec(args: argparse.Namespace, dataset: str, method: str) -> dict[str,
 def estimate_full_seconds(records: list[dict[str, Any]], batch_size: int) -> float | None:
     """Seconds a full run would take here, extrapolated from a --quick run's children.
 
-    Per child: start-up + first-fit compile + per seed (evaluation overhead per epoch and
-    steps at the measured step time) for the full epochs, steps and 5 seeds.
+    Per child: start-up + the first fit's compile + 5 seeds x (the fixed cost of a fit:
+    tracing, initialisation, first evaluation; plus the full epochs x steps at the
+    measured step time). None unless every child ran at least 2 seeds.
     """
     total = 0.0
     for record in records:
@@ -100,15 +103,15 @@ def estimate_full_seconds(records: list[dict[str, Any]], batch_size: int) -> flo
         seeds = result.get("seeds") or []
         if len(seeds) < 2 or not result.get("step_ms"):
             return None
-        quick_rows, full_rows = TRAIN_ROWS[spec["dataset"]][1], TRAIN_ROWS[spec["dataset"]][0]
+        full_rows, quick_rows = TRAIN_ROWS[spec["dataset"]]
         step_s = result["step_ms"] / 1e3
         quick_train = spec["epochs"] * -(-quick_rows // batch_size) * step_s
-        per_epoch_overhead = max(seeds[1]["fit_s"] - quick_train, 0.0) / spec["epochs"]
+        fixed = max(seeds[1]["fit_s"] - quick_train, 0.0)
         compile_s = max(seeds[0]["fit_s"] - seeds[1]["fit_s"], 0.0)
         startup = record["child_wall_s"] - sum(s["fit_s"] for s in seeds)
-        epochs = EPOCHS[spec["dataset"]]
-        full_fit = epochs * (per_epoch_overhead + -(-full_rows // batch_size) * step_s)
-        total += startup + compile_s + 5 * full_fit
+        steps = -(-full_rows // batch_size)
+        full_fit = fixed + EPOCHS[spec["dataset"]] * steps * step_s
+        total += startup + compile_s + 5 * full_fit + steps * step_s  # + the timing epoch
     return total
 
 
@@ -130,8 +133,10 @@ def main(argv: list[str] | None = None) -> None:
                   f"{spec['epochs']} epochs ...", flush=True)
             impl = Implementation(f"{dataset}/{method}", f"{method} on {dataset}",
                                   "benchmarks.mtl_train")
+            cpu_before = _children_cpu_seconds()
             record = run_child(impl, spec, python, timeout_s=3600.0)
             record["spec"] = spec
+            record["child_cpu_s"] = _children_cpu_seconds() - cpu_before
             result = record["result"]
             status = result.get("skipped") or ("ERROR" if "error" in result else "ok")
             print(f"[mtl]   {status}, {record['child_wall_s']:.1f} s", flush=True)
@@ -148,8 +153,15 @@ def main(argv: list[str] | None = None) -> None:
         estimate = estimate_full_seconds(records, args.batch_size)
         run["estimated_full_s"] = estimate
         if estimate is not None:
-            markdown += (f"\nEstimated full run (5 seeds, epochs {EPOCHS}) on this machine at "
-                         f"this load: {estimate / 60:.0f} min.\n")
+            # CPU seconds / wall seconds of the children: the share of the 2 cores this
+            # run got; on a quiet machine the wall time is at most the CPU time.
+            share = (sum(r["child_cpu_s"] for r in records)
+                     / max(sum(r["child_wall_s"] for r in records), 1e-9))
+            run["cpu_share"] = share
+            markdown += (f"\nEstimated full run (5 seeds, epochs {EPOCHS}, batch "
+                         f"{args.batch_size}): {estimate / 60:.0f} min at this run's load "
+                         f"(the children got {share:.2f} CPU-seconds per second); at most "
+                         f"{share * estimate / 60:.0f} min on a quiet machine.\n")
     png_note = mtl_report.plot(summaries, str(out_dir / f"{stem}.png"),
                                f"Δm vs single-task models, {created}")
     if png_note:
@@ -158,6 +170,11 @@ def main(argv: list[str] | None = None) -> None:
     (out_dir / f"{stem}.json").write_text(json.dumps(run, indent=1, default=str))
     print(markdown)
     print(f"[mtl] wrote {out_dir}/{stem}.md, {stem}.json" + ("" if png_note else f", {stem}.png"))
+
+
+def _children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def versions(python: str) -> dict[str, str]:

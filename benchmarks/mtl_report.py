@@ -59,6 +59,11 @@ def selected_test_scores(record: dict[str, Any], single: bool, tasks: list[str]
     return scores, chosen
 
 
+def _ordered(keys: Any, tasks: list[str]) -> list[str]:
+    """Score keys in the data set's task order, then by metric name."""
+    return sorted(keys, key=lambda k: (tasks.index(_split_key(k)[0]), _split_key(k)[2]))
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
     array = np.asarray(values, dtype=np.float64)
     return float(np.mean(array)), float(np.std(array, ddof=1)) if len(array) > 1 else 0.0
@@ -84,7 +89,7 @@ def summarize_dataset(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
             scores, chosen = selected_test_scores(record, method == SINGLE, tasks)
             per_seed.append(scores)
             epochs.append(chosen)
-        keys = sorted(per_seed[0])
+        keys = _ordered(per_seed[0], tasks)
         stats = {key: _mean_std([s[key] for s in per_seed]) for key in keys}
         methods[method] = {"per_seed": per_seed, "best_epochs": epochs,
                            "mean": {k: v[0] for k, v in stats.items()},
@@ -92,7 +97,7 @@ def summarize_dataset(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
                            "step_ms": result.get("step_ms"),
                            "finite_seeds": sum(r["finite"] for r in result["seeds"]),
                            "n_seeds": len(result["seeds"])}
-    keys = sorted(methods[next(iter(methods))]["mean"])
+    keys = _ordered(methods[next(iter(methods))]["mean"], tasks)
     excluded: list[str] = []
     if SINGLE in methods:
         baseline = methods[SINGLE]["mean"]

@@ -45,7 +45,8 @@ def load_dataset(name: str, quick: bool) -> MTLData:
     if name == "digits":
         from benchmarks import data_digits
 
-        return data_digits.load(n_train=1000, n_eval=300) if quick else data_digits.load()
+        return data_digits.load(n_train=1000, n_eval=300) if quick else data_digits.load(
+            n_train=4000, n_eval=1000)
     if name in ("yeast", "yeast_partial"):
         from benchmarks import data_yeast
 
@@ -53,7 +54,8 @@ def load_dataset(name: str, quick: bool) -> MTLData:
     if name == "synthetic":
         from benchmarks import data_synthetic
 
-        return data_synthetic.load(n_train=1000, n_eval=300) if quick else data_synthetic.load()
+        return data_synthetic.load(n_train=1000, n_eval=300) if quick else data_synthetic.load(
+            n_train=2000, n_eval=1000)
     raise ValueError(f"Unknown data set {name!r}; expected one of {list(DATASETS)}")
 
 

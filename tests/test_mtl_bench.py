@@ -126,3 +126,14 @@ def test_child_trains_every_seed_and_reports_finite_scores():
     assert sorted(record["epochs"][0]) == sorted(
         f"t{t}/synthetic/{split}/accuracy" for t in range(1, 5) for split in ("valid", "test"))
     assert all(0.0 <= v <= 1.0 for v in record["epochs"][1].values())
+
+
+def test_full_run_estimate_by_hand():
+    record = {"spec": {"dataset": "yeast", "epochs": 2}, "child_wall_s": 10.0,
+              "result": {"step_ms": 10.0, "seeds": [{"fit_s": 5.0}, {"fit_s": 2.0}]}}
+    # 12 steps of 128 rows; fixed fit cost 2 - 2 x 12 x 0.01 = 1.76 s; compile 3 s; start-up
+    # 10 - 7 = 3 s; full: 3 + 3 + 5 x (1.76 + 15 x 12 x 0.01) + 12 x 0.01 (timing epoch).
+    expected = 3 + 3 + 5 * (1.76 + mtl.EPOCHS["yeast"] * 12 * 0.01) + 0.12
+    assert mtl.estimate_full_seconds([record], 128) == pytest.approx(expected, rel=1e-12)
+    record["result"]["seeds"] = record["result"]["seeds"][:1]
+    assert mtl.estimate_full_seconds([record], 128) is None
