@@ -64,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--python", default=None, help="interpreter of the children")
     parser.add_argument("--out-dir", default=str(REPO_ROOT / "benchmarks" / "results"))
+    parser.add_argument("--render", default=None, metavar="RUN.json",
+                        help="only rewrite the .md and .png of a saved run (no training)")
     args = parser.parse_args(argv)
     args.datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
     unknown = sorted(set(args.datasets) - set(DATASETS))
@@ -120,6 +122,9 @@ def main(argv: list[str] | None = None) -> None:
     import sys
 
     args = parse_args(argv)
+    if args.render:
+        rerender(Path(args.render))
+        return
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     python = args.python or sys.executable
@@ -152,16 +157,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         estimate = estimate_full_seconds(records, args.batch_size)
         run["estimated_full_s"] = estimate
-        if estimate is not None:
-            # CPU seconds / wall seconds of the children: the share of the 2 cores this
-            # run got; on a quiet machine the wall time is at most the CPU time.
-            share = (sum(r["child_cpu_s"] for r in records)
-                     / max(sum(r["child_wall_s"] for r in records), 1e-9))
-            run["cpu_share"] = share
-            markdown += (f"\nEstimated full run (5 seeds, epochs {EPOCHS}, batch "
-                         f"{args.batch_size}): {estimate / 60:.0f} min at this run's load "
-                         f"(the children got {share:.2f} CPU-seconds per second); at most "
-                         f"{share * estimate / 60:.0f} min on a quiet machine.\n")
+        # CPU seconds / wall seconds of the children: the share of the cores this run got;
+        # on a quiet machine the wall time is at most the CPU time.
+        run["cpu_share"] = (sum(r["child_cpu_s"] for r in records)
+                            / max(sum(r["child_wall_s"] for r in records), 1e-9))
+        markdown += estimate_line(run)
     png_note = mtl_report.plot(summaries, str(out_dir / f"{stem}.png"),
                                f"Δm vs single-task models, {created}")
     if png_note:
@@ -170,6 +170,30 @@ def main(argv: list[str] | None = None) -> None:
     (out_dir / f"{stem}.json").write_text(json.dumps(run, indent=1, default=str))
     print(markdown)
     print(f"[mtl] wrote {out_dir}/{stem}.md, {stem}.json" + ("" if png_note else f", {stem}.png"))
+
+
+def estimate_line(run: dict[str, Any]) -> str:
+    """The report's line on a full run's duration (empty unless a --quick run estimated it)."""
+    estimate, share = run.get("estimated_full_s"), run.get("cpu_share")
+    if estimate is None or share is None:
+        return ""
+    return (f"\nEstimated full run (5 seeds, epochs {EPOCHS}, batch {run['args']['batch_size']}): "
+            f"{estimate / 60:.0f} min at this run's load (the children got {share:.2f} "
+            f"CPU-seconds per second); at most {share * estimate / 60:.0f} min on a quiet "
+            f"machine.\n")
+
+
+def rerender(path: Path) -> None:
+    """Rewrites ``<stem>.md`` and ``<stem>.png`` beside a saved ``<stem>.json`` run."""
+    run = json.loads(path.read_text())
+    summaries, markdown = render(run)
+    markdown += estimate_line(run)
+    png_note = mtl_report.plot(summaries, str(path.with_suffix(".png")),
+                               f"Δm vs single-task models, {run['created']}")
+    if png_note:
+        markdown += f"\n({png_note})\n"
+    path.with_suffix(".md").write_text(markdown)
+    print(markdown)
 
 
 def _children_cpu_seconds() -> float:
@@ -239,6 +263,7 @@ def render(run: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], str]:
         if dataset not in by_dataset:
             lines += [f"### {dataset}", "", "Every method failed: "
                       + "; ".join(f"{m}: {e}" for m, e in failed.items()), ""]
+    lines += mtl_report.partial_labels_table(summaries)
     lines += mtl_report.closing_note(summaries)
     return summaries, "\n".join(lines) + "\n"
 

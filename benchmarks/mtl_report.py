@@ -216,6 +216,23 @@ def closing_note(summaries: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
+def partial_labels_table(summaries: dict[str, dict[str, Any]], full: str = "yeast",
+                         partial: str = "yeast_partial") -> list[str]:
+    """Δm with all labels against Δm with hidden labels, and finite seeds, per method."""
+    if full not in summaries or partial not in summaries:
+        return []
+    rows_full, rows_partial = summaries[full]["methods"], summaries[partial]["methods"]
+    lines = [f"## Partially labelled rows: {full} vs {partial}", "",
+             f"| method | Δm % {full} | Δm % {partial} | change | finite seeds ({partial}) |",
+             "|---|---:|---:|---:|---:|"]
+    for method, row in rows_partial.items():
+        before = rows_full.get(method, {}).get("delta_m", math.nan)
+        after = row.get("delta_m", math.nan)
+        lines.append(f"| {method} | {before:.2f} | {after:.2f} | {after - before:+.2f} | "
+                     f"{row['finite_seeds']}/{row['n_seeds']} |")
+    return lines + [""]
+
+
 def plot(summaries: dict[str, dict[str, Any]], path: str, title: str) -> str | None:
     """Δm mean ± std per method, one panel per data set; returns a note if skipped."""
     from benchmarks.report import load_pyplot

@@ -137,3 +137,30 @@ def test_full_run_estimate_by_hand():
     assert mtl.estimate_full_seconds([record], 128) == pytest.approx(expected, rel=1e-12)
     record["result"]["seeds"] = record["result"]["seeds"][:1]
     assert mtl.estimate_full_seconds([record], 128) is None
+
+
+def test_partial_labels_table_shows_the_change_of_delta_m():
+    full = mtl_report.summarize_dataset(RESULTS)
+    hidden = {**RESULTS, "pcgrad": _result([_epoch(.5, .5, .55, .75)], [_epoch(.5, .5, .55, .75)])}
+    partial = mtl_report.summarize_dataset(hidden)
+    lines = mtl_report.partial_labels_table({"yeast": full, "yeast_partial": partial})
+    assert "| pcgrad | 22.50 | 0.00 | -22.50 | 2/2 |" in lines
+    assert "| equal | 5.00 | 5.00 | +0.00 | 2/2 |" in lines
+    assert mtl_report.partial_labels_table({"yeast": full}) == []
+
+
+def test_rerender_rewrites_markdown_of_a_saved_run(tmp_path):
+    import json
+
+    records = [{"spec": {"dataset": "toy", "method": m, "seeds": [0, 1], "epochs": 2},
+                "result": r} for m, r in RESULTS.items()]
+    run = {"created": "then", "machine": {}, "versions": {}, "records": records,
+           "args": {"quick": True, "hidden": 8, "lr": 1e-3, "batch_size": 128},
+           "estimated_full_s": 1200.0, "cpu_share": 0.25}
+    path = tmp_path / "mtl_quick.json"
+    path.write_text(json.dumps(run))
+    mtl.main(["--render", str(path)])
+    markdown = (tmp_path / "mtl_quick.md").read_text()
+    assert "| pcgrad | 0.688 ± 0.039 | 0.900 ± 0.000 | 22.50 ± 3.54 |" in markdown
+    assert "20 min at this run's load (the children got 0.25 CPU-seconds per second); " \
+           "at most 5 min on a quiet machine." in markdown
