@@ -235,7 +235,8 @@ def render(run: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], str]:
              + (f" (uncommitted: {machine['jaxmtl_dirty']})" if machine.get("jaxmtl_dirty")
                 else ""),
              f"- machine: {machine.get('cpu_model')}, {machine.get('usable_cores')} usable "
-             f"cores, load average {machine.get('load_average')}, Python {machine.get('python')}",
+             f"cores, load average {[round(x, 1) for x in machine.get('load_average') or []]}, "
+             f"Python {machine.get('python')}",
              "- versions: " + ", ".join(f"{k} {v}" for k, v in run["versions"].items()),
              f"- protocol: body Dense({args['hidden']})-ReLU-Dense({args['hidden']})-ReLU, one "
              f"Dense head per task, Adam lr {args['lr']}, no clipping, batch "

@@ -228,6 +228,7 @@ def partial_labels_table(summaries: dict[str, dict[str, Any]], full: str = "yeas
     for method, row in rows_partial.items():
         before = rows_full.get(method, {}).get("delta_m", math.nan)
         after = row.get("delta_m", math.nan)
+        before, after = round(before, 2) + 0.0, round(after, 2) + 0.0  # no "-0.00"
         lines.append(f"| {method} | {before:.2f} | {after:.2f} | {after - before:+.2f} | "
                      f"{row['finite_seeds']}/{row['n_seeds']} |")
     return lines + [""]
