@@ -247,7 +247,8 @@ def render(run: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], str]:
              "- Δm: the mean over tasks and metrics of (M - M_single) / M_single in %, per "
              "seed against the single-task models' mean over seeds (the single-task row's "
              "± is their own seed spread); mean rank: over every task x metric by test mean "
-             "(1 = best); ms/step: one extra epoch after seed 0, no evaluation; finite: seeds "
+             "(1 = best); ms/step: one extra epoch after seed 0, no evaluation (single: the T "
+             "single-task models' step together); finite: seeds "
              "whose parameters and train losses stayed finite",
              ""]
     summaries = {}
