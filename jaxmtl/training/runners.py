@@ -56,6 +56,7 @@ from .accumulate import (
     fused_steps,
     zero_loss_accumulator,
 )
+from .compile_ahead import abstract, compile_in_background
 from .step import TrainState
 
 __all__ = ["FusedPrograms", "FusedRunner", "IndexBatch", "PerStepRunner", "Runner",
@@ -233,6 +234,9 @@ class PerStepRunner:
       state: a state of the run (read for its structure, balancer and optimizer only).
       train_loaders: the train loaders, in the accumulator's row order.
       compiled: the ``StepPrograms`` of an earlier fit of the same model and settings.
+      compile_ahead: compile the step of every bucket shape of the loaders in a
+        background thread from ``prepare`` on (for schedules of one loader's batch per
+        step; single device), instead of stalling at each shape's first batch.
     """
 
     #: False forces one program per task set (the reference the family steps must equal).
@@ -240,8 +244,10 @@ class PerStepRunner:
 
     def __init__(self, graph: ModelGraph, parallel: DataParallel, state: TrainState,
                  train_loaders: Sequence[DictDataLoader],
-                 compiled: StepPrograms | None = None) -> None:
+                 compiled: StepPrograms | None = None, compile_ahead: bool = False) -> None:
         self.parallel = parallel
+        # (Programs of an earlier fit are compiled already.)
+        self.compile_ahead = compile_ahead and parallel.mode == "single" and compiled is None
         self.n_accumulator = (len(train_loaders), len(graph.task_names))
         self.compiled = compiled or StepPrograms(graph, parallel)
         self.scheduler_loaders = list(train_loaders)
@@ -263,8 +269,35 @@ class PerStepRunner:
     def prepare(self, state: TrainState, accumulator: Accumulator
                 ) -> tuple[TrainState, Accumulator]:
         """Own copies of the state's buffers, replicated as ``parallel`` says."""
-        return (self.parallel.replicate(own_buffers(state)),
-                self.parallel.replicate(accumulator))
+        state = self.parallel.replicate(own_buffers(state))
+        accumulator = self.parallel.replicate(accumulator)
+        if self.compile_ahead:
+            compile_in_background(self._bucket_jobs(state, accumulator))
+        return state, accumulator
+
+    def _bucket_jobs(self, state: TrainState, accumulator: Accumulator) -> list[tuple]:
+        """``(program, abstract args)`` of each loader's bucket shapes after its first."""
+        jobs = []
+        for dl in self.scheduler_loaders:
+            for shape in range(1, len(dl.bucket_shapes)):  # the first batch compiles one
+                X_dict, Y_dict = batch = dl.example_batch(shape)
+                route = self._routes.get(id(dl))
+                loader_index = self._loader_index[id(dl)]
+                if route is None:
+                    Y_dict = {k: v for k, v in Y_dict.items() if k in self._task_names}
+                    args = (state, accumulator,
+                            (self.parallel.put_batch(X_dict, Y_dict, batch.mask),),
+                            (loader_index,))
+                    jobs.append((self.compiled.general, abstract(args)))
+                    continue
+                if route.input_keys is not None:
+                    X_dict = {key: X_dict[key] for key in route.input_keys if key in X_dict}
+                X, Y, mask = self.parallel.put_batch(X_dict, {"labels": Y_dict[route.task]},
+                                                     batch.mask)
+                args = (_state_view(state, route.view, self._modules), accumulator, X,
+                        Y["labels"], mask, route.member, loader_index)
+                jobs.append((route.program, abstract(args)))
+        return jobs
 
     def batches(self, scheduled: Iterator[tuple[Any, Any]]) -> Iterator[tuple[Any, int]]:
         """The scheduler's batches on the devices, one batch ahead: ``(item, num_valid)``."""
@@ -488,17 +521,19 @@ def _scan_inputs(pending: Sequence[IndexBatch], placement: Sequence[tuple], k: i
 
 def make_runner(graph: ModelGraph, parallel: DataParallel, state: TrainState,
                 train_loaders: Sequence[DictDataLoader], steps_per_call: int = 1,
-                compiled: Any = None) -> Runner:
+                compiled: Any = None, compile_ahead: bool = False) -> Runner:
     """The ``FusedRunner`` for ``steps_per_call > 1``, else the ``PerStepRunner``.
 
     ``compiled`` (an earlier runner's ``compiled``) is reused only when it is of the
-    kind the runner keeps.
+    kind the runner keeps; ``compile_ahead`` as ``PerStepRunner``'s (the fused runner
+    compiles one program).
     """
     if steps_per_call > 1:
         return FusedRunner(graph, parallel, state, train_loaders, steps_per_call,
                            compiled if isinstance(compiled, FusedPrograms) else None)
     return PerStepRunner(graph, parallel, state, train_loaders,
-                         compiled if isinstance(compiled, StepPrograms) else None)
+                         compiled if isinstance(compiled, StepPrograms) else None,
+                         compile_ahead)
 
 
 def _bucket_widths(dl: DictDataLoader) -> list[tuple]:

@@ -330,8 +330,10 @@ class Trainer:
                      ) -> Runner:
         """The runner of ``config.steps_per_call``, with the programs of an earlier fit of
         the same model and settings (kept for the next one)."""
+        # A "mixed" step takes one batch of every loader: its shapes are combinations.
         runner = make_runner(model.graph, self.parallel, state, run.train_loaders,
-                             self.config.steps_per_call, run.compiled.steps)
+                             self.config.steps_per_call, run.compiled.steps,
+                             compile_ahead=self.config.batch_scheduler != "mixed")
         self._compiled = {run.cache_key: run.compiled._replace(steps=runner.compiled)}
         return runner
 

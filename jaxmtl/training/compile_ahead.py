@@ -1,0 +1,67 @@
+"""Compiling the steps of the batch shapes still to come, while the first ones train.
+
+A loader with length buckets (``DictDataLoader.bucket_shapes``) gives one batch shape,
+hence one compiled step, per bucket: known before the first step, but met one by one as
+the epoch goes. Compiled in the order met, every compile stalls the loop; compiled in a
+background thread (XLA releases the GIL while it compiles), they overlap with training
+and with each other. ``jax.jit`` keeps the result in its own cache, so the loop's call
+finds it (or waits for the compile in flight: JAX compiles a program once).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+
+logger = logging.getLogger(__name__)
+
+
+def abstract(tree: Any) -> Any:
+    """``tree`` with every array replaced by its ``jax.ShapeDtypeStruct`` (sharding kept).
+
+    Lowering reads only shapes, dtypes and placement; the specs let a background thread
+    lower a step whose state buffers the loop donates meanwhile.
+    """
+    def spec(leaf: Any) -> Any:
+        if isinstance(leaf, jax.Array):
+            return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding,
+                                        weak_type=leaf.aval.weak_type)
+        return leaf
+    return jax.tree.map(spec, tree)
+
+
+def _compile(program: Any, args: tuple) -> None:
+    try:
+        program.lower(*args).compile()
+    except Exception:  # the loop's own call reports the error, where it belongs
+        logger.debug("compiling a step ahead failed", exc_info=True)
+
+
+def compile_in_background(jobs: Sequence[tuple[Any, tuple]],
+                          max_workers: int | None = None) -> concurrent.futures.Executor | None:
+    """Starts ``program.lower(*args).compile()`` for each ``(program, args)`` of ``jobs``.
+
+    Args:
+      jobs: jitted programs and the (abstract) arguments of the calls to come.
+      max_workers: compile threads; default one fewer than the CPU cores (at least one),
+        leaving a core to the training loop.
+
+    Returns:
+      The executor (already shut down for new work; its threads end with the last
+      compile), or None when there is nothing to compile.
+    """
+    if not jobs:
+        return None
+    workers = max_workers or max(1, (os.cpu_count() or 2) - 1)
+    executor = concurrent.futures.ThreadPoolExecutor(
+        max_workers=min(workers, len(jobs)), thread_name_prefix="jaxmtl-compile-ahead")
+    for program, args in jobs:
+        executor.submit(_compile, program, args)
+    executor.shutdown(wait=False)
+    return executor
+
