@@ -1,5 +1,7 @@
 """Trainer(precision=...): the dtype the training step really computes in, read at trace time."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -26,6 +28,7 @@ class ProbeDense(nn.Module):
         return y
 
 
+@functools.cache  # one run per precision, shared by the tests
 def fit(precision):
     X, Y = linear_data(64, 0)
     task = jaxmtl.Task("t", {"probe": ProbeDense()},
