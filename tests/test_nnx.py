@@ -273,7 +273,8 @@ def quickstart_scores(name):
         sys.path.remove(str(ROOT / "examples"))
 
 
-def test_nnx_quickstart_scores():
+@pytest.mark.slow  # NNX training is checked against Linen twins above; test_examples.py runs the
+def test_nnx_quickstart_scores():  # Linen quickstart by default
     scores = quickstart_scores("quickstart_nnx")
     # The Linen quickstart's thresholds (tests/test_examples.py); measured 0.989 / 0.977.
     assert scores["task_a/synthetic_a/valid/accuracy"] > 0.95
