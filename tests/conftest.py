@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import struct
 
 # The suite never writes JAX's persistent compilation cache (nor reads the user's): each
 # Trainer would otherwise turn it on in ~/.cache. Subprocesses inherit this;
@@ -74,3 +75,29 @@ def count_compiles(fn) -> int:
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
     return len(events)
+
+
+def _masked_crc(data: bytes) -> int:
+    """TFRecord's masked CRC-32C."""
+    from tensorboardX.crc32c import crc32c
+
+    crc = crc32c(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def read_events(path) -> list:
+    """Parses a TFRecord event file: [len u64][crc(len) u32][data][crc(data) u32]...
+
+    Every record's two checksums are checked; returns the tensorboardX ``Event`` protos.
+    """
+    from tensorboardX.proto import event_pb2
+
+    events = []
+    with open(path, "rb") as f:
+        while header := f.read(12):
+            (length,) = struct.unpack("<Q", header[:8])
+            assert struct.unpack("<I", header[8:])[0] == _masked_crc(header[:8]), path
+            data = f.read(length)
+            assert struct.unpack("<I", f.read(4))[0] == _masked_crc(data), path
+            events.append(event_pb2.Event.FromString(data))
+    return events

@@ -517,3 +517,55 @@ def test_shared_only_projection_leaves_heads_summed():
     combined, _, _ = run("pcgrad", [1.0, 1.0], grads, shared=("encoder",))
     np.testing.assert_allclose(combined["encoder"], [0.5, 1.5], atol=1e-6)
     np.testing.assert_allclose(combined["head"], [3.0], atol=1e-6)
+
+
+def test_trainer_applies_pcgrad_as_computed_by_hand():
+    """One Trainer step (SGD, both tasks in one step) = the hand-computed PCGrad update."""
+    from conftest import linear_data, make_task
+
+    import jaxmtl
+
+    X, Y = linear_data(8, 0)
+    # Opposite labels on the same inputs: the tasks' gradients on the shared layer conflict.
+    loaders = [jaxmtl.DictDataLoader(jaxmtl.DictDataset(f"d{t}", "train", {"data": X},
+                                                        {f"task{t}": labels}), batch_size=8)
+               for t, labels in [(1, Y), (2, 1 - Y)]]
+    model = jaxmtl.MultitaskClassifier([make_task("task1"), make_task("task2", ("A", "C"))])
+    model.init({"data": X}, seed=0)
+    before = jax.device_get(model.params)
+    jaxmtl.Trainer(n_epochs=1, lr=0.1, optimizer="sgd",
+                   optimizer_config={"sgd_config": {"momentum": 0.0}}, grad_clip=None,
+                   batch_scheduler="mixed", balancer="pcgrad", seed=0,
+                   progress_bar=False).fit(model, loaders)
+
+    def hand_loss(params, head, labels):  # Dense -> relu -> Dense, mean cross-entropy
+        hidden = jax.nn.relu(X @ params["linear1A"]["kernel"] + params["linear1A"]["bias"])
+        logits = hidden @ params[head]["kernel"] + params[head]["bias"]
+        return -jnp.mean(jax.nn.log_softmax(logits)[np.arange(8), labels])
+
+    g1 = jax.grad(hand_loss)(before, "linear2B", Y)
+    g2 = jax.grad(hand_loss)(before, "linear2C", 1 - Y)
+    flat1, flat2 = (np.concatenate([np.ravel(g["linear1A"][k]) for k in ("kernel", "bias")])
+                    for g in (g1, g2))
+    dot = float(flat1 @ flat2)
+    assert dot < 0  # a conflict, so the projection changes the update
+    # Algorithm 1 with two tasks: each gradient loses its component along the other.
+    pc1 = flat1 - dot / float(flat2 @ flat2) * flat2
+    pc2 = flat2 - dot / float(flat1 @ flat1) * flat1
+    shared = pc1 + pc2
+    n_kernel = before["linear1A"]["kernel"].size
+    expected = {
+        "linear1A": {"kernel": before["linear1A"]["kernel"]
+                     - 0.1 * shared[:n_kernel].reshape(before["linear1A"]["kernel"].shape),
+                     "bias": before["linear1A"]["bias"] - 0.1 * shared[n_kernel:]},
+        # Heads are not shared: each gets its own task's gradient unchanged.
+        "linear2B": jax.tree.map(lambda p, g: p - 0.1 * g, before["linear2B"], g1["linear2B"]),
+        "linear2C": jax.tree.map(lambda p, g: p - 0.1 * g, before["linear2C"], g2["linear2C"]),
+    }
+    for path, want in jax.tree_util.tree_leaves_with_path(expected):
+        got = model.params[path[0].key][path[1].key]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6,
+                                   err_msg=jax.tree_util.keystr(path))
+    # The plain sum would have moved the shared bias elsewhere (the test can tell).
+    plain = before["linear1A"]["bias"] - 0.1 * (g1["linear1A"]["bias"] + g2["linear1A"]["bias"])
+    assert np.max(np.abs(plain - expected["linear1A"]["bias"])) > 1e-3

@@ -206,6 +206,7 @@ class InterruptingLoader(jaxmtl.DictDataLoader):
         return super().batch_at(order, index)
 
 
+@pytest.mark.slow  # test_resume.py (SIGKILL) and test_loader_buckets.py resume exactly by default
 def test_checkpoint_resume_is_bit_identical(tmp_path):
     def run(checkpoint_dir, stop_at=-1, resume=False):
         dls = loaders()
@@ -257,7 +258,8 @@ def one_device():
     return device_run(1, "single")
 
 
-@pytest.mark.parametrize("parallel", ["pmap", "sharded"])
+# sharded = one device is checked by default in test_parallel.py (BatchNorm, MGDA-UB).
+@pytest.mark.parametrize("parallel", ["pmap", pytest.param("sharded", marks=pytest.mark.slow)])
 def test_4_devices_match_one_device(one_device, parallel):
     assert_trees_equal(device_run(4, parallel), one_device, rtol=1e-5, atol=1e-6)
 
@@ -271,7 +273,8 @@ def quickstart_scores(name):
         sys.path.remove(str(ROOT / "examples"))
 
 
-def test_nnx_quickstart_scores():
+@pytest.mark.slow  # NNX training is checked against Linen twins above; test_examples.py runs the
+def test_nnx_quickstart_scores():  # Linen quickstart by default
     scores = quickstart_scores("quickstart_nnx")
     # The Linen quickstart's thresholds (tests/test_examples.py); measured 0.989 / 0.977.
     assert scores["task_a/synthetic_a/valid/accuracy"] > 0.95

@@ -92,10 +92,12 @@ def test_families_need_same_parameter_shapes():
     assert [f.tasks for f in families] == [("a", "b")]
 
 
+# SGD with momentum, L2 and clipping: -m slow (the same optax transformation as Adam's;
+# test_trainer.py checks L2 and clipping against numpy).
 @pytest.mark.parametrize("config", [
     {},
-    {"optimizer": "sgd", "optimizer_config": {"sgd_config": {"momentum": 0.9}}, "l2": 0.01,
-     "grad_clip": 0.5},
+    pytest.param({"optimizer": "sgd", "optimizer_config": {"sgd_config": {"momentum": 0.9}},
+                  "l2": 0.01, "grad_clip": 0.5}, marks=pytest.mark.slow),
 ])
 def test_family_steps_equal_per_task_set_programs(monkeypatch, config):
     # Soft labels, masked rows, loss weights, a structurally different task, two head

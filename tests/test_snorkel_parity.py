@@ -97,6 +97,7 @@ def test_modules_get_the_same_weights_whichever_loader_creates_them():
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow  # test_model.py checks the scalar form's loss terms row by row by default
 def test_scalar_loss_func_trains_like_the_per_example_form():
     loaders = disjoint_loaders()
     params = []

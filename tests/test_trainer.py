@@ -47,6 +47,7 @@ def train_params(loaders, seed, **overrides):
     return model.params
 
 
+@pytest.mark.slow  # test_snorkel_parity.py's one-seed run is bit-identical by default
 def test_same_seed_same_params(two_task_loaders):
     first = train_params(two_task_loaders, seed=5)
     second = train_params(two_task_loaders, seed=5)

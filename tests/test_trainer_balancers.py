@@ -141,6 +141,7 @@ def test_gradient_accumulation_applies_the_mean_every_k_steps():
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow  # test_precision.py checks the traced dtype and fp32 state by default
 def test_bf16_compute_keeps_fp32_params_and_trains(two_task_loaders):
     model, trainer = fit(two_task_loaders, precision="bf16", n_epochs=4, lr=0.05)
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(model.params))

@@ -1,11 +1,10 @@
 """Trainer with its services: evaluation cadence, JSON/TensorBoard logs, LR logging."""
 
 import json
-import struct
 
 import numpy as np
 import pytest
-from conftest import make_task
+from conftest import make_task, read_events
 
 from jaxmtl import MultitaskClassifier, Trainer
 
@@ -60,27 +59,12 @@ def test_evaluation_every_k_batches_and_warmup_lr(two_task_loaders, tmp_path):
                                      0.02 * (38 - 20 - 10) / 18], rtol=1e-5)
 
 
-def read_tfrecords(path):
-    from tensorboardX.proto import event_pb2
-
-    data = path.read_bytes()
-    offset, events = 0, []
-    while offset < len(data):
-        (length,) = struct.unpack("<Q", data[offset:offset + 8])
-        record = data[offset + 12: offset + 12 + length]
-        offset += 12 + length + 4
-        event = event_pb2.Event()
-        event.ParseFromString(record)
-        events.append(event)
-    return events
-
-
 def test_tensorboard_events(two_task_loaders, tmp_path):
     fit_logged(two_task_loaders, tmp_path, n_epochs=1, log_writer="tensorboard")
     files = list((tmp_path / "run").glob("events.out.tfevents.*"))
     assert len(files) == 1
     scalars = {value.tag: (event.step, value.simple_value)
-               for event in read_tfrecords(files[0]) for value in event.summary.value
+               for event in read_events(files[0]) for value in event.summary.value
                if value.HasField("simple_value")}
     assert scalars["model/all/train/lr"] == (1200, pytest.approx(0.02))
     assert {"task1/d1/train/loss", "task2/d2/valid/accuracy", "model/all/train/loss"} <= set(scalars)

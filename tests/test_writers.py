@@ -5,7 +5,6 @@ import json
 import os
 import re
 import socket
-import struct
 import subprocess
 from dataclasses import dataclass
 
@@ -13,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from tensorboardX.crc32c import crc32c
+from conftest import read_events
 from tensorboardX.proto import event_pb2
 
 from jaxmtl.training.config import LogWriterConfig, TrainerConfig
@@ -25,25 +24,6 @@ from jaxmtl.training.writers import (
     TensorBoardWriter,
     make_log_writer,
 )
-
-
-def _masked_crc(data: bytes) -> int:
-    """TFRecord's masked CRC-32C."""
-    crc = crc32c(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def read_events(path: str) -> list[event_pb2.Event]:
-    """Parses a TFRecord event file: [len u64][crc(len) u32][data][crc(data) u32]..."""
-    events = []
-    with open(path, "rb") as f:
-        while header := f.read(12):
-            (length,) = struct.unpack("<Q", header[:8])
-            assert struct.unpack("<I", header[8:])[0] == _masked_crc(header[:8])
-            data = f.read(length)
-            assert struct.unpack("<I", f.read(4))[0] == _masked_crc(data)
-            events.append(event_pb2.Event.FromString(data))
-    return events
 
 
 def _scalars(log_dir: str) -> dict[str, list[tuple[int, float]]]:
