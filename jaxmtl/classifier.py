@@ -31,6 +31,7 @@ from .parallel import DataParallel, choose_parallel
 from .persistence import load_variables, save_params
 from .signatures import family_of, task_families, view_modules, view_variables
 from .task import Operation, Task, is_flax_module
+from .training.guards import InterruptGuard
 from .utils import probs_to_preds
 
 if TYPE_CHECKING:  # pandas is imported only when a DataFrame is asked for
@@ -218,8 +219,9 @@ class MultitaskClassifier:
                     f"init: X_dict has keys {sorted(X_dict)}, which hold the inputs of no "
                     f"task; the tasks read {needed}")
         rng = jax.random.PRNGKey(self.init_seed() if seed is None else seed)
-        self.variables = compiled_init_variables(
-            self.graph, [(_as_device_batch(X_dict), task_names)], rng, self.variables)
+        with InterruptGuard() as guard, guard.critical():  # as in init_from_loaders
+            self.variables = compiled_init_variables(
+                self.graph, [(_as_device_batch(X_dict), task_names)], rng, self.variables)
         self._created |= set(self.graph.modules_for(task_names))
         return self.variables
 
@@ -261,8 +263,11 @@ class MultitaskClassifier:
             # programs: the one program's compile grows with the loaders (64: 17 s, eager
             # 4 s; 2: 1.75 s, eager 1.8 s).
             compiled = batches if len(batches) <= COMPILED_INIT_LOADERS else batches[:1]
-            self.variables = compiled_init_variables(self.graph, compiled, rng,
-                                                     self.variables)
+            # A Ctrl-C waits for the program (seconds): delivered mid-compile, it would
+            # throw the compile away, and a set-up interrupted again never progresses.
+            with InterruptGuard() as guard, guard.critical():
+                self.variables = compiled_init_variables(self.graph, compiled, rng,
+                                                         self.variables)
             for X_dict, tasks in batches[len(compiled):]:
                 self.variables = init_variables(self.graph, X_dict, rng, tasks,
                                                 self.variables)

@@ -23,6 +23,7 @@ functions, so nothing here mutates a module object.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -235,12 +236,20 @@ def compiled_init_variables(
             variables = _with_module_variables(variables, name,
                                                graph.nnx_specs[name].initial_variables())
 
+    program = _init_program(graph, tuple(task_lists))
+    return program([dict(X) for X, _ in batches], rng, variables)
+
+
+@functools.lru_cache(maxsize=8)
+def _init_program(graph: ModelGraph, task_lists: tuple[tuple[str, ...], ...]) -> Callable:
+    """The jitted initialisation of ``compiled_init_variables``, kept per graph and task
+    lists: a set-up cut short (Ctrl-C) and started again compiles nothing new."""
     def init_all(X_dicts: list, rng: jax.Array, variables: PyTree) -> PyTree:
         for X_dict, tasks in zip(X_dicts, task_lists, strict=True):
             variables = init_variables(graph, X_dict, rng, tasks, variables)
         return variables
 
-    return jax.jit(init_all)([dict(X) for X, _ in batches], rng, variables)
+    return jax.jit(init_all)
 
 
 def apply_ops(
