@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 #: Up to this many loaders creating modules, ``init_from_loaders`` compiles one program.
 COMPILED_INIT_LOADERS = 4
 
+
 def _as_device_batch(tree: Mapping[str, Any]) -> dict[str, jax.Array]:
     return {key: jnp.asarray(value) for key, value in tree.items()}
 
@@ -181,9 +182,11 @@ class MultitaskClassifier:
             return int(self.seed)
         return 0 if fallback is None else int(fallback)
 
-    def _missing_modules(self, task_names: Sequence[str]) -> list[str]:
-        """Flax modules the tasks run that have no variables and were never initialised."""
-        known = set(self._created)
+    def _missing_modules(self, task_names: Sequence[str],
+                         planned: set[str] = frozenset()) -> list[str]:
+        """Flax modules the tasks run that have no variables and were never initialised
+        (nor are ``planned`` to be)."""
+        known = set(self._created) | planned
         if self.variables is not None:
             known |= {name for tree in self.variables.values() for name in tree}
         return [name for name in self.graph.modules_for(task_names)
@@ -219,11 +222,20 @@ class MultitaskClassifier:
                     f"init: X_dict has keys {sorted(X_dict)}, which hold the inputs of no "
                     f"task; the tasks read {needed}")
         rng = jax.random.PRNGKey(self.init_seed() if seed is None else seed)
-        with InterruptGuard() as guard, guard.critical():  # as in init_from_loaders
-            self.variables = compiled_init_variables(
-                self.graph, [(_as_device_batch(X_dict), task_names)], rng, self.variables)
+        self._compiled_init([(_as_device_batch(X_dict), task_names)], rng)
         self._created |= set(self.graph.modules_for(task_names))
         return self.variables
+
+    def _compiled_init(self, batches: list[tuple[dict, Sequence[str]]], rng: jax.Array
+                       ) -> None:
+        """``self.variables`` grown by ``compiled_init_variables`` over ``batches``.
+
+        A Ctrl-C waits for the program (seconds): delivered mid-compile it would throw
+        the compile away, and a set-up interrupted again would never progress.
+        """
+        with InterruptGuard() as guard, guard.critical():
+            self.variables = compiled_init_variables(self.graph, batches, rng,
+                                                     self.variables)
 
     def init_from_loaders(self, dataloaders: Sequence[DictDataLoader],
                           seed: int | None = None,
@@ -243,14 +255,11 @@ class MultitaskClassifier:
         Returns:
           The model's variables (None if no loader carries a task).
         """
-        batches, planned = [], set(self._created)
-        if self.variables is not None:
-            planned |= {name for tree in self.variables.values() for name in tree}
+        batches, planned = [], set()
         for dataloader in dataloaders:
             tasks = list(dict.fromkeys(self._labels_to_tasks(
                 list(dataloader.dataset.Y_dict), remap_labels or {}).values()))
-            missing = [name for name in self.graph.modules_for(tasks) if name not in planned
-                       and is_flax_module(self.graph.module_pool[name])] if tasks else []
+            missing = self._missing_modules(tasks, planned) if tasks else []
             if missing:
                 X_dict, _ = dataloader.batch_at(dataloader.order(0), 0)
                 batches.append((_as_device_batch(X_dict), tasks))
@@ -263,11 +272,7 @@ class MultitaskClassifier:
             # programs: the one program's compile grows with the loaders (64: 17 s, eager
             # 4 s; 2: 1.75 s, eager 1.8 s).
             compiled = batches if len(batches) <= COMPILED_INIT_LOADERS else batches[:1]
-            # A Ctrl-C waits for the program (seconds): delivered mid-compile, it would
-            # throw the compile away, and a set-up interrupted again never progresses.
-            with InterruptGuard() as guard, guard.critical():
-                self.variables = compiled_init_variables(self.graph, compiled, rng,
-                                                         self.variables)
+            self._compiled_init(compiled, rng)
             for X_dict, tasks in batches[len(compiled):]:
                 self.variables = init_variables(self.graph, X_dict, rng, tasks,
                                                 self.variables)

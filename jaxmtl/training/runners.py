@@ -280,22 +280,15 @@ class PerStepRunner:
         jobs = []
         for dl in self.scheduler_loaders:
             for shape in range(1, len(dl.bucket_shapes)):  # the first batch compiles one
-                X_dict, Y_dict = batch = dl.example_batch(shape)
+                batch = dl.example_batch(shape)
                 route = self._routes.get(id(dl))
                 loader_index = self._loader_index[id(dl)]
                 if route is None:
-                    Y_dict = {k: v for k, v in Y_dict.items() if k in self._task_names}
-                    args = (state, accumulator,
-                            (self.parallel.put_batch(X_dict, Y_dict, batch.mask),),
-                            (loader_index,))
+                    args = (state, accumulator, (self._put(batch),), (loader_index,))
                     jobs.append((self.compiled.general, abstract(args)))
                     continue
-                if route.input_keys is not None:
-                    X_dict = {key: X_dict[key] for key in route.input_keys if key in X_dict}
-                X, Y, mask = self.parallel.put_batch(X_dict, {"labels": Y_dict[route.task]},
-                                                     batch.mask)
-                args = (_state_view(state, route.view, self._modules), accumulator, X,
-                        Y["labels"], mask, route.member, loader_index)
+                args = (_state_view(state, route.view, self._modules), accumulator,
+                        *self._put_member(batch, route), route.member, loader_index)
                 jobs.append((route.program, abstract(args)))
         return jobs
 
@@ -343,10 +336,9 @@ class PerStepRunner:
             batches, dataloaders = (batches,), (dataloaders,)
         device_batches, num_valid, active = [], 0, False
         for batch in batches:
-            X_dict, Y_dict = batch
-            Y_dict = {k: v for k, v in Y_dict.items() if k in self._task_names}
-            active = active or any(is_active(y[batch.mask]).any() for y in Y_dict.values())
-            device_batches.append(self.parallel.put_batch(X_dict, Y_dict, batch.mask))
+            active = active or any(is_active(y[batch.mask]).any()
+                                   for k, y in batch[1].items() if k in self._task_names)
+            device_batches.append(self._put(batch))
             num_valid += batch.num_valid
         if not active:  # nothing to learn from: no step, as Snorkel skips it
             return None, 0, None
@@ -355,15 +347,25 @@ class PerStepRunner:
 
     def _family_to_devices(self, batch: Any, dataloader: DictDataLoader, route: _Route
                            ) -> tuple[Any, int, Any]:
-        X_dict, Y_dict = batch
-        labels = Y_dict[route.task]
-        if not is_active(labels[batch.mask]).any():
+        if not is_active(batch[1][route.task][batch.mask]).any():
             return None, 0, None
+        return self._put_member(batch, route), batch.num_valid, (
+            route, self._loader_index[id(dataloader)])
+
+    def _put(self, batch: Any) -> tuple:
+        """``(X, Y, mask)`` on the devices, Y cut to the model's tasks (general step)."""
+        X_dict, Y_dict = batch
+        return self.parallel.put_batch(
+            X_dict, {k: v for k, v in Y_dict.items() if k in self._task_names}, batch.mask)
+
+    def _put_member(self, batch: Any, route: _Route) -> tuple:
+        """``(X, labels, mask)`` on the devices for a family step."""
+        X_dict, Y_dict = batch
         if route.input_keys is not None:  # every member's batch has the same X keys
             X_dict = {key: X_dict[key] for key in route.input_keys if key in X_dict}
-        X, Y, mask = self.parallel.put_batch(X_dict, {"labels": labels}, batch.mask)
-        return (X, Y["labels"], mask), batch.num_valid, (
-            route, self._loader_index[id(dataloader)])
+        X, Y, mask = self.parallel.put_batch(X_dict, {"labels": Y_dict[route.task]},
+                                             batch.mask)
+        return X, Y["labels"], mask
 
 
 class IndexBatch(NamedTuple):
