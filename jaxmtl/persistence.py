@@ -231,7 +231,7 @@ def read_checkpoint(directory: str) -> SavedVariables:
     import orbax.checkpoint as ocp
 
     # Imported here: training/ imports the classifier, which imports this module.
-    from .training.checkpoint import open_manager
+    from .training.orbax_io import open_manager
 
     manager_dir, step = _resolve_checkpoint(directory)
     handlers = {MODEL_ITEM: ocp.StandardCheckpointHandler(),

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
 import struct
+import tempfile
 
-# The suite never writes JAX's persistent compilation cache (nor reads the user's): each
-# Trainer would otherwise turn it on in ~/.cache. Subprocesses inherit this;
-# test_compilation_cache.py turns it on in a temporary directory where it tests it.
+# jaxmtl's own cache switch stays off (each Trainer would otherwise turn JAX's persistent
+# compilation cache on in ~/.cache); test_compilation_cache.py turns it on in a temporary
+# directory where it tests it.
 os.environ["JAXMTL_COMPILATION_CACHE"] = "0"
 
 import flax.linen as nn
@@ -22,6 +24,32 @@ import jaxmtl
 # random draw) and have no per-example deadline (compiles make timings noisy).
 settings.register_profile("jaxmtl", derandomize=True, deadline=None)
 settings.load_profile("jaxmtl")
+
+
+# XLA compiles are most of the suite's time, and many tests build the same programs (the
+# same small model and step). The run shares one persistent cache in a fresh directory,
+# never the user's: the xdist controller (or the single process) makes it, the workers and
+# subprocess tests inherit it through the environment, and it is removed at the end. A
+# program loaded from it is the program a compile would give (JAX keys it by the HLO, the
+# compile options and the devices); `count_compiles` counts loads too.
+_SHARED_CACHE_VAR = "JAXMTL_TEST_XLA_CACHE"
+_owned_cache_dir: str | None = None
+
+
+def pytest_configure(config):
+    global _owned_cache_dir
+    if _SHARED_CACHE_VAR not in os.environ:
+        _owned_cache_dir = tempfile.mkdtemp(prefix="jaxmtl-test-xla-")
+        os.environ[_SHARED_CACHE_VAR] = _owned_cache_dir
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ[_SHARED_CACHE_VAR]
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    jax.config.update("jax_compilation_cache_dir", os.environ[_SHARED_CACHE_VAR])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+def pytest_unconfigure(config):
+    if _owned_cache_dir is not None:
+        shutil.rmtree(_owned_cache_dir, ignore_errors=True)
 
 
 def make_task(name: str, suffixes: tuple[str, str] = ("A", "B"), n_classes: int = 2,

@@ -18,10 +18,10 @@ from jaxmtl.training.checkpoint import (
     Checkpointer,
     agree_run_name,
     resolve_checkpoint_dir,
-    restore_checkpoint,
 )
 from jaxmtl.training.config import CheckpointerConfig, TrainerConfig
 from jaxmtl.training.locks import DirectoryLockedError
+from jaxmtl.training.orbax_io import restore_checkpoint
 from jaxmtl.training.resume import save_optimizer_state
 from jaxmtl.training.state import make_optimizer
 

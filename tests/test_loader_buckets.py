@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import jaxmtl
-from jaxmtl.loader import auto_boundaries, optimal_boundaries
+from jaxmtl.buckets import auto_boundaries, optimal_boundaries
 
 VOCAB = 20
 

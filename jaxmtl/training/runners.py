@@ -221,6 +221,15 @@ def family_routes(graph: ModelGraph, state: TrainState,
     return routes
 
 
+def _signature(args: Any) -> tuple:
+    """What a jitted program is compiled for: the tree structure and each leaf's spec
+    (a Python scalar counts by its type: jit traces it as a weak-typed array)."""
+    leaves, treedef = jax.tree.flatten(args)
+    return treedef, tuple(
+        (leaf.shape, str(leaf.dtype), getattr(leaf, "weak_type", False))
+        if hasattr(leaf, "shape") else type(leaf) for leaf in leaves)
+
+
 class PerStepRunner:
     """One device call per batch (jit, pmap or sharded jit, as ``parallel`` says).
 
@@ -276,20 +285,31 @@ class PerStepRunner:
         return state, accumulator
 
     def _bucket_jobs(self, state: TrainState, accumulator: Accumulator) -> list[tuple]:
-        """``(program, abstract args)`` of each loader's bucket shapes after its first."""
-        jobs = []
+        """``(program, abstract args)`` of every program the loaders' batch shapes need.
+
+        All of them, the first batch's included: the loop's first call waits for the
+        compile in flight instead of starting its own, and the programs of the other
+        loaders and shapes compile meanwhile. Loaders that share a program (a task
+        family) give one job.
+        """
+        jobs, seen = [], set()
         for dl in self.scheduler_loaders:
-            for shape in range(1, len(dl.bucket_shapes)):  # the first batch compiles one
+            for shape in range(len(dl.bucket_shapes)):
                 batch = dl.example_batch(shape)
                 route = self._routes.get(id(dl))
                 loader_index = self._loader_index[id(dl)]
                 if route is None:
-                    args = (state, accumulator, (self._put(batch),), (loader_index,))
-                    jobs.append((self.compiled.general, abstract(args)))
-                    continue
-                args = (_state_view(state, route.view, self._modules), accumulator,
-                        *self._put_member(batch, route), route.member, loader_index)
-                jobs.append((route.program, abstract(args)))
+                    program = self.compiled.general
+                    args = abstract((state, accumulator, (self._put(batch),), (loader_index,)))
+                else:
+                    program = route.program
+                    args = abstract((_state_view(state, route.view, self._modules), accumulator,
+                                     *self._put_member(batch, route), route.member,
+                                     loader_index))
+                key = (id(program), _signature(args))
+                if key not in seen:
+                    seen.add(key)
+                    jobs.append((program, args))
         return jobs
 
     def batches(self, scheduled: Iterator[tuple[Any, Any]]) -> Iterator[tuple[Any, int]]:

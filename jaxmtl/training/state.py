@@ -63,7 +63,8 @@ class TrainState(struct.PyTreeNode):
             step=jnp.zeros((), jnp.int32),
             params=params,
             model_state=model_state,
-            opt_state=_unaliased(tx.init(params)),
+            # One compiled program instead of one eager op (and its compile) per leaf shape.
+            opt_state=_unaliased(jax.jit(tx.init)(params)),
             rng=rng,
             balancer_state=_unaliased(balancer_state),
             tx=tx,

@@ -1,0 +1,113 @@
+"""Length buckets: the few padded lengths a variable-length input is cut to.
+
+A batch of a variable-length input is padded to the smallest bucket length that holds its
+longest row; the bucket lengths are fixed when the loader is built (one compiled step
+each), chosen here to minimise the expected padded length of the batches the loader will
+make, or given by the user.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+DEFAULT_LENGTH_BUCKETS = 8
+# Above this many distinct lengths, bucket boundaries are chosen on a coarser grid.
+_MAX_CANDIDATES = 512
+
+
+def optimal_boundaries(candidates: np.ndarray, weights: np.ndarray, n_buckets: int
+                       ) -> tuple[int, ...]:
+    """At most ``n_buckets`` bucket lengths minimising the expected padded length.
+
+    Each length ``candidates[j]`` (ascending) occurs with weight ``weights[j]`` and is
+    padded to the smallest chosen boundary >= it; the boundaries minimise
+    ``sum_j weights[j] * boundary(candidates[j])``. The largest candidate is always a
+    boundary. Exact dynamic programme, O(n_buckets * len(candidates)^2).
+
+    Args:
+      candidates: [M] ascending distinct lengths >= 1.
+      weights: [M] non-negative weights.
+      n_buckets: the most boundaries to return (>= 1).
+
+    Returns:
+      The boundaries, ascending.
+    """
+    c = np.asarray(candidates, np.float64)
+    m = len(c)
+    if n_buckets >= m:
+        return tuple(int(v) for v in candidates)
+    cumulative = np.cumsum(np.asarray(weights, np.float64))  # weight of c_0 .. c_j
+    best = c * cumulative  # one bucket: everything up to c_j padded to c_j
+    earlier = np.tril(np.ones((m, m), bool), -1)  # [j, i]: i < j
+    previous = []
+    for _ in range(n_buckets - 1):
+        # Last bucket (c_i, c_j] padded to c_j, the rows up to c_i covered as best[i].
+        total = best[None, :] + c[:, None] * (cumulative[:, None] - cumulative[None, :])
+        total = np.where(earlier, total, np.inf)
+        split = np.argmin(total, axis=1)
+        cost = total[np.arange(m), split]
+        better = cost < best
+        previous.append(np.where(better, split, -1))
+        best = np.where(better, cost, best)
+    chosen, j = [m - 1], m - 1
+    for split in reversed(previous):
+        if split[j] >= 0:
+            j = int(split[j])
+            chosen.append(j)
+    return tuple(int(candidates[j]) for j in sorted(chosen))
+
+
+def _candidate_lengths(lengths: np.ndarray) -> np.ndarray:
+    """Distinct lengths (>= 1), on a coarser grid when there are very many."""
+    lengths = np.maximum(lengths, 1)
+    top = int(lengths.max())
+    step = -(-top // _MAX_CANDIDATES)
+    return np.unique(np.minimum(-(-lengths // step) * step, top))
+
+
+def auto_boundaries(lengths: np.ndarray, n_buckets: int, batch_size: int,
+                    shuffle: bool, bucket_by_length: bool) -> tuple[int, ...]:
+    """Bucket lengths of one variable-length input chosen to minimise expected padding.
+
+    The padded length of a batch is the bucket of its longest row, so what is minimised
+    is the expected bucket of that maximum over the batches the loader will make: with
+    ``bucket_by_length`` rows of one bucket share batches, so each row's own length
+    counts; in dataset order (``shuffle=False``) the maxima of the actual batches; with a
+    shuffle, the maximum of ``batch_size`` random rows (CDF ``F(l) ** batch_size``).
+
+    Args:
+      lengths: [N] row lengths.
+      n_buckets: the most bucket lengths to return.
+      batch_size, shuffle, bucket_by_length: the loader's settings.
+
+    Returns:
+      Ascending bucket lengths; the last is the longest row (at least 1).
+    """
+    lengths = np.maximum(np.asarray(lengths), 1)
+    candidates = _candidate_lengths(lengths)
+    slot = np.searchsorted(candidates, lengths)  # the candidate each row rounds up to
+    if bucket_by_length:
+        weights = np.bincount(slot, minlength=len(candidates)).astype(np.float64)
+    elif not shuffle:
+        maxima = [slot[i : i + batch_size].max() for i in range(0, len(slot), batch_size)]
+        weights = np.bincount(maxima, minlength=len(candidates)).astype(np.float64)
+    else:
+        cdf = np.cumsum(np.bincount(slot, minlength=len(candidates))) / len(slot)
+        weights = np.diff(cdf ** min(batch_size, len(slot)), prepend=0.0)
+    return optimal_boundaries(candidates, weights, n_buckets)
+
+
+def explicit_boundaries(key: str, value: Any, longest: int) -> tuple[int, ...]:
+    """User bucket lengths of input ``key``: sorted, capped at and ending with ``longest``."""
+    try:
+        values = [int(v) for v in value]
+        ok = all(float(v) == int(v) >= 1 for v in value) and bool(values)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"DictDataLoader: length_buckets for '{key}' must be a non-empty list of ints "
+            f">= 1 (bucket lengths), got {value!r}")
+    return tuple(sorted({min(v, longest) for v in values} | {longest}))
