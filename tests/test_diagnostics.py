@@ -1,6 +1,9 @@
 """Interference diagnostics (``TrainerConfig(log_task_gradients=True)``) in the Trainer."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -230,3 +233,20 @@ def test_log_task_gradients_must_be_a_bool():
     with pytest.raises(ValueError, match="TrainerConfig.log_task_gradients must be a bool, "
                                          "got 'yes'"):
         TrainerConfig(log_task_gradients="yes")
+
+
+@pytest.mark.parametrize("balancer", ["equal", "pcgrad"])
+def test_pmap_gives_the_single_device_diagnostics(tmp_path, balancer):
+    # 15 rows on 2 devices: one padded row; per-task gradients are summed across the
+    # devices before the norms and cosines, as the balancers do.
+    script = Path(__file__).with_name("diagnostics_multidevice_run.py")
+    out = tmp_path / "out.json"
+    run = subprocess.run([sys.executable, str(script), balancer, str(out)],
+                         cwd=script.parent, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    metrics = json.loads(out.read_text())
+    assert len(metrics["single"]) == 10
+    assert metrics["pmap"].keys() == metrics["single"].keys()
+    for key, value in metrics["single"].items():
+        np.testing.assert_allclose(metrics["pmap"][key], value, rtol=1e-5, atol=1e-7,
+                                   err_msg=key)
