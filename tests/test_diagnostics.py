@@ -250,3 +250,20 @@ def test_pmap_gives_the_single_device_diagnostics(tmp_path, balancer):
     for key, value in metrics["single"].items():
         np.testing.assert_allclose(metrics["pmap"][key], value, rtol=1e-5, atol=1e-7,
                                    err_msg=key)
+
+
+def test_balancers_example_writes_diagnostics_to_tensorboard(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    import balancers
+    from conftest import read_events
+
+    last = balancers.diagnose(str(tmp_path), methods=("equal", "pcgrad"), n_epochs=1)
+    for method in ("equal", "pcgrad"):
+        (events,) = (tmp_path / method).glob("events.out.tfevents.*")
+        tags = {value.tag for event in read_events(events) for value in event.summary.value}
+        expected = {"diagnostics/grad_norm/a", "diagnostics/grad_norm/b",
+                    "diagnostics/weight/a", "diagnostics/weight/b",
+                    "diagnostics/cosine/a/b", "diagnostics/conflict_fraction"}
+        assert expected <= tags, tags
+    # PCGrad keeps both tasks on the one-unit body: they conflict in most steps.
+    assert last["pcgrad"]["diagnostics/conflict_fraction"] > 0.5, last["pcgrad"]
