@@ -15,6 +15,7 @@ from conftest import linear_data, make_task
 
 import jaxmtl
 from jaxmtl import MultitaskClassifier, Trainer, TrainerConfig
+from jaxmtl.training.balancers import BALANCER_NAMES
 from jaxmtl.training.diagnostics import accumulate_diagnostics, zero_diagnostics
 
 TASKS = ("task1", "task2", "task3")
@@ -163,6 +164,21 @@ def test_off_logs_nothing_and_on_trains_bit_identically(balancer):
                     strict=True):
         np.testing.assert_array_equal(a, b)
     assert off.compiled_programs() == on.compiled_programs() == 1
+
+
+# Every method, by its gradient path: MGDA-UB (representation gradients: the diagnostics
+# compute the per-task ones) by default, the others with -m slow (the default run covers
+# the plain step and pcgrad above, uncertainty below).
+@pytest.mark.parametrize("name, balancer_config", [
+    pytest.param(name, {}, marks=pytest.mark.slow) for name in BALANCER_NAMES if name != "equal"
+] + [("mgda", {"upper_bound": True})])
+def test_every_balancer_logs_finite_diagnostics(name, balancer_config):
+    trainer = fit(three_task_model(), one_batch_loaders(), n_epochs=2, balancer=name,
+                  balancer_config=balancer_config, log_task_gradients=True)
+    diagnostics = {k: v for k, v in trainer.metrics.items() if k.startswith("diagnostics/")}
+    assert len(diagnostics) == 10
+    assert all(np.isfinite(v) for v in diagnostics.values()), diagnostics
+    assert all(trainer.metrics[f"diagnostics/weight/{t}"] > 0 for t in TASKS)
 
 
 def test_one_task_per_step_logs_norms_and_weights_only():

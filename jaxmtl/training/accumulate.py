@@ -5,7 +5,8 @@
     state, accumulator = step(state, accumulator, X, Y, mask, loader_index)
 
 The accumulator holds [n_loaders, n_tasks] loss sums and active counts, so logging needs
-no per-step host sync. ``fit_step`` (one batch), ``fit_group_step`` (one batch per loader,
+no per-step host sync; with ``zero_loss_accumulator(..., diagnostics=True)`` also the
+interference diagnostics' sums (``diagnostics.py``), which the general step then fills. ``fit_step`` (one batch), ``fit_group_step`` (one batch per loader,
 the "mixed" schedule) and ``fit_family_step`` (one task of a ``TaskFamily``) wrap the
 steps of ``step.py``; ``fused_steps`` runs K of them in one ``lax.scan`` over
 device-resident data.
