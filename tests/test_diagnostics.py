@@ -1,5 +1,6 @@
 """Interference diagnostics (``TrainerConfig(log_task_gradients=True)``) in the Trainer."""
 
+import functools
 import json
 import subprocess
 import sys
@@ -15,8 +16,10 @@ from conftest import linear_data, make_task
 
 import jaxmtl
 from jaxmtl import MultitaskClassifier, Trainer, TrainerConfig
-from jaxmtl.training.balancers import BALANCER_NAMES
+from jaxmtl.training.accumulate import accumulate_terms, fit_group_step, zero_loss_accumulator
+from jaxmtl.training.balancers import BALANCER_NAMES, balancer_for_tasks
 from jaxmtl.training.diagnostics import accumulate_diagnostics, zero_diagnostics
+from jaxmtl.training.step import train_step_on
 
 TASKS = ("task1", "task2", "task3")
 SUFFIXES = {"task1": ("A", "B"), "task2": ("A", "C"), "task3": ("A", "D")}
@@ -179,6 +182,37 @@ def test_every_balancer_logs_finite_diagnostics(name, balancer_config):
     assert len(diagnostics) == 10
     assert all(np.isfinite(v) for v in diagnostics.values()), diagnostics
     assert all(trainer.metrics[f"diagnostics/weight/{t}"] > 0 for t in TASKS)
+
+
+@pytest.mark.parametrize("balancer", [None, "pcgrad"])
+def test_off_step_lowers_to_the_plain_step_program(balancer):
+    # Off, fit_group_step is train_step_on plus the loss accumulation, op for op: the
+    # lowered programs are the same text (no diagnostics op is traced).
+    graph = jaxmtl.build_graph([make_task(t, SUFFIXES[t]) for t in TASKS])
+    loaders = one_batch_loaders(n=8)
+    batches = tuple((dl.dataset.X_dict, dl.dataset.Y_dict, np.ones(8, bool)) for dl in loaders)
+    batches = jax.tree.map(jnp.asarray, batches)
+    variables = jaxmtl.init_variables(graph, batches[0][0], jax.random.PRNGKey(0))
+    task_modules = {n: {op.module_name for op in ops} for n, ops in graph.op_sequences.items()}
+    state = jaxmtl.TrainState.create(
+        variables, jaxmtl.make_optimizer(TrainerConfig(), 0.01), jax.random.PRNGKey(0),
+        balancer=balancer and balancer_for_tasks(balancer, {}, task_modules))
+    indices = tuple(jnp.int32(i) for i in range(3))
+
+    def reference(state, accumulator, batches, indices):
+        state, metrics = train_step_on(graph, state, batches, skip_inactive=False)
+        for terms, index in zip(metrics["batch_terms"], indices, strict=True):
+            accumulator = accumulate_terms(graph, accumulator, terms, index)
+        return state, accumulator
+
+    reference.__name__ = "fit_group_step"  # the program's name is in its text
+    accumulator = zero_loss_accumulator(3, 3)
+    off = jax.jit(functools.partial(fit_group_step, graph)).lower(
+        state, accumulator, batches, indices).as_text()
+    assert off == jax.jit(reference).lower(state, accumulator, batches, indices).as_text()
+    on = jax.jit(functools.partial(fit_group_step, graph)).lower(
+        state, zero_loss_accumulator(3, 3, diagnostics=True), batches, indices).as_text()
+    assert on != off
 
 
 def test_one_task_per_step_logs_norms_and_weights_only():
