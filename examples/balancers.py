@@ -3,6 +3,8 @@
 Run: python examples/balancers.py [--plot balancers.png]   (needs matplotlib for the plot)
      python examples/balancers.py --architecture mmoe      (or cgc, ple, cross_stitch,
                                                            dselect_k, shared, all)
+     python examples/balancers.py --diagnostics logs/balancers
+                                   (then: tensorboard --logdir logs/balancers)
 
 Task "a" reads x0 + 0.5 x1 and carries loss weight 20; task "b" reads x2 - x0 and has a
 tenth of the rows. The shared body has one unit, so the tasks cannot both be solved: each
@@ -16,6 +18,15 @@ jitted step) ignores the loss scale and moves to task "b". Each method trains wi
 experts or towers (``make_body``): an architecture that gives each task its own mixture of
 units (MMoE, CGC, PLE, CrossStitch, DSelect-k) can serve both tasks, where the one-unit
 hard-shared body (``shared``, the default body written as ``SharedBottom``) cannot.
+
+``--diagnostics LOG_DIR`` trains each method once with the interference diagnostics on
+(``TrainerConfig(log_task_gradients=True)``) and writes TensorBoard logs, one run per
+method under ``LOG_DIR/<method>``: every 8 steps the tasks' gradient norms and cosine on
+the shared body, each method's task weights and the fraction of conflicting steps
+(``diagnostics/...``), beside the train losses and valid accuracies. The curves show how
+each method settles the conflict: in the last 8 steps of 4 epochs, every PCGrad step has
+a conflicting pair (cosine -0.53), while equal weighting, having given up task "b",
+conflicts in 12 % of them (cosine +0.13).
 """
 
 from __future__ import annotations
@@ -102,6 +113,23 @@ def compare(methods=METHODS, n_epochs: int = 8, architecture: str | None = None,
     return history
 
 
+def diagnose(log_dir: str, methods=METHODS, n_epochs: int = 4) -> dict[str, dict]:
+    """Trains each method with the diagnostics on, logging to TensorBoard under
+    ``log_dir/<method>``; returns each method's last logged metrics."""
+    loaders = make_loaders()
+    metrics = {}
+    for method in methods:
+        model = jaxmtl.MultitaskClassifier(make_tasks(), seed=0)
+        trainer = jaxmtl.Trainer(
+            n_epochs=n_epochs, lr=0.01, seed=0, progress_bar=False, batch_scheduler="mixed",
+            balancer=method, log_task_gradients=True, logging=True,
+            log_writer="tensorboard", log_writer_config={"log_dir": log_dir, "run_name": method},
+            log_manager_config={"counter_unit": "batches", "evaluation_freq": 8})
+        trainer.fit(model, loaders)
+        metrics[method] = trainer.metrics
+    return metrics
+
+
 def plot(history: dict[str, list[tuple[int, float, float]]], path: str) -> None:
     import matplotlib
 
@@ -123,7 +151,17 @@ def plot(history: dict[str, list[tuple[int, float, float]]], path: str) -> None:
 
 
 def main(plot_path: str | None = None, architecture: str | None = None,
-         ) -> dict[str, list[tuple[int, float, float]]]:
+         diagnostics: str | None = None) -> dict[str, list[tuple[int, float, float]]]:
+    if diagnostics is not None:
+        last = diagnose(diagnostics)
+        for method, metrics in last.items():
+            print(f"{method:>7}: grad norm a {metrics['diagnostics/grad_norm/a']:.3f}, "
+                  f"b {metrics['diagnostics/grad_norm/b']:.3f}; cosine "
+                  f"{metrics['diagnostics/cosine/a/b']:+.3f}; weights "
+                  f"{metrics['diagnostics/weight/a']:.3f}, {metrics['diagnostics/weight/b']:.3f}"
+                  f"; conflicting steps {metrics['diagnostics/conflict_fraction']:.2f}")
+        print(f"TensorBoard logs: tensorboard --logdir {diagnostics}")
+        return last
     if architecture == "all":
         return {f"{name}/{method}": rows for name in ARCHITECTURES
                 for method, rows in main(None, name).items()}
@@ -146,5 +184,8 @@ if __name__ == "__main__":
     parser.add_argument("--architecture", default=None, choices=(*ARCHITECTURES, "all"),
                         help="replace the one-unit body by a jaxmtl.modules architecture "
                              "(default: the original nn.Sequential body)")
+    parser.add_argument("--diagnostics", default=None, metavar="LOG_DIR",
+                        help="train each method with the interference diagnostics on and "
+                             "write TensorBoard logs under LOG_DIR/<method>")
     arguments = parser.parse_args()
-    main(arguments.plot, arguments.architecture)
+    main(arguments.plot, arguments.architecture, arguments.diagnostics)

@@ -5,7 +5,8 @@
     state, accumulator = step(state, accumulator, X, Y, mask, loader_index)
 
 The accumulator holds [n_loaders, n_tasks] loss sums and active counts, so logging needs
-no per-step host sync. ``fit_step`` (one batch), ``fit_group_step`` (one batch per loader,
+no per-step host sync; with ``zero_loss_accumulator(..., diagnostics=True)`` also the
+interference diagnostics' sums (``diagnostics.py``), which the general step then fills. ``fit_step`` (one batch), ``fit_group_step`` (one batch per loader,
 the "mixed" schedule) and ``fit_family_step`` (one task of a ``TaskFamily``) wrap the
 steps of ``step.py``; ``fused_steps`` runs K of them in one ``lax.scan`` over
 device-resident data.
@@ -22,8 +23,14 @@ import numpy as np
 
 from ..model import ModelGraph
 from ..signatures import TaskFamily
+from .diagnostics import (
+    DIAGNOSTICS,
+    accumulate_diagnostics,
+    shared_modules,
+    zero_diagnostics,
+)
 from .gradients import Terms
-from .step import TrainState, family_step, train_step_on
+from .step import TrainState, diagnosed_step, family_step, train_step_on
 
 __all__ = ["FusedGroup", "accumulate_terms", "fit_family_step", "fit_group_step", "fit_step",
            "fused_steps", "zero_loss_accumulator"]
@@ -31,14 +38,23 @@ __all__ = ["FusedGroup", "accumulate_terms", "fit_family_step", "fit_group_step"
 Accumulator = dict[str, jax.Array]
 
 
-def zero_loss_accumulator(n_loaders: int, n_tasks: int) -> Accumulator:
+def zero_loss_accumulator(n_loaders: int, n_tasks: int, diagnostics: bool = False
+                          ) -> Accumulator:
     """[n_loaders, n_tasks] loss sums and active counts, zero (two distinct buffers).
 
     Made on the host and transferred: ``jnp.zeros`` would compile a program per shape,
     i.e. per number of tasks.
+
+    Args:
+      n_loaders, n_tasks: the accumulator's shape.
+      diagnostics: add the interference diagnostics' sums under ``"diagnostics"``
+        (``diagnostics.zero_diagnostics``); the steps then compute and accumulate them.
     """
-    return jax.device_put({"loss_sum": np.zeros((n_loaders, n_tasks), np.float32),
-                           "count": np.zeros((n_loaders, n_tasks), np.float32)})
+    accumulator: dict[str, Any] = {"loss_sum": np.zeros((n_loaders, n_tasks), np.float32),
+                                   "count": np.zeros((n_loaders, n_tasks), np.float32)}
+    if diagnostics:
+        accumulator[DIAGNOSTICS] = zero_diagnostics(n_tasks)
+    return jax.device_put(accumulator)
 
 
 def accumulate_terms(graph: ModelGraph, accumulator: Accumulator, terms: Terms,
@@ -54,7 +70,7 @@ def accumulate_terms(graph: ModelGraph, accumulator: Accumulator, terms: Terms,
         column = graph.task_names.index(task_name)
         loss_sum = loss_sum.at[loader_index, column].add(task_sum)
         count = count.at[loader_index, column].add(task_count)
-    return {"loss_sum": loss_sum, "count": count}
+    return {**accumulator, "loss_sum": loss_sum, "count": count}
 
 
 def fit_step(
@@ -88,10 +104,20 @@ def fit_group_step(
 ) -> tuple[TrainState, Accumulator]:
     """``fit_step`` on several batches in one update (one per loader: "mixed" schedule).
 
-    The batches must hold an active row (the runners drop the others on the host).
+    The batches must hold an active row (the runners drop the others on the host). An
+    accumulator with a ``"diagnostics"`` entry (``zero_loss_accumulator(...,
+    diagnostics=True)``) also collects the interference diagnostics of the step
+    (``diagnostics.accumulate_diagnostics``); without one, the step is ``train_step_on``.
     """
-    state, metrics = train_step_on(graph, state, batches, axis_name=axis_name,
-                                   skip_inactive=False)
+    if DIAGNOSTICS in accumulator:
+        state, metrics = diagnosed_step(graph, state, batches,
+                                        shared_modules(graph, state.params), axis_name)
+        accumulator = {**accumulator, DIAGNOSTICS: accumulate_diagnostics(
+            accumulator[DIAGNOSTICS], metrics["task_grads"], metrics["weights"],
+            metrics["task_mask"])}
+    else:
+        state, metrics = train_step_on(graph, state, batches, axis_name=axis_name,
+                                       skip_inactive=False)
     for terms, loader_index in zip(metrics["batch_terms"], loader_indices, strict=True):
         accumulator = accumulate_terms(graph, accumulator, terms, loader_index, axis_name)
     return state, accumulator
@@ -114,7 +140,14 @@ def fit_family_step(
 
     The task's accumulator column is read from the member index, so one program serves
     every loader of every member with this batch signature.
+
+    Raises:
+      ValueError: for an accumulator with interference diagnostics: those need the
+        general step (the runners route every batch there when they are on).
     """
+    if DIAGNOSTICS in accumulator:
+        raise ValueError("fit_family_step does not compute the interference diagnostics "
+                         "(the accumulator has a 'diagnostics' entry); use fit_step")
     state, metrics = family_step(graph, family, state, X_dict, labels, mask, member,
                                        axis_name=axis_name, in_view=in_view)
     task_sum, task_count = metrics["terms"]

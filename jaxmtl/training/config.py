@@ -414,6 +414,13 @@ class TrainerConfig(_NestedConfig):
         "single" (one device). The loaders' batch size is the global batch.
       on_nonfinite: what ``fit`` does when a training loss is NaN or infinite: "raise"
         (stop with ``FloatingPointError``) or "warn" (log a warning and continue).
+      log_task_gradients: interference diagnostics: at each evaluation, log the per-task
+        gradient norms on the shared modules, their pairwise cosines, the balancer's
+        task weights and the fraction of steps with a conflicting pair
+        (``diagnostics/...`` keys; ``jaxmtl.training.diagnostics``). Accumulated on the
+        device inside the step; costs about one more backward pass per task for methods
+        that have no per-task gradients of their own (e.g. "equal"). Cosines need steps
+        with several tasks ("mixed" scheduler or multi-task datasets).
     """
 
     seed: int | None = None
@@ -444,6 +451,7 @@ class TrainerConfig(_NestedConfig):
     grad_accumulation_steps: int = 1
     precision: str = "fp32"
     on_nonfinite: str = "raise"
+    log_task_gradients: bool = False
 
     def __post_init__(self) -> None:
         self._convert_nested()
@@ -472,6 +480,9 @@ class TrainerConfig(_NestedConfig):
                 f"TrainerConfig.steps_per_call={self.steps_per_call} does not support "
                 f"batch_scheduler='mixed'; use steps_per_call=1 or another scheduler"
             )
+        if not isinstance(self.log_task_gradients, bool):
+            raise ValueError(f"TrainerConfig.log_task_gradients must be a bool, got "
+                             f"{self.log_task_gradients!r}")
         if not isinstance(self.n_epochs, int) or self.n_epochs < 0:
             raise ValueError(f"TrainerConfig.n_epochs must be an int >= 0, got {self.n_epochs!r}")
         _check_finite_non_negative("TrainerConfig", "lr", self.lr)

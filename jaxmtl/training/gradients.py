@@ -31,7 +31,8 @@ from .state import PRECISIONS, TrainState
 
 __all__ = ["StepContext", "StepGrads", "active_counts", "cast_floats", "forward_terms",
            "merge_terms", "per_task_grads", "plain_grads", "representation_grads",
-           "step_context", "step_rngs", "task_loss_vector", "weighted_grads"]
+           "shared_task_grads", "step_context", "step_rngs", "task_loss_vector",
+           "weighted_grads"]
 
 Batch = tuple[Mapping[str, jax.Array], Mapping[str, jax.Array], jax.Array]
 Terms = dict[str, tuple[jax.Array, jax.Array]]
@@ -68,6 +69,9 @@ class StepGrads(NamedTuple):
       balancer_state: the balancer's new state.
       batch_terms: per batch, task -> (loss sum, active count) (this device's share).
       model_state: the non-params collections after the forward pass.
+      task_grads: the per-task gradients [T, ...] (summed across devices) when the
+        method computed them (``per_task_grads``), else None; the interference
+        diagnostics reuse them.
     """
 
     grads: PyTree
@@ -76,6 +80,7 @@ class StepGrads(NamedTuple):
     balancer_state: PyTree
     batch_terms: list[Terms]
     model_state: PyTree
+    task_grads: PyTree | None = None
 
 
 def cast_floats(tree: PyTree, dtype: Any) -> PyTree:
@@ -242,7 +247,7 @@ def per_task_grads(graph: ModelGraph, state: TrainState, batches: Sequence[Batch
                     for task, terms in per_task[index].items()}
                    for index in range(len(batches))]
     return StepGrads(grads, jnp.sum(weights * losses), weights, balancer_state, batch_terms,
-                     model_state)
+                     model_state, task_grads)
 
 
 def representation_grads(graph: ModelGraph, state: TrainState, batches: Sequence[Batch],
@@ -311,3 +316,44 @@ def representation_prefixes(graph: ModelGraph, state: TrainState, batches: Seque
                               until=representation)
         prefixes.append(jax.lax.stop_gradient(prefix))
     return prefixes, representation
+
+
+def shared_task_grads(graph: ModelGraph, state: TrainState, batches: Sequence[Batch],
+                      ctx: StepContext, modules: Sequence[str]) -> PyTree:
+    """Per-task gradients [T, ...] of the ``modules`` parameters only (diagnostics).
+
+    For steps whose method does not compute per-task gradients (the plain summed loss,
+    loss weighting, MGDA-UB): each task present in the batches is differentiated through
+    the batches that carry it, with respect to ``modules`` only (the other parameters are
+    constants), with the step's dropout keys. That is one more forward and backward pass
+    per task (as ``per_task_grads``); a task absent from every batch gets zeros without
+    any pass. Under pmap the gradients are summed across devices.
+
+    Args:
+      graph, state, batches, ctx: as the gradient functions.
+      modules: the module names to differentiate (keys of ``state.params``).
+
+    Returns:
+      ``{module: [T, ...] leaves}``: task t's gradient of its loss (``task_loss_vector``
+      entry) in row t, graph order.
+    """
+    shared = {module: state.params[module] for module in modules}
+    others = {module: tree for module, tree in state.params.items() if module not in shared}
+    present = {task for _, Y_dict, _ in batches for task in Y_dict}
+    rows = []
+    for index, task in enumerate(graph.task_names):
+        if task not in present:
+            rows.append(jax.tree.map(jnp.zeros_like, shared))
+            continue
+
+        def task_loss(shared_params: PyTree, task: str = task, index: int = index
+                      ) -> jax.Array:
+            _, merged, _ = forward_terms(graph, ctx, batches, {**others, **shared_params},
+                                         state.model_state, only_task=task)
+            return task_loss_vector(graph, merged, ctx.counts)[index]
+
+        rows.append(jax.grad(task_loss)(shared))
+    task_grads = jax.tree.map(lambda *g: jnp.stack(g), *rows)
+    if ctx.axis_name is not None:
+        task_grads = jax.lax.psum(task_grads, ctx.axis_name)
+    return task_grads

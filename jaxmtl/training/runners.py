@@ -194,13 +194,14 @@ def _views_fit(state: TrainState, family: TaskFamily, graph: ModelGraph) -> bool
 
 
 def family_routes(graph: ModelGraph, state: TrainState,
-                  train_loaders: Sequence[DictDataLoader]) -> dict[int, _Route]:
+                  train_loaders: Sequence[DictDataLoader],
+                  diagnostics: bool = False) -> dict[int, _Route]:
     """Loader id -> its family route, for loaders that label one task of a family.
 
-    Empty with a balancer (it needs the general step) or when
-    ``PerStepRunner.share_family_programs`` is False.
+    Empty with a balancer or interference diagnostics (they need the general step) or
+    when ``PerStepRunner.share_family_programs`` is False.
     """
-    if not PerStepRunner.share_family_programs or state.balancer is not None:
+    if not PerStepRunner.share_family_programs or state.balancer is not None or diagnostics:
         return {}
     families = task_families(graph, state.variables)
     fits: dict[TaskFamily, bool] = {}
@@ -246,6 +247,8 @@ class PerStepRunner:
       compile_ahead: compile the step of every bucket shape of the loaders in a
         background thread from ``prepare`` on (for schedules of one loader's batch per
         step; single device), instead of stalling at each shape's first batch.
+      diagnostics: the accumulator carries the interference diagnostics
+        (``TrainerConfig.log_task_gradients``): every batch takes the general step.
     """
 
     #: False forces one program per task set (the reference the family steps must equal).
@@ -253,11 +256,12 @@ class PerStepRunner:
 
     def __init__(self, graph: ModelGraph, parallel: DataParallel, state: TrainState,
                  train_loaders: Sequence[DictDataLoader],
-                 compiled: StepPrograms | None = None, compile_ahead: bool = False) -> None:
+                 compiled: StepPrograms | None = None, compile_ahead: bool = False,
+                 diagnostics: bool = False) -> None:
         self.parallel = parallel
         # (Programs of an earlier fit are compiled already.)
         self.compile_ahead = compile_ahead and parallel.mode == "single" and compiled is None
-        self.n_accumulator = (len(train_loaders), len(graph.task_names))
+        self.n_accumulator = (len(train_loaders), len(graph.task_names), diagnostics)
         self.compiled = compiled or StepPrograms(graph, parallel)
         self.scheduler_loaders = list(train_loaders)
         self._loader_index = {id(dl): parallel.per_device(np.int32(i))
@@ -267,7 +271,8 @@ class PerStepRunner:
         self._routes = {
             key: route._replace(program=self.compiled.family(route.family),
                                 member=parallel.per_device(np.int32(route.member)))
-            for key, route in family_routes(graph, state, train_loaders).items()}
+            for key, route in family_routes(graph, state, train_loaders,
+                                            diagnostics).items()}
         # XLA:CPU runs each device's part of a collective on a shared thread pool; with
         # many steps queued, parts of different steps can hold every thread and wait for
         # each other forever (an all-reduce rendezvous timeout). There, a step starts only
@@ -453,7 +458,8 @@ class FusedRunner:
     """Up to ``steps_per_call`` steps per device call, over device-resident datasets.
 
     Args: as ``PerStepRunner``, plus ``steps_per_call`` (K); ``compiled`` is a
-    ``FusedPrograms``.
+    ``FusedPrograms``; ``diagnostics`` as ``PerStepRunner``'s (one task per step here:
+    norms and weights only).
 
     Raises:
       ValueError: when ``parallel`` spans more than one device.
@@ -461,7 +467,7 @@ class FusedRunner:
 
     def __init__(self, graph: ModelGraph, parallel: DataParallel, state: TrainState,
                  train_loaders: Sequence[DictDataLoader], steps_per_call: int,
-                 compiled: FusedPrograms | None = None) -> None:
+                 compiled: FusedPrograms | None = None, diagnostics: bool = False) -> None:
         if parallel.mode != "single":
             raise ValueError(
                 f"steps_per_call={steps_per_call} runs on one device; got parallel mode "
@@ -469,9 +475,10 @@ class FusedRunner:
                 f"or steps_per_call=1)"
             )
         self.parallel = parallel
-        self.n_accumulator = (len(train_loaders), len(graph.task_names))
+        self.n_accumulator = (len(train_loaders), len(graph.task_names), diagnostics)
         self.steps_per_call = steps_per_call
-        groups, data, self._placement = _fused_groups(graph, state, train_loaders)
+        groups, data, self._placement = _fused_groups(graph, state, train_loaders,
+                                                      diagnostics)
         self._data = jax.device_put(data, parallel.devices[0])
         self._n_groups = len(groups)
         self._width = max(dl.batch_size for dl in train_loaders)
@@ -543,19 +550,22 @@ def _scan_inputs(pending: Sequence[IndexBatch], placement: Sequence[tuple], k: i
 
 def make_runner(graph: ModelGraph, parallel: DataParallel, state: TrainState,
                 train_loaders: Sequence[DictDataLoader], steps_per_call: int = 1,
-                compiled: Any = None, compile_ahead: bool = False) -> Runner:
+                compiled: Any = None, compile_ahead: bool = False,
+                diagnostics: bool = False) -> Runner:
     """The ``FusedRunner`` for ``steps_per_call > 1``, else the ``PerStepRunner``.
 
     ``compiled`` (an earlier runner's ``compiled``) is reused only when it is of the
     kind the runner keeps; ``compile_ahead`` as ``PerStepRunner``'s (the fused runner
-    compiles one program).
+    compiles one program); ``diagnostics``: the accumulator carries the interference
+    diagnostics (``TrainerConfig.log_task_gradients``).
     """
     if steps_per_call > 1:
         return FusedRunner(graph, parallel, state, train_loaders, steps_per_call,
-                           compiled if isinstance(compiled, FusedPrograms) else None)
+                           compiled if isinstance(compiled, FusedPrograms) else None,
+                           diagnostics)
     return PerStepRunner(graph, parallel, state, train_loaders,
                          compiled if isinstance(compiled, StepPrograms) else None,
-                         compile_ahead)
+                         compile_ahead, diagnostics)
 
 
 def _bucket_widths(dl: DictDataLoader) -> list[tuple]:
@@ -570,7 +580,8 @@ def _bucket_widths(dl: DictDataLoader) -> list[tuple]:
 
 
 def _fused_groups(graph: ModelGraph, state: TrainState,
-                  train_loaders: Sequence[DictDataLoader]) -> tuple[tuple, list, list]:
+                  train_loaders: Sequence[DictDataLoader],
+                  diagnostics: bool = False) -> tuple[tuple, list, list]:
     """The fused branches: one per (family and data signature, or other loader) and
     bucket shape.
 
@@ -579,7 +590,7 @@ def _fused_groups(graph: ModelGraph, state: TrainState,
       loaders' datasets concatenated along the rows, stored once for all its bucket
       shapes); per loader ``(group per bucket shape, row offset, member)``.
     """
-    routes = family_routes(graph, state, train_loaders)
+    routes = family_routes(graph, state, train_loaders, diagnostics)
     groups: list[FusedGroup] = []
     parts: list[dict[str, Any]] = []
     placement: list[tuple[tuple[int, ...], int, int]] = []

@@ -40,15 +40,16 @@ from .gradients import (
     per_task_grads,
     plain_grads,
     representation_grads,
+    shared_task_grads,
     step_context,
     step_rngs,
     weighted_grads,
 )
 from .state import PRECISIONS, TrainState, make_optimizer
 
-__all__ = ["TrainState", "apply_update", "balanced_step", "family_step",
-           "family_train_step", "make_optimizer", "plain_step", "train_step",
-           "train_step_on"]
+__all__ = ["TrainState", "apply_update", "balanced_step", "diagnosed_step", "family_step",
+           "family_train_step", "gradient_function", "make_optimizer", "plain_step",
+           "train_step", "train_step_on"]
 
 
 def modules_used(graph: ModelGraph, batches: Sequence[Batch]) -> set[str]:
@@ -150,15 +151,23 @@ def balanced_step(graph: ModelGraph, state: TrainState, batches: Sequence[Batch]
         raise ValueError("balanced_step needs a state with a balancer (TrainState.create("
                          "..., balancer=make_balancer(...))); got balancer=None: use "
                          "plain_step")
-    if not balancer.needs_task_grads:
-        grads_fn = weighted_grads
-    elif balancer.representation_grads:
-        grads_fn = representation_grads
-    else:
-        grads_fn = per_task_grads
     ctx = step_context(graph, state, batches, axis_name)
-    return finish_step(graph, state, batches, ctx, grads_fn(graph, state, batches, ctx),
-                       skip_inactive)
+    return finish_step(graph, state, batches, ctx,
+                       gradient_function(state)(graph, state, batches, ctx), skip_inactive)
+
+
+def gradient_function(state: TrainState) -> Callable[..., StepGrads]:
+    """The gradient function of the state's method: ``plain_grads`` without a balancer,
+    ``weighted_grads`` (loss weighting), ``representation_grads`` (MGDA-UB) or
+    ``per_task_grads`` (gradient methods)."""
+    balancer = state.balancer
+    if balancer is None:
+        return plain_grads
+    if not balancer.needs_task_grads:
+        return weighted_grads
+    if balancer.representation_grads:
+        return representation_grads
+    return per_task_grads
 
 
 def train_step_on(
@@ -192,6 +201,34 @@ def train_step_on(
     """
     step = plain_step if state.balancer is None else balanced_step
     return step(graph, state, batches, axis_name, skip_inactive)
+
+
+def diagnosed_step(graph: ModelGraph, state: TrainState, batches: Sequence[Batch],
+                   modules: Sequence[str], axis_name: Any = None
+                   ) -> tuple[TrainState, dict[str, Any]]:
+    """``train_step_on(..., skip_inactive=False)`` that also returns the per-task
+    gradients on ``modules`` (the interference diagnostics' input).
+
+    The update is the one ``train_step_on`` makes. Gradient methods' own per-task
+    gradients are reused; otherwise ``shared_task_grads`` computes them (one more
+    forward and backward pass per task, on the state before the update).
+
+    Args:
+      graph, state, batches, axis_name: as ``train_step_on``.
+      modules: the shared modules (``diagnostics.shared_modules``).
+
+    Returns:
+      (state, metrics): ``train_step_on``'s metrics plus ``task_grads``
+      (``{module: [T, ...]}``, summed across devices) and ``task_mask`` ([T] bool).
+    """
+    ctx = step_context(graph, state, batches, axis_name)
+    out = gradient_function(state)(graph, state, batches, ctx)
+    if out.task_grads is not None:
+        task_grads = {module: out.task_grads[module] for module in modules}
+    else:
+        task_grads = shared_task_grads(graph, state, batches, ctx, modules)
+    new_state, metrics = finish_step(graph, state, batches, ctx, out, skip_inactive=False)
+    return new_state, {**metrics, "task_grads": task_grads, "task_mask": ctx.task_mask}
 
 
 def train_step(

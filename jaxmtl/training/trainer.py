@@ -34,6 +34,7 @@ from .checkpoint import (
     resolve_checkpoint_dir,
 )
 from .config import TrainerConfig, from_dict, merge_config
+from .diagnostics import diagnostics_metrics
 from .guards import DivergenceMonitor, InterruptGuard, all_finite
 from .log_manager import LogManager
 from .lr_schedules import make_lr_schedule
@@ -294,7 +295,8 @@ class Trainer:
         state = TrainState.create(variables, compiled.tx, jax.random.PRNGKey(self.seed),
                                   balancer=compiled.balancer, precision=config.precision)
         state, self._loaded_optimizer = continue_optimizer(state, self._loaded_optimizer), None
-        accumulator = zero_loss_accumulator(len(train_loaders), len(model.task_names))
+        accumulator = zero_loss_accumulator(len(train_loaders), len(model.task_names),
+                                            config.log_task_gradients)
         run = _Run(dataloaders, train_loaders, n_batches_per_epoch, cache_key, compiled)
         return run, state, accumulator
 
@@ -333,7 +335,8 @@ class Trainer:
         # A "mixed" step takes one batch of every loader: its shapes are combinations.
         runner = make_runner(model.graph, self.parallel, state, run.train_loaders,
                              self.config.steps_per_call, run.compiled.steps,
-                             compile_ahead=self.config.batch_scheduler != "mixed")
+                             compile_ahead=self.config.batch_scheduler != "mixed",
+                             diagnostics=self.config.log_task_gradients)
         self._compiled = {run.cache_key: run.compiled._replace(steps=runner.compiled)}
         return runner
 
@@ -357,6 +360,7 @@ class Trainer:
         model.variables = host_state.variables
         self.metrics = self._aggregate_losses(accumulated, run.train_loaders,
                                               model.task_names, host_state)
+        self.metrics.update(diagnostics_metrics(accumulated, model.task_names))
         self.metrics.update(self._evaluate(model, run.dataloaders))
         self._log_metrics(log_manager.log_writer, log_manager, self.metrics)
         accumulator = runner.zero_accumulator()
