@@ -414,6 +414,10 @@ class TrainerConfig(_NestedConfig):
         "single" (one device). The loaders' batch size is the global batch.
       on_nonfinite: what ``fit`` does when a training loss is NaN or infinite: "raise"
         (stop with ``FloatingPointError``) or "warn" (log a warning and continue).
+      module_optimizers: per-module optimisers, module name -> a dict of overrides of
+        ``optimizer``/``lr``/``l2``/``optimizer_config``, an ``optax.GradientTransformation``
+        (used as given), or "frozen" (parameters never change); modules not named use the
+        global optimizer; clipping stays global (see ``training.module_optimizers``).
     """
 
     seed: int | None = None
@@ -444,9 +448,13 @@ class TrainerConfig(_NestedConfig):
     grad_accumulation_steps: int = 1
     precision: str = "fp32"
     on_nonfinite: str = "raise"
+    module_optimizers: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._convert_nested()
+        from .module_optimizers import check_module_optimizers  # imports no JAX
+        object.__setattr__(self, "module_optimizers", check_module_optimizers(
+            self.module_optimizers, self.optimizer, self.optimizer_config))
         registry.PARALLEL_MODES.check(self.parallel, "TrainerConfig.parallel")
         if not is_gradient_transformation(self.optimizer):
             registry.OPTIMIZERS.check(self.optimizer, "TrainerConfig.optimizer")

@@ -24,6 +24,7 @@ from .checkpoint import (
     restore_checkpoint,
 )
 from .config import TrainerConfig, from_dict
+from .module_optimizers import with_live_transformations
 from .run_files import to_jsonable
 from .step import TrainState, make_optimizer
 
@@ -171,6 +172,8 @@ def load_optimizer_state(path: str, current: TrainerConfig, params: Any
         manager.close()
     if not isinstance(current.optimizer, str):
         saved["optimizer"] = current.optimizer
+    saved["module_optimizers"] = with_live_transformations(saved.get("module_optimizers"),
+                                                           current.module_optimizers)
     config = from_dict(TrainerConfig, _tuples(saved))
     if params is None:
         logger.warning("Trainer.load: model is not initialised; restored the config only")
