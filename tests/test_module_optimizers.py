@@ -148,6 +148,39 @@ def test_custom_transformation_is_used_as_given(one_task):
             np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-8)
 
 
+def test_a_transformation_value_sees_the_whole_tree_with_other_modules_masked():
+    """So a partition by path inside one module works: CrossStitch-like units at 10x."""
+    by_path = optax.partition(
+        {"stitch": optax.sgd(1.0), "rest": optax.sgd(0.1)},
+        lambda tree: jax.tree_util.tree_map_with_path(
+            lambda path, _: "stitch" if "stitch" in jax.tree_util.keystr(path) else "rest",
+            tree))
+    config = TrainerConfig(lr=0.01, grad_clip=None, **SGD, module_optimizers={"cs": by_path})
+    tx = make_optimizer(config, config.lr)
+    params = {"cs": {"stitch_0": jnp.zeros(2), "Dense_0": {"kernel": jnp.zeros(3)}},
+              "head": jnp.zeros(1)}
+    updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
+    np.testing.assert_array_equal(updates["cs"]["stitch_0"], [-1.0, -1.0])
+    np.testing.assert_allclose(updates["cs"]["Dense_0"]["kernel"], [-0.1] * 3, rtol=1e-7)
+    np.testing.assert_allclose(updates["head"], [-0.01], rtol=1e-7)
+
+
+def test_gradient_accumulation_wraps_every_group():
+    config = TrainerConfig(lr=0.01, grad_clip=None, **SGD, grad_accumulation_steps=2,
+                           module_optimizers={"head": {"lr": 0.1}})
+    tx = make_optimizer(config, config.lr)
+    params = {"body": jnp.zeros(2), "head": jnp.zeros(2)}
+    state = tx.init(params)
+    first, state = tx.update({"body": jnp.array([1.0, 2.0]), "head": jnp.array([3.0, 4.0])},
+                             state, params)
+    second, _ = tx.update({"body": jnp.array([3.0, 0.0]), "head": jnp.array([1.0, 0.0])},
+                          state, params)
+    assert all(np.all(np.asarray(leaf) == 0) for leaf in jax.tree.leaves(first))
+    # The mean of the two gradients, each module at its own lr.
+    np.testing.assert_allclose(second["body"], [-0.01 * 2.0, -0.01 * 1.0], rtol=1e-6)
+    np.testing.assert_allclose(second["head"], [-0.1 * 2.0, -0.1 * 2.0], rtol=1e-6)
+
+
 def test_frozen_module_is_left_out_of_the_clip_norm(one_task):
     grads = one_task[3]
     params, state = one_step(one_task, lr=0.01, grad_clip=0.05, **SGD,
