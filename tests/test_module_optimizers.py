@@ -165,6 +165,23 @@ def test_a_transformation_value_sees_the_whole_tree_with_other_modules_masked():
     np.testing.assert_allclose(updates["head"], [-0.01], rtol=1e-7)
 
 
+def test_overrides_merge_over_the_global_settings():
+    """Global SGD with momentum 0.5: "a" keeps the momentum at its own lr, "b" turns it
+    off; the second update of a constant gradient 1 is -lr * (1 + momentum)."""
+    config = TrainerConfig(lr=0.01, grad_clip=None, optimizer="sgd",
+                           optimizer_config={"sgd_config": {"momentum": 0.5}},
+                           module_optimizers={
+                               "a": {"lr": 0.1},
+                               "b": {"optimizer_config": {"sgd_config": {"momentum": 0.0}}}})
+    tx = make_optimizer(config, config.lr)
+    params = {"a": jnp.zeros(1), "b": jnp.zeros(1), "c": jnp.zeros(1)}
+    state = tx.init(params)
+    for _ in range(2):
+        updates, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+    np.testing.assert_allclose([float(updates[m][0]) for m in "abc"],
+                               [-0.1 * 1.5, -0.01, -0.01 * 1.5], rtol=1e-6)
+
+
 def test_gradient_accumulation_wraps_every_group():
     config = TrainerConfig(lr=0.01, grad_clip=None, **SGD, grad_accumulation_steps=2,
                            module_optimizers={"head": {"lr": 0.1}})

@@ -72,9 +72,10 @@ def check_module_optimizers(module_optimizers: Any, optimizer: Any,
         ``optimizer_config`` merges.
 
     Returns:
-      ``{name: value}``; override dicts are copied, an ``optimizer_config`` given as an
-      ``OptimizerConfig`` or dict is kept as given (it is merged when the optimizer is
-      built, so that a later change of the global settings reaches it).
+      ``{name: value}``, override dicts copied. They stay overrides, resolved when the
+      optimizer is built (so that a later change of the global settings, e.g. by
+      ``Trainer(config, lr=...)``, reaches them): an ``optimizer_config`` dict merges
+      over the global ``optimizer_config``, an ``OptimizerConfig`` replaces it.
 
     Raises:
       ValueError: naming the module and the value, for a value of another type, an
