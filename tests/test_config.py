@@ -67,6 +67,7 @@ JAXMTL_DEFAULTS = {
     "grad_accumulation_steps": 1,
     "precision": "fp32",
     "on_nonfinite": "raise",
+    "module_optimizers": {},
 }
 
 
