@@ -391,20 +391,20 @@ for task, seed in [("task1", 0), ("task2", 1)]:
     loaders.append(jaxmtl.DictDataLoader(jaxmtl.DictDataset("d_" + task, "train", {"data": X},
                                                             {task: Y}), 32, shuffle=True, seed=seed))
 params = []
-for parallel in ("pmap", "single"):
+for parallel in ("pmap", "sharded", "single"):
     model = jaxmtl.MultitaskClassifier([make_task("task1"), make_task("task2", ("A", "C"))])
     jaxmtl.Trainer(n_epochs=2, lr=0.02, seed=0, progress_bar=False, parallel=parallel,
                    module_optimizers={"linear2B": {"optimizer": "sgd", "lr": 0.05},
                                       "linear1A": "frozen"}).fit(model, loaders)
-    params.append(model.params)
+    params.append(jax.device_get(model.params))
 assert len(jax.devices()) == 2
-print(max(float(np.max(np.abs(a - b))) for a, b in
-          zip(jax.tree.leaves(params[0]), jax.tree.leaves(params[1]), strict=True)))
+print(max(float(np.max(np.abs(a - b))) for run in params[:2] for a, b in
+          zip(jax.tree.leaves(run), jax.tree.leaves(params[2]), strict=True)))
 """
 
 
-@pytest.mark.slow  # a subprocess with 2 forced CPU devices (two fits: ~20 s)
-def test_pmap_on_two_devices_matches_one_device():
+@pytest.mark.slow  # a subprocess with 2 forced CPU devices (three fits: ~25 s)
+def test_pmap_and_sharded_on_two_devices_match_one_device():
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)
     result = subprocess.run([sys.executable, "-c", PMAP_RUN], cwd=Path(__file__).parent,
