@@ -68,6 +68,7 @@ JAXMTL_DEFAULTS = {
     "precision": "fp32",
     "on_nonfinite": "raise",
     "log_task_gradients": False,
+    "module_optimizers": {},
 }
 
 

@@ -421,6 +421,10 @@ class TrainerConfig(_NestedConfig):
         device inside the step; costs about one more backward pass per task for methods
         that have no per-task gradients of their own (e.g. "equal"). Cosines need steps
         with several tasks ("mixed" scheduler or multi-task datasets).
+      module_optimizers: per-module optimisers, module name -> a dict of overrides of
+        ``optimizer``/``lr``/``l2``/``optimizer_config``, an ``optax.GradientTransformation``
+        (used as given), or "frozen" (parameters never change); modules not named use the
+        global optimizer; clipping stays global (see ``training.module_optimizers``).
     """
 
     seed: int | None = None
@@ -452,9 +456,13 @@ class TrainerConfig(_NestedConfig):
     precision: str = "fp32"
     on_nonfinite: str = "raise"
     log_task_gradients: bool = False
+    module_optimizers: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._convert_nested()
+        from .module_optimizers import check_module_optimizers  # imports no JAX
+        object.__setattr__(self, "module_optimizers", check_module_optimizers(
+            self.module_optimizers, self.optimizer, self.optimizer_config))
         registry.PARALLEL_MODES.check(self.parallel, "TrainerConfig.parallel")
         if not is_gradient_transformation(self.optimizer):
             registry.OPTIMIZERS.check(self.optimizer, "TrainerConfig.optimizer")

@@ -20,6 +20,7 @@ from .._lazy import lazy_module
 from .checkpoint import CHECKPOINTS_SUBDIR
 from .config import TrainerConfig, from_dict
 from .orbax_io import CheckpointError, CheckpointMismatchError, restore_checkpoint
+from .module_optimizers import with_live_transformations
 from .run_files import to_jsonable
 from .step import TrainState, make_optimizer
 
@@ -167,6 +168,8 @@ def load_optimizer_state(path: str, current: TrainerConfig, params: Any
         manager.close()
     if not isinstance(current.optimizer, str):
         saved["optimizer"] = current.optimizer
+    saved["module_optimizers"] = with_live_transformations(saved.get("module_optimizers"),
+                                                           current.module_optimizers)
     config = from_dict(TrainerConfig, _tuples(saved))
     if params is None:
         logger.warning("Trainer.load: model is not initialised; restored the config only")

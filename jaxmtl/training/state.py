@@ -7,6 +7,7 @@ builds the optax chain that Snorkel's torch optimizers correspond to.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -18,7 +19,12 @@ from flax import struct
 from .. import registry
 from ..model import PyTree
 from .balancers import Balancer
-from .config import OptimizerConfig, TrainerConfig, is_gradient_transformation
+from .config import OptimizerConfig, TrainerConfig
+from .module_optimizers import (
+    module_optimizers_transform,
+    optimizer_transforms,
+    zero_frozen_gradients,
+)
 
 # Precision name -> compute dtype (None: the parameters' float32), from the one registry.
 PRECISIONS = {name: registry.PRECISIONS.load(name, "PRECISIONS")
@@ -78,7 +84,8 @@ class TrainState(struct.PyTreeNode):
         return {"params": self.params, **self.model_state}
 
 
-def make_optimizer(config: TrainerConfig, learning_rate: optax.ScalarOrSchedule
+def make_optimizer(config: TrainerConfig, learning_rate: optax.ScalarOrSchedule,
+                   schedule_for: Callable[[float], optax.ScalarOrSchedule] | None = None
                    ) -> optax.GradientTransformation:
     """The optax chain Snorkel's torch optimizers correspond to.
 
@@ -86,21 +93,31 @@ def make_optimizer(config: TrainerConfig, learning_rate: optax.ScalarOrSchedule
     ``optimizer.step()``); then torch-style coupled L2 (``weight_decay``: the decay is
     added to the gradient before the optimizer's moments); then the optimizer scaled by
     ``-learning_rate``. A user-supplied ``optax.GradientTransformation`` replaces the
-    last two and is used as given. With ``grad_accumulation_steps = k > 1`` the whole
-    chain is wrapped in ``optax.MultiSteps``: parameters change every k-th step, on the
-    mean of the k gradients.
+    last two and is used as given. With ``config.module_optimizers``, the part after the
+    clip is one transformation per module group (``optax.partition``; frozen modules'
+    gradients are zeroed before the clip): see ``training.module_optimizers``.
+    With ``grad_accumulation_steps = k > 1`` the whole chain is wrapped in
+    ``optax.MultiSteps``: parameters change every k-th step, on the mean of the k
+    gradients.
+
+    Args:
+      config: the trainer settings.
+      learning_rate: the base learning rate, a number or an ``optax.Schedule``.
+      schedule_for: ``schedule_for(lr)`` -> the learning rate of a module group whose
+        overrides set ``lr`` (the Trainer passes ``module_optimizers.lr_schedule_for``);
+        without it, ``learning_rate`` scaled by ``lr / config.lr``.
     """
     chain: list[optax.GradientTransformation] = []
+    if config.module_optimizers and config.grad_clip:
+        zero_frozen = zero_frozen_gradients(config.module_optimizers)
+        chain.extend([zero_frozen] if zero_frozen is not None else [])
     if config.grad_clip:
         chain.append(optax.clip_by_global_norm(config.grad_clip))
-    if is_gradient_transformation(config.optimizer):
-        chain.append(config.optimizer)
-        return _accumulate(optax.chain(*chain), config)
-    if config.l2:
-        chain.append(optax.add_decayed_weights(config.l2))
-    scale = registry.OPTIMIZERS.load(config.optimizer, "TrainerConfig.optimizer")
-    chain.extend(scale(config.optimizer_config))
-    chain.append(optax.scale_by_learning_rate(learning_rate))
+    if config.module_optimizers:
+        chain.append(module_optimizers_transform(config, learning_rate, schedule_for))
+    else:  # flat, as before per-module optimisers: saved optimizer states still load
+        chain.extend(optimizer_transforms(config.optimizer, config.l2,
+                                          config.optimizer_config, learning_rate))
     return _accumulate(optax.chain(*chain), config)
 
 

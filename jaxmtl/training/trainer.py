@@ -38,6 +38,7 @@ from .diagnostics import diagnostics_metrics
 from .guards import DivergenceMonitor, InterruptGuard, all_finite
 from .log_manager import LogManager
 from .lr_schedules import make_lr_schedule
+from .module_optimizers import check_module_names, lr_schedule_for
 from .preflight import check_labels_fit_heads, warn_unused_labels
 from .resume import (
     continue_optimizer,
@@ -282,7 +283,8 @@ class Trainer:
                 config.lr, config.lr_scheduler, config.lr_scheduler_config,
                 n_batches_per_epoch, config.n_epochs,
             )
-            compiled = _Compiled(make_optimizer(config, lr_schedule), lr_schedule,
+            compiled = _Compiled(make_optimizer(config, lr_schedule, lr_schedule_for(
+                config, n_batches_per_epoch)), lr_schedule,
                                  warmup_steps, _make_balancer(config, model), None)
         self.lr_schedule, self.warmup_steps = compiled.lr_schedule, compiled.warmup_steps
         # Every module is created before the first step, each from the first loader
@@ -292,6 +294,7 @@ class Trainer:
                                                    if dl not in train_loaders)], self.seed)
         check_labels_fit_heads(model, dataloaders)
         variables = model.variables if model.variables is not None else {"params": {}}
+        check_module_names(config.module_optimizers, variables.get("params", {}))
         state = TrainState.create(variables, compiled.tx, jax.random.PRNGKey(self.seed),
                                   balancer=compiled.balancer, precision=config.precision)
         state, self._loaded_optimizer = continue_optimizer(state, self._loaded_optimizer), None

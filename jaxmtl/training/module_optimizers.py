@@ -1,0 +1,346 @@
+"""Per-module optimisers and frozen modules: ``TrainerConfig(module_optimizers=...)``.
+
+A mapping from module name (a top-level key of ``model.params``: the module pool's names)
+to how that module's parameters are updated::
+
+    TrainerConfig(lr=1e-3, module_optimizers={
+        "head_a": {"lr": 1e-2},                        # overrides of the global settings
+        "head_b": {"optimizer": "sgd", "l2": 1e-4},
+        "body": "frozen",                              # never changes (fine-tuning)
+        "gate": optax.lion(1e-4),                      # any optax transformation, as given
+    })
+
+Modules not named use the global optimizer. The optax chain is::
+
+    [zero the frozen modules' gradients] -> clip_by_global_norm(grad_clip)
+        -> optax.partition({label: group transformation}, labels from the params tree)
+    all wrapped in optax.MultiSteps when grad_accumulation_steps > 1
+
+``optax.partition`` is the current name of ``optax.multi_transform``. Clipping stays
+global: one norm over every trained module. A frozen module's gradient is zeroed before
+the clip, so it does not count in that norm (as a torch parameter with
+``requires_grad=False``, which ``clip_grad_norm_`` never sees), and the optimizer keeps no
+state (no moments) for it. Only its *parameters* are frozen: collections such as
+BatchNorm's ``batch_stats`` update in training steps as before (put the module in eval
+mode, e.g. ``use_running_average=True``, to fix them too).
+
+A group of overrides builds the global optimizer's chain (coupled L2, direction, learning
+rate) from the merged settings; its ``lr`` replaces the base learning rate of the schedule
+(warm-up, decay and ``min_lr`` as configured). A ``GradientTransformation`` value is used as
+given, like a global one: ``lr``, ``l2`` and the schedule do not apply to it.
+
+Validation (``check_module_optimizers``, called by ``TrainerConfig.__post_init__``) needs
+no JAX; the names are checked against the model at ``fit`` (``check_module_names``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+from .. import registry
+from .._lazy import lazy_module
+from .config import (
+    OptimizerConfig,
+    _check_finite_non_negative,
+    from_dict,
+    is_gradient_transformation,
+    merge_config,
+)
+
+# Loaded when an optimizer is built: configuration is checked without loading JAX.
+jax = lazy_module("jax")
+optax = lazy_module("optax")
+
+FROZEN = "frozen"
+OVERRIDE_KEYS = ("optimizer", "lr", "l2", "optimizer_config")
+
+
+def _where(name: str) -> str:
+    return f"TrainerConfig.module_optimizers[{name!r}]"
+
+
+def check_module_optimizers(module_optimizers: Any, optimizer: Any,
+                            optimizer_config: OptimizerConfig) -> dict[str, Any]:
+    """Validates ``TrainerConfig.module_optimizers`` and returns it as a new dict.
+
+    Args:
+      module_optimizers: module name -> a dict of overrides (keys ``OVERRIDE_KEYS``), an
+        ``optax.GradientTransformation`` or ``"frozen"``; None means none.
+      optimizer: ``TrainerConfig.optimizer`` (a name or a GradientTransformation).
+      optimizer_config: ``TrainerConfig.optimizer_config``, under which an override's
+        ``optimizer_config`` merges.
+
+    Returns:
+      ``{name: value}``, override dicts copied. They stay overrides, resolved when the
+      optimizer is built (so that a later change of the global settings, e.g. by
+      ``Trainer(config, lr=...)``, reaches them): an ``optimizer_config`` dict merges
+      over the global ``optimizer_config``, an ``OptimizerConfig`` replaces it.
+
+    Raises:
+      ValueError: naming the module and the value, for a value of another type, an
+        unknown override key (with the allowed keys), an unknown optimizer name, a
+        negative or non-finite ``lr``/``l2``, an invalid ``optimizer_config``, or
+        ``lr``/``l2``/``optimizer_config`` without an ``optimizer`` name while the global
+        optimizer is a GradientTransformation (which they do not apply to).
+    """
+    if module_optimizers is None:
+        return {}
+    if not isinstance(module_optimizers, Mapping) or not all(
+            isinstance(name, str) for name in module_optimizers):
+        raise ValueError(
+            f"TrainerConfig.module_optimizers must be a dict of module name -> settings, "
+            f"got {module_optimizers!r}")
+    checked: dict[str, Any] = {}
+    for name, value in module_optimizers.items():
+        if _is_frozen(value) or is_gradient_transformation(value):
+            checked[name] = value
+        elif isinstance(value, Mapping):
+            checked[name] = _check_overrides(name, dict(value), optimizer, optimizer_config)
+        else:
+            raise ValueError(
+                f"{_where(name)}: expected a dict of overrides (keys {list(OVERRIDE_KEYS)}), "
+                f"an optax.GradientTransformation or {FROZEN!r}, got {value!r} "
+                f"({type(value).__name__})")
+    return checked
+
+
+def _check_overrides(name: str, overrides: dict[str, Any], optimizer: Any,
+                     optimizer_config: OptimizerConfig) -> dict[str, Any]:
+    where = _where(name)
+    unknown = sorted(set(overrides) - set(OVERRIDE_KEYS), key=str)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; allowed keys are "
+                         f"{sorted(OVERRIDE_KEYS)}")
+    if "optimizer" in overrides:
+        if is_gradient_transformation(overrides["optimizer"]):
+            raise ValueError(f"{where}['optimizer']: give a GradientTransformation as the "
+                             f"module's value ({{{name!r}: tx}}), not inside its overrides")
+        registry.OPTIMIZERS.check(overrides["optimizer"], f"{where}['optimizer']")
+    elif is_gradient_transformation(optimizer) and overrides:
+        raise ValueError(
+            f"{where}: {sorted(overrides)} do not apply to TrainerConfig.optimizer, a "
+            f"GradientTransformation; add an optimizer name, e.g. {{'optimizer': 'adam', "
+            f"...}}, or give the module its own GradientTransformation")
+    for key in ("lr", "l2"):
+        if key in overrides:
+            _check_finite_non_negative(where, key, overrides[key])
+    if "optimizer_config" in overrides:
+        value = overrides["optimizer_config"]
+        try:
+            if isinstance(value, OptimizerConfig):
+                pass
+            elif isinstance(value, Mapping):
+                merge_config(optimizer_config, dict(value))
+            else:
+                from_dict(OptimizerConfig, value)
+        except ValueError as error:
+            raise ValueError(f"{where}['optimizer_config']: {error}") from None
+    return overrides
+
+
+def check_module_names(module_optimizers: Mapping[str, Any], params: Mapping[str, Any]
+                       ) -> None:
+    """Checks at ``fit`` that every configured name is a module with parameters.
+
+    Args:
+      module_optimizers: ``TrainerConfig.module_optimizers``.
+      params: the model's ``{module_name: params}``.
+
+    Raises:
+      ValueError: naming the unknown name(s) and the model's modules with parameters.
+    """
+    unknown = [name for name in module_optimizers if name not in params]
+    if unknown:
+        raise ValueError(
+            f"TrainerConfig.module_optimizers names {unknown}, which are not modules with "
+            f"parameters of this model; its modules with parameters are {sorted(params)}")
+
+
+def default_label(module_optimizers: Mapping[str, Any]) -> str:
+    """The group label of the modules not configured: "default", unless a module has
+    that name (then "default_", ...)."""
+    label = "default"
+    while label in module_optimizers:
+        label += "_"
+    return label
+
+
+def optimizer_transforms(optimizer: Any, l2: float, optimizer_config: OptimizerConfig,
+                         learning_rate: Any) -> list[Any]:
+    """The global optimizer's part of the chain for one set of settings.
+
+    Args:
+      optimizer: a name of ``registry.OPTIMIZERS`` or a GradientTransformation (returned
+        alone, as given).
+      l2: coupled L2 (torch's ``weight_decay``), added to the gradient first.
+      optimizer_config: the optimizers' settings.
+      learning_rate: a number or an ``optax.Schedule``.
+
+    Returns:
+      The transforms for ``optax.chain``: ``[add_decayed_weights?, *direction,
+      scale_by_learning_rate]``.
+    """
+    if is_gradient_transformation(optimizer):
+        return [optimizer]
+    chain = [optax.add_decayed_weights(l2)] if l2 else []
+    scale = registry.OPTIMIZERS.load(optimizer, "TrainerConfig.optimizer")
+    chain.extend(scale(optimizer_config))
+    chain.append(optax.scale_by_learning_rate(learning_rate))
+    return chain
+
+
+class GroupMember(NamedTuple):
+    """Marks a module as a member of a group in ``ModuleOptimizersState.members`` (a
+    pytree node without leaves; ``optax.MaskedNode`` marks the other modules)."""
+
+
+class ModuleOptimizersState(NamedTuple):
+    """The state of ``module_optimizers_transform``, in label order.
+
+    Attributes:
+      group_states: each group's (masked) optimizer state. A tuple, not
+        ``optax.PartitionState``'s dict of labels: so the first dict key on a leaf's path
+        stays its module's name (what ``step.keep_modules`` reads).
+      members: per group, ``{module: GroupMember() or optax.MaskedNode()}`` over every
+        module: which modules the group holds, in the state's *structure* (no leaves).
+        A member's view of the state (``signatures.view_of``, shared task-family
+        programs) then has the structure of the representative's only when each of its
+        modules is in the same group as the representative's; otherwise the family
+        trains through the general step, where the labels see the real module names.
+    """
+
+    group_states: tuple
+    members: tuple
+
+
+def module_optimizers_transform(config: Any, learning_rate: Any,
+                                schedule_for: Callable[[float], Any] | None = None) -> Any:
+    """The per-module part of the chain: ``optax.partition`` over the module groups.
+
+    Args:
+      config: the ``TrainerConfig`` (``module_optimizers`` non-empty).
+      learning_rate: the global learning rate (a number or schedule).
+      schedule_for: ``schedule_for(lr)`` -> the learning rate of a group whose overrides
+        set ``lr`` (the Trainer passes the configured schedule built on that lr). Without
+        it: ``learning_rate`` scaled by ``lr / config.lr`` (a number stays a number), or
+        the constant ``lr`` when ``config.lr`` is 0.
+
+    Returns:
+      An ``optax.GradientTransformation`` whose state is a ``ModuleOptimizersState``.
+    """
+    settings = config.module_optimizers
+    default = default_label(settings)
+    groups = {default: optax.chain(*optimizer_transforms(
+        config.optimizer, config.l2, config.optimizer_config, learning_rate))}
+    for name, value in settings.items():
+        groups[name] = _group(value, config, learning_rate, schedule_for)
+    order = tuple(groups)
+
+    def label(module: str) -> str:
+        return module if module in settings else default
+
+    def labels(tree: Any) -> Any:
+        return jax.tree_util.tree_map_with_path(lambda path, _: label(path[0].key), tree)
+
+    partition = optax.partition(groups, labels)
+
+    def init(params: Any) -> ModuleOptimizersState:
+        state = partition.init(params)
+        members = tuple({module: GroupMember() if label(module) == group else optax.MaskedNode()
+                         for module in params} for group in order)
+        return ModuleOptimizersState(tuple(state.inner_states[group] for group in order),
+                                     members)
+
+    def update(updates: Any, state: ModuleOptimizersState, params: Any = None
+               ) -> tuple[Any, ModuleOptimizersState]:
+        inner = optax.PartitionState(dict(zip(order, state.group_states, strict=True)))
+        updates, inner = partition.update(updates, inner, params)
+        return updates, state._replace(
+            group_states=tuple(inner.inner_states[group] for group in order))
+
+    return optax.GradientTransformation(init, update)
+
+
+def _group(value: Any, config: Any, learning_rate: Any,
+           schedule_for: Callable[[float], Any] | None) -> Any:
+    """One configured module's transformation."""
+    if is_gradient_transformation(value):
+        return value
+    if _is_frozen(value):
+        return optax.set_to_zero()
+    optimizer_config = value.get("optimizer_config", config.optimizer_config)
+    if isinstance(optimizer_config, Mapping):
+        optimizer_config = merge_config(config.optimizer_config, dict(optimizer_config))
+    rate = learning_rate
+    if "lr" in value:
+        rate = _group_rate(value["lr"], config.lr, learning_rate, schedule_for)
+    return optax.chain(*optimizer_transforms(
+        value.get("optimizer", config.optimizer), value.get("l2", config.l2),
+        optimizer_config, rate))
+
+
+def _group_rate(lr: float, base_lr: float, learning_rate: Any,
+                schedule_for: Callable[[float], Any] | None) -> Any:
+    if schedule_for is not None:
+        return schedule_for(lr)
+    if not callable(learning_rate):
+        return lr
+    if not base_lr:
+        return lambda count: lr
+    return lambda count: learning_rate(count) * (lr / base_lr)
+
+
+def zero_frozen_gradients(module_optimizers: Mapping[str, Any]) -> Any | None:
+    """A transformation that zeroes the frozen modules' gradients (None if none is
+    frozen): placed before the global clip, so frozen modules do not count in its norm."""
+    frozen = {name for name, value in module_optimizers.items() if _is_frozen(value)}
+    if not frozen:
+        return None
+
+    def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        del params
+        return jax.tree_util.tree_map_with_path(
+            lambda path, g: jax.numpy.zeros_like(g) if path[0].key in frozen else g,
+            updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def _is_frozen(value: Any) -> bool:
+    return isinstance(value, str) and value == FROZEN
+
+
+def lr_schedule_for(config: Any, n_batches_per_epoch: int) -> Callable[[float], Any]:
+    """``schedule_for`` for ``make_optimizer``: the configured LR schedule on a group's lr.
+
+    Args:
+      config: the ``TrainerConfig``.
+      n_batches_per_epoch: train batches in one epoch.
+
+    Returns:
+      ``lr -> make_lr_schedule(lr, config.lr_scheduler, ...)``'s schedule.
+    """
+    from .lr_schedules import make_lr_schedule
+
+    def schedule_for(lr: float) -> Any:
+        return make_lr_schedule(lr, config.lr_scheduler, config.lr_scheduler_config,
+                                n_batches_per_epoch, config.n_epochs)[0]
+
+    return schedule_for
+
+
+def with_live_transformations(saved: Any, current: Mapping[str, Any]) -> Any:
+    """``saved`` module_optimizers (read from JSON) with the current config's
+    GradientTransformation values put back (JSON holds only their repr)."""
+    if not isinstance(saved, Mapping):
+        return saved
+    return {name: current[name] if is_gradient_transformation(current.get(name)) else value
+            for name, value in saved.items()}
+
+
+__all__ = ["FROZEN", "OVERRIDE_KEYS", "GroupMember", "ModuleOptimizersState", "check_module_names",
+           "check_module_optimizers", "default_label", "lr_schedule_for",
+           "module_optimizers_transform", "optimizer_transforms", "with_live_transformations",
+           "zero_frozen_gradients"]
+
