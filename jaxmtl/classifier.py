@@ -20,6 +20,7 @@ from .loader import DictDataLoader
 from .model import (
     ModelGraph,
     PyTree,
+    _with_module_variables,
     apply_ops,
     build_graph,
     compiled_init_variables,
@@ -231,29 +232,23 @@ class MultitaskClassifier:
                     f"init: X_dict has keys {sorted(X_dict)}, which hold the inputs of no "
                     f"task; the tasks read {needed}")
         resolved = self.init_seed() if seed is None else int(seed)
-        variables = self._with_seeded_nnx(self._missing_modules(task_names), resolved,
-                                          explicit=seed is not None)
+        variables = (self.variables if seed is None else
+                     self._with_seeded_nnx(self._missing_modules(task_names), resolved))
         self._compiled_init([(_as_device_batch(X_dict), task_names)],
                             jax.random.PRNGKey(resolved), variables)
         self._created |= set(self.graph.modules_for(task_names))
         return self.variables
 
-    def _with_seeded_nnx(self, module_names: Sequence[str], seed: int, explicit: bool
-                         ) -> PyTree | None:
-        """The model's variables plus, for an ``explicit`` seed, the NNX modules among
-        ``module_names`` redrawn from it (else unchanged: the NNX modules are then created
-        from their own values by ``init_variables``). ``self.variables`` is not changed."""
-        names = [name for name in module_names
-                 if explicit and is_nnx_module(self.graph.module_pool[name])]
-        if not names:
-            return self.variables
-        variables = {collection: dict(tree)
-                     for collection, tree in (self.variables or {"params": {}}).items()}
-        for name in names:
-            drawn = reinitialised_variables(self.graph.nnx_specs[name],
-                                            self.graph.module_pool[name], seed)
-            for collection, tree in drawn.items():
-                variables.setdefault(collection, {})[name] = tree
+    def _with_seeded_nnx(self, module_names: Sequence[str], seed: int) -> PyTree | None:
+        """The model's variables plus the NNX modules among ``module_names`` redrawn from
+        ``seed`` (``init_variables`` then keeps them; without this it creates NNX modules
+        from their own values). ``self.variables`` is not changed."""
+        variables = self.variables
+        for name in module_names:
+            module = self.graph.module_pool[name]
+            if is_nnx_module(module):
+                drawn = reinitialised_variables(self.graph.nnx_specs[name], module, seed)
+                variables = _with_module_variables(variables or {"params": {}}, name, drawn)
         return variables
 
     def _compiled_init(self, batches: list[tuple[dict, Sequence[str]]], rng: jax.Array,
@@ -305,8 +300,8 @@ class MultitaskClassifier:
                 planned |= set(missing)
         if batches:
             resolved = self.init_seed(seed if seed is not None else fallback_seed)
-            variables = self._with_seeded_nnx(list(planned), resolved,
-                                              explicit=seed is not None)
+            variables = (self.variables if seed is None else
+                         self._with_seeded_nnx(sorted(planned), resolved))
             rng = jax.random.PRNGKey(resolved)
             # One compiled program for a few loaders; with many (a head each, typically),
             # the first loader's modules (the shared body, most weights) compiled and the
