@@ -251,7 +251,7 @@ def reinitialised_variables(spec: NnxSpec, module: nnx.Module, seed: int) -> dic
         owner, attribute = nodes.get(path[:-1]), path[-1]
         where = f"NNX module '{spec.name}': {_describe(path, owner)}"
         if isinstance(variable, nnx.Param):
-            initializer = _initializer(spec.name, nodes, path, where)
+            initializer = _initializer(nodes, path, where)
             key = jax.random.fold_in(module_key, _crc("/".join(map(str, path))))
             values.append(_draw(owner, attribute, initializer, key, value, where))
         elif isinstance(variable, nnx.BatchStat):
@@ -277,16 +277,14 @@ def _describe(path: tuple, owner: Any) -> str:
         else f"variable {where}"
 
 
-def _init_arguments(module: Any) -> list[str]:
-    """The initializer arguments (``*_init``, ``*_initializer``) of the module's constructor."""
+def _constructor_parameters(module: Any) -> Mapping[str, inspect.Parameter]:
     try:
-        parameters = inspect.signature(type(module).__init__).parameters
+        return inspect.signature(type(module).__init__).parameters
     except (TypeError, ValueError):
-        return []
-    return [p for p in parameters if p.endswith(("_init", "_initializer"))]
+        return {}
 
 
-def _initializer(name: str, nodes: Mapping[tuple, Any], path: tuple, where: str) -> Callable:
+def _initializer(nodes: Mapping[tuple, Any], path: tuple, where: str) -> Callable:
     """The initializer of the parameter at ``path`` (see the module docstring)."""
     owner_path, attribute = path[:-1], path[-1]
     owner = nodes.get(owner_path)
@@ -299,20 +297,17 @@ def _initializer(name: str, nodes: Mapping[tuple, Any], path: tuple, where: str)
     default = None
     if isinstance(owner, nnx.Module) and type(owner).__module__.startswith("flax.") \
             and isinstance(attribute, str):
-        try:
-            parameter = inspect.signature(type(owner).__init__).parameters.get(
-                f"{attribute}_init")
-        except (TypeError, ValueError):
-            parameter = None
-        if parameter is not None and callable(parameter.default):
-            default = parameter.default
-    if default is None:
+        parameter = _constructor_parameters(owner).get(f"{attribute}_init")
+        default = parameter.default if parameter is not None else None
+    if not callable(default):
         raise ValueError(f"{where}: no initializer found to redraw it from the seed (no "
                          f"`{attribute}_init` attribute, and not a Flax layer's parameter "
                          f"with a default initializer); {remedy}")
     for depth in range(len(owner_path)):
         above = nodes.get(owner_path[:depth])
-        arguments = _init_arguments(above) if isinstance(above, nnx.Module) else []
+        arguments = [argument for argument in _constructor_parameters(above)
+                     if argument.endswith(("_init", "_initializer"))
+                     ] if isinstance(above, nnx.Module) else []
         if arguments:
             at = "/".join(map(str, owner_path[:depth])) or "the module itself"
             raise ValueError(
@@ -325,19 +320,17 @@ def _initializer(name: str, nodes: Mapping[tuple, Any], path: tuple, where: str)
 def _draw(owner: Any, attribute: Any, initializer: Callable, key: jax.Array,
           value: jax.Array, where: str) -> jax.Array:
     """``initializer``'s draw of a value of ``value``'s shape and dtype."""
-    shape = value.shape
+    shape = drawn_shape = value.shape
     if isinstance(owner, nnx.LinearGeneral) and attribute in ("kernel", "bias"):
         # LinearGeneral draws on the 2-D (kernel) or 1-D (bias) flattening of the shape.
         n_out = len(owner.out_features)
-        flat = ((math.prod(shape[:-n_out]), math.prod(shape[-n_out:]))
-                if attribute == "kernel" else (math.prod(shape),))
-        drawn = initializer(key, flat, value.dtype)
-    else:
-        drawn = initializer(key, shape, value.dtype)
+        drawn_shape = ((math.prod(shape[:-n_out]), math.prod(shape[-n_out:]))
+                       if attribute == "kernel" else (math.prod(shape),))
+    drawn = initializer(key, drawn_shape, value.dtype)
     drawn = jnp.asarray(getattr(drawn, "raw_value", drawn))  # partitioning metadata
-    if drawn.size != value.size:
+    if drawn.shape != drawn_shape:
         raise ValueError(f"{where}: its initializer drew shape {drawn.shape}, expected "
-                         f"{shape}")
+                         f"{drawn_shape}")
     return jnp.reshape(drawn, shape).astype(value.dtype)
 
 

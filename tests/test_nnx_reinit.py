@@ -193,3 +193,12 @@ def test_unknown_batch_statistic_is_an_error():
     with pytest.raises(ValueError, match=r"NNX module 'm': variable peak \(Tracked.peak\) is a "
                                          r"BatchStat whose initial value jaxmtl does not know"):
         redrawn(Tracked(), 0)
+
+
+def test_initializer_of_another_shape_is_an_error():
+    module = ScaledWithInit(nnx.Rngs(0))
+    module.gain_init = lambda key, shape, dtype: jnp.zeros((3,), dtype)
+    with pytest.raises(ValueError, match=r"NNX module 'm': variable gain "
+                                         r"\(ScaledWithInit.gain\): its initializer drew "
+                                         r"shape \(3,\), expected \(2,\)"):
+        redrawn(module, 0)
