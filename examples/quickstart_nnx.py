@@ -2,9 +2,10 @@
 
 The NNX modules own their initial weights (their ``rngs`` chose them); jaxmtl splits
 them into its variables pytree, trains them with the same jitted step as Linen modules,
-and leaves the module objects themselves unchanged.
+and leaves the module objects themselves unchanged. (``model.init(X, seed=s)`` before
+``fit`` would instead redraw them from ``s`` with their layers' initializers.)
 
-Run: python examples/quickstart_nnx.py   (about 20 s on 2 CPU cores, compile included)
+Run: python examples/quickstart_nnx.py   (about 15 s on 2 CPU cores, compile included)
 """
 
 from __future__ import annotations

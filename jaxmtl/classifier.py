@@ -20,6 +20,7 @@ from .loader import DictDataLoader
 from .model import (
     ModelGraph,
     PyTree,
+    _with_module_variables,
     apply_ops,
     build_graph,
     compiled_init_variables,
@@ -27,6 +28,7 @@ from .model import (
     task_loss_terms,
     task_probs,
 )
+from .nnx_modules import is_nnx_module, reinitialised_variables
 from .parallel import DataParallel, choose_parallel
 from .persistence import load_variables, save_params
 from .signatures import family_of, task_families, view_modules, view_variables
@@ -100,6 +102,8 @@ class MultitaskClassifier:
         the ``Trainer`` whose ``fit`` first initialises the model; else 0 (a model
         initialised outside ``fit``, e.g. by ``score`` or ``init``). A model that already
         has weights keeps them; only modules it lacks (a task added later) are created.
+        Flax NNX modules start from their own values whatever this seed; an explicit
+        ``init(..., seed=)`` or ``init_from_loaders(..., seed=)`` redraws them.
       dataparallel: use all local devices for data parallelism when there are several.
       device: Snorkel's device: a device index into ``jax.local_devices()`` or -1 for
         the CPU (``jax.devices("cpu")``); None (default) uses JAX's default devices.
@@ -199,11 +203,16 @@ class MultitaskClassifier:
         Modules already initialised keep their weights (so a task added later shares
         them); a module's initial weights depend on the seed and its place in the module
         pool only, so initialising from several batches (one per dataset) in any order
-        gives the same weights.
+        gives the same weights. Flax NNX modules start from their own values, unless
+        ``seed`` is given: then the NNX modules this call creates are redrawn from it
+        (``nnx_modules.reinitialised_variables``: every ``nnx.Param`` from the seed, its
+        module's name and its path, with its own initializer; BatchNorm statistics
+        reset).
 
         Args:
           X_dict: input name -> array [B, ...] (one batch is enough).
-          seed: initialisation seed; defaults to the model's ``seed`` (0 if None).
+          seed: initialisation seed (it also redraws NNX modules); defaults to the
+            model's ``seed`` (0 if None), with NNX modules keeping their own values.
           task_names: tasks to initialise; defaults to every task whose input keys are
             all in ``X_dict``.
 
@@ -211,7 +220,8 @@ class MultitaskClassifier:
           The model's variables.
 
         Raises:
-          ValueError: if ``X_dict`` holds the inputs of no task.
+          ValueError: if ``X_dict`` holds the inputs of no task; with ``seed``, if an NNX
+            parameter's initializer cannot be found (naming the module and the path).
         """
         if task_names is None:
             task_names = [t for t in self.task_names
@@ -221,25 +231,41 @@ class MultitaskClassifier:
                 raise ValueError(
                     f"init: X_dict has keys {sorted(X_dict)}, which hold the inputs of no "
                     f"task; the tasks read {needed}")
-        rng = jax.random.PRNGKey(self.init_seed() if seed is None else seed)
-        self._compiled_init([(_as_device_batch(X_dict), task_names)], rng)
+        resolved = self.init_seed() if seed is None else int(seed)
+        variables = (self.variables if seed is None else
+                     self._with_seeded_nnx(self._missing_modules(task_names), resolved))
+        self._compiled_init([(_as_device_batch(X_dict), task_names)],
+                            jax.random.PRNGKey(resolved), variables)
         self._created |= set(self.graph.modules_for(task_names))
         return self.variables
 
-    def _compiled_init(self, batches: list[tuple[dict, Sequence[str]]], rng: jax.Array
-                       ) -> None:
-        """``self.variables`` grown by ``compiled_init_variables`` over ``batches``.
+    def _with_seeded_nnx(self, module_names: Sequence[str], seed: int) -> PyTree | None:
+        """The model's variables plus the NNX modules among ``module_names`` redrawn from
+        ``seed`` (``init_variables`` then keeps them; without this it creates NNX modules
+        from their own values). ``self.variables`` is not changed."""
+        variables = self.variables
+        for name in module_names:
+            module = self.graph.module_pool[name]
+            if is_nnx_module(module):
+                drawn = reinitialised_variables(self.graph.nnx_specs[name], module, seed)
+                variables = _with_module_variables(variables or {"params": {}}, name, drawn)
+        return variables
+
+    def _compiled_init(self, batches: list[tuple[dict, Sequence[str]]], rng: jax.Array,
+                       variables: PyTree | None) -> None:
+        """``self.variables`` = ``variables`` grown by ``compiled_init_variables`` over
+        ``batches`` (set only when it succeeds).
 
         A Ctrl-C waits for the program (seconds): delivered mid-compile it would throw
         the compile away, and a set-up interrupted again would never progress.
         """
         with InterruptGuard() as guard, guard.critical():
-            self.variables = compiled_init_variables(self.graph, batches, rng,
-                                                     self.variables)
+            self.variables = compiled_init_variables(self.graph, batches, rng, variables)
 
     def init_from_loaders(self, dataloaders: Sequence[DictDataLoader],
                           seed: int | None = None,
-                          remap_labels: Mapping[str, str | None] | None = None) -> PyTree:
+                          remap_labels: Mapping[str, str | None] | None = None, *,
+                          fallback_seed: int | None = None) -> PyTree:
         """Creates every module the loaders' tasks need, from one batch of each loader.
 
         A loader's tasks are its dataset's label names that are tasks (after
@@ -249,11 +275,19 @@ class MultitaskClassifier:
 
         Args:
           dataloaders: DictDataLoaders, in order.
-          seed: the fallback seed when the model's ``seed`` is None (the Trainer's).
+          seed: the seed when the model's ``seed`` is None (the model's wins, as in
+            ``Trainer.fit``). Given, it also redraws the NNX modules this call creates
+            from that same seed, as ``init(..., seed=)`` does.
           remap_labels: label name -> task name, as in ``predict``.
+          fallback_seed: as ``seed``, but NNX modules keep their own values: the seed of
+            a ``Trainer`` initialising the model it fits.
 
         Returns:
           The model's variables (None if no loader carries a task).
+
+        Raises:
+          ValueError: with ``seed``, if an NNX parameter's initializer cannot be found
+            (naming the module and the path).
         """
         batches, planned = [], set()
         for dataloader in dataloaders:
@@ -265,14 +299,17 @@ class MultitaskClassifier:
                 batches.append((_as_device_batch(X_dict), tasks))
                 planned |= set(missing)
         if batches:
-            rng = jax.random.PRNGKey(self.init_seed(seed))
+            resolved = self.init_seed(seed if seed is not None else fallback_seed)
+            variables = (self.variables if seed is None else
+                         self._with_seeded_nnx(sorted(planned), resolved))
+            rng = jax.random.PRNGKey(resolved)
             # One compiled program for a few loaders; with many (a head each, typically),
             # the first loader's modules (the shared body, most weights) compiled and the
             # rest eagerly, where every head of one shape reuses the same small op
             # programs: the one program's compile grows with the loaders (64: 17 s, eager
             # 4 s; 2: 1.75 s, eager 1.8 s).
             compiled = batches if len(batches) <= COMPILED_INIT_LOADERS else batches[:1]
-            self._compiled_init(compiled, rng)
+            self._compiled_init(compiled, rng, variables)
             for X_dict, tasks in batches[len(compiled):]:
                 self.variables = init_variables(self.graph, X_dict, rng, tasks,
                                                 self.variables)

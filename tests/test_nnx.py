@@ -233,22 +233,24 @@ import json, os, sys
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={sys.argv[1]}"
 import jax, numpy as np
 sys.path.insert(0, {tests!r})
-from test_nnx import loaders, nnx_model
+import test_nnx
+from test_nnx import loaders
 import jaxmtl
 assert len(jax.local_devices()) == int(sys.argv[1])
-model = nnx_model()
-jaxmtl.Trainer(n_epochs=2, lr=0.05, seed=0, progress_bar=False, parallel=sys.argv[2]).fit(
-    model, loaders(batch_size=40))
+model = getattr(test_nnx, sys.argv[3])()
+jaxmtl.Trainer(n_epochs=2, lr=0.05, seed=0, progress_bar=False, parallel=sys.argv[2],
+               optimizer=sys.argv[4]).fit(model, loaders(batch_size=40))
 print(json.dumps(jax.tree.map(lambda a: np.asarray(a).tolist(), model.variables)))
 """
 
 
-def device_run(n_devices, parallel):
+def device_run(n_devices, parallel, model="nnx_model", optimizer="adam"):
+    """The variables after 2 epochs of ``model()`` (a builder here) on forced CPU devices."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     result = subprocess.run(
         [sys.executable, "-c", DEVICE_RUN.replace("{tests!r}", repr(str(ROOT / "tests"))),
-         str(n_devices), parallel], capture_output=True, text=True, timeout=600, env=env,
-        cwd=ROOT / "tests")
+         str(n_devices), parallel, model, optimizer], capture_output=True, text=True, timeout=600,
+        env=env, cwd=ROOT / "tests")
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -262,6 +264,47 @@ def one_device():
 @pytest.mark.parametrize("parallel", ["pmap", pytest.param("sharded", marks=pytest.mark.slow)])
 def test_4_devices_match_one_device(one_device, parallel):
     assert_trees_equal(device_run(4, parallel), one_device, rtol=1e-5, atol=1e-6)
+
+
+# Two subprocess runs (~40 s on 2 busy cores). By default NNX BatchNorm statistics are
+# checked on one device above, NNX on 4 pmap devices above, and Linen BatchNorm under the
+# sharded mode against one device in test_parallel.py.
+@pytest.mark.slow
+def test_batchnorm_dropout_sharded_on_2_devices_matches_one_device():
+    # SGD: the body's Linear bias, just before BatchNorm, has a gradient of 0 up to float
+    # rounding (BatchNorm removes any shift), which Adam's first steps scale up to +-lr
+    # whatever its sign: 0.03 apart after one step, for Linen's BatchNorm as well.
+    one = device_run(1, "single", "bn_model", "sgd")
+    two = device_run(2, "sharded", "bn_model", "sgd")
+    assert set(one) == {"params", "batch_stats"}
+    assert_trees_equal(two, one, rtol=1e-5, atol=1e-6)
+    stats = np.asarray(two["batch_stats"]["body"]["layers"]["1"]["mean"])
+    assert np.all(np.abs(stats) > 0)  # statistics were updated, on both devices' rows
+
+
+def test_batchnorm_trains_in_bf16_with_float32_statistics():
+    dls = loaders(n_train=96, n_valid=32)
+    model = bn_model()
+    model.init({"data": dls[0].dataset.X_dict["data"][:4]})
+    initial = jax.tree.map(np.asarray, model.variables)
+    trainer = jaxmtl.Trainer(n_epochs=2, lr=0.05, seed=0, progress_bar=False,
+                             precision="bf16")
+    trainer.fit(model, dls[:2])
+    for leaf in jax.tree.leaves((model.variables, trainer.state.opt_state)):
+        if jnp.issubdtype(leaf.dtype, jnp.floating):
+            assert leaf.dtype == jnp.float32, leaf.dtype
+    loss = trainer.metrics["model/all/train/loss"]
+    assert np.isfinite(loss) and 0 < loss < 1.0, loss
+    stats = model.variables["batch_stats"]["body"]["layers"]["1"]
+    before = initial["batch_stats"]["body"]["layers"]["1"]
+    # 12 steps (2 epochs x 2 tasks x 3 batches) of momentum 0.99 from (0, 1): the
+    # statistics moved, and the variance kept at least 0.99 ** 12 of its initial 1.
+    assert int(trainer.state.step) == 12
+    assert np.all(np.asarray(stats["mean"]) != before["mean"])
+    assert np.all(np.asarray(stats["var"]) != before["var"])
+    assert np.all(np.asarray(stats["var"]) >= 0.99 ** 12 * (1 - 1e-3))
+    assert not np.allclose(model.params["body"]["layers"]["0"]["kernel"],
+                           initial["params"]["body"]["layers"]["0"]["kernel"])
 
 
 # --- the NNX quickstart -------------------------------------------------------------------

@@ -291,7 +291,8 @@ class Trainer:
         # whose tasks use it (train loaders first), so a dataset needs only its own
         # tasks' inputs; the weights follow from the seed alone.
         model.init_from_loaders([*train_loaders, *(dl for dl in dataloaders
-                                                   if dl not in train_loaders)], self.seed)
+                                                   if dl not in train_loaders)],
+                                fallback_seed=self.seed)
         check_labels_fit_heads(model, dataloaders)
         variables = model.variables if model.variables is not None else {"params": {}}
         check_module_names(config.module_optimizers, variables.get("params", {}))
