@@ -143,7 +143,9 @@ FOOTNOTES = [
     "R timed `fit(n_epochs=1)` on the same model/trainer. Hand-written loops: epochs timed "
     "to `block_until_ready` / the end of the eager loop.",
     "3. Compile / 1st-epoch overhead = warm-up epoch (from the `fit` call) minus the median "
-    "steady epoch, in a fresh process: tracing + XLA compilation + start-up for JAX; first-call "
+    "steady epoch, in a fresh process: tracing + XLA compilation + start-up for JAX, parameter "
+    "and optimizer initialisation included on both sides, jaxmtl without its persistent cache; "
+    "first-call "
     "allocation and thread start-up for PyTorch (no compilation).",
     "4. Predict = N points through both heads (probabilities copied to host numpy), batch 1024, "
     "best of R calls after a warm-up call; `model.predict` for jaxmtl and Snorkel.",

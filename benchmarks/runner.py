@@ -45,14 +45,19 @@ JAX_NUMPY = Implementation("jax_numpy", "hand-written jitted JAX/optax loop, num
                            "benchmarks.impl_jax", {"variant": "numpy"})
 JAX_SCAN = Implementation("jax_scan", "same JAX loop, data on device, lax.scan per epoch",
                           "benchmarks.impl_jax", {"variant": "scan"})
-JAXMTL = Implementation("jaxmtl", "jaxmtl Trainer.fit (default config)", "benchmarks.impl_jaxmtl")
+# jaxmtl's children run cold (JAXMTL_COMPILATION_CACHE=0): the compile overhead is a first
+# run's, comparable with the hand-written loops', whatever an earlier run left in the cache.
+COLD = {"JAXMTL_COMPILATION_CACHE": "0"}
+JAXMTL = Implementation("jaxmtl", "jaxmtl Trainer.fit (default config)", "benchmarks.impl_jaxmtl",
+                        env=COLD)
 
 
 def jaxmtl_fused(steps_per_call: int) -> Implementation:
     """jaxmtl with ``TrainerConfig(steps_per_call=K)`` (the opt-in fused mode)."""
     return Implementation(f"jaxmtl_k{steps_per_call}",
                           f"jaxmtl Trainer.fit, steps_per_call={steps_per_call}",
-                          "benchmarks.impl_jaxmtl", {"steps_per_call": steps_per_call})
+                          "benchmarks.impl_jaxmtl", {"steps_per_call": steps_per_call},
+                          env=COLD)
 
 
 def default_torch_python() -> str:

@@ -19,8 +19,8 @@ import numpy as np
 from .._lazy import lazy_module
 from .checkpoint import CHECKPOINTS_SUBDIR
 from .config import TrainerConfig, from_dict
-from .orbax_io import CheckpointError, CheckpointMismatchError, restore_checkpoint
 from .module_optimizers import with_live_transformations
+from .orbax_io import CheckpointError, CheckpointMismatchError, restore_checkpoint
 from .run_files import to_jsonable
 from .step import TrainState, make_optimizer
 
