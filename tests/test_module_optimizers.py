@@ -339,6 +339,22 @@ def test_matches_a_hand_built_partition(two_task_loaders, monkeypatch, setting):
                          - initial.params["linear2B"]["kernel"])) > 1e-3
 
 
+def test_a_users_name_based_partition_is_never_applied_through_a_renaming_view(
+        two_task_loaders):
+    """A hand-built ``optax.partition`` labels modules by name; a shared family program
+    would run task2's head under task1's name (both groups stateless for the heads, so the
+    optimizer states agree in structure). The Trainer keeps such runs on the general step:
+    the frozen head stays bit for bit, and no family program is compiled."""
+    model, trainer = fit(two_task_loaders, optimizer=reference_optimizer())
+    assert len(trainer.compiled_steps.families) == 0
+    initial = MultitaskClassifier([make_task("task1"), make_task("task2", ("A", "C"))])
+    initial.init_from_loaders(two_task_loaders, 0)
+    np.testing.assert_array_equal(model.params["linear2C"]["kernel"],
+                                  initial.params["linear2C"]["kernel"])
+    assert np.max(np.abs(model.params["linear2B"]["kernel"]
+                         - initial.params["linear2B"]["kernel"])) > 1e-3
+
+
 def test_family_program_is_shared_when_the_members_share_a_group(two_task_loaders,
                                                                monkeypatch):
     """Both heads in the default group: task2's batches run task1's family program, on

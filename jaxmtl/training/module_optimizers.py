@@ -307,6 +307,16 @@ def zero_frozen_gradients(module_optimizers: Mapping[str, Any]) -> Any | None:
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
+def uses_user_transformation(config: Any) -> bool:
+    """Whether a user's ``optax.GradientTransformation`` is among the optimizers (global or
+    per module): one that may label or mask parameters by module name."""
+    if is_gradient_transformation(config.optimizer):
+        return True
+    return any(is_gradient_transformation(value)
+               or (isinstance(value, Mapping) and is_gradient_transformation(value.get("optimizer")))
+               for value in config.module_optimizers.values())
+
+
 def _is_frozen(value: Any) -> bool:
     return isinstance(value, str) and value == FROZEN
 

@@ -180,7 +180,10 @@ def _views_fit(state: TrainState, family: TaskFamily, graph: ModelGraph) -> bool
     Optimizers that act leaf by leaf (all of jaxmtl's; clipping by the global norm sees
     the same norm, the other modules' gradients being zero) give the view the state
     ``view_of`` cuts from the full one; a user transformation that labels or masks
-    modules by name may not, and its family then trains through the general step.
+    modules by name may not, and its family then trains through the general step. (The
+    structures can agree where the transformation keeps no state for the modules it tells
+    apart, e.g. ``set_to_zero``; so the Trainer sends families to the general step whenever
+    a user's transformation is configured: ``family_routes(shared=False)``.)
     """
     modules = set(state.params)
     # Every member's view has the representative's keys, so the optimizer's own state
@@ -195,13 +198,15 @@ def _views_fit(state: TrainState, family: TaskFamily, graph: ModelGraph) -> bool
 
 def family_routes(graph: ModelGraph, state: TrainState,
                   train_loaders: Sequence[DictDataLoader],
-                  diagnostics: bool = False) -> dict[int, _Route]:
+                  diagnostics: bool = False, shared: bool = True) -> dict[int, _Route]:
     """Loader id -> its family route, for loaders that label one task of a family.
 
-    Empty with a balancer or interference diagnostics (they need the general step) or
-    when ``PerStepRunner.share_family_programs`` is False.
+    Empty with a balancer or interference diagnostics (they need the general step), when
+    ``shared`` is False (a user's optax transformation, which may tell modules apart by
+    name: a member's view renames them) or ``PerStepRunner.share_family_programs`` is False.
     """
-    if not PerStepRunner.share_family_programs or state.balancer is not None or diagnostics:
+    if (not shared or not PerStepRunner.share_family_programs or state.balancer is not None
+            or diagnostics):
         return {}
     families = task_families(graph, state.variables)
     fits: dict[TaskFamily, bool] = {}
@@ -257,7 +262,7 @@ class PerStepRunner:
     def __init__(self, graph: ModelGraph, parallel: DataParallel, state: TrainState,
                  train_loaders: Sequence[DictDataLoader],
                  compiled: StepPrograms | None = None, compile_ahead: bool = False,
-                 diagnostics: bool = False) -> None:
+                 diagnostics: bool = False, family_programs: bool = True) -> None:
         self.parallel = parallel
         # (Programs of an earlier fit are compiled already.)
         self.compile_ahead = compile_ahead and parallel.mode == "single" and compiled is None
@@ -271,8 +276,8 @@ class PerStepRunner:
         self._routes = {
             key: route._replace(program=self.compiled.family(route.family),
                                 member=parallel.per_device(np.int32(route.member)))
-            for key, route in family_routes(graph, state, train_loaders,
-                                            diagnostics).items()}
+            for key, route in family_routes(graph, state, train_loaders, diagnostics,
+                                            family_programs).items()}
         # XLA:CPU runs each device's part of a collective on a shared thread pool; with
         # many steps queued, parts of different steps can hold every thread and wait for
         # each other forever (an all-reduce rendezvous timeout). There, a step starts only
@@ -467,7 +472,8 @@ class FusedRunner:
 
     def __init__(self, graph: ModelGraph, parallel: DataParallel, state: TrainState,
                  train_loaders: Sequence[DictDataLoader], steps_per_call: int,
-                 compiled: FusedPrograms | None = None, diagnostics: bool = False) -> None:
+                 compiled: FusedPrograms | None = None, diagnostics: bool = False,
+                 family_programs: bool = True) -> None:
         if parallel.mode != "single":
             raise ValueError(
                 f"steps_per_call={steps_per_call} runs on one device; got parallel mode "
@@ -478,7 +484,7 @@ class FusedRunner:
         self.n_accumulator = (len(train_loaders), len(graph.task_names), diagnostics)
         self.steps_per_call = steps_per_call
         groups, data, self._placement = _fused_groups(graph, state, train_loaders,
-                                                      diagnostics)
+                                                      diagnostics, family_programs)
         self._data = jax.device_put(data, parallel.devices[0])
         self._n_groups = len(groups)
         self._width = max(dl.batch_size for dl in train_loaders)
@@ -551,21 +557,22 @@ def _scan_inputs(pending: Sequence[IndexBatch], placement: Sequence[tuple], k: i
 def make_runner(graph: ModelGraph, parallel: DataParallel, state: TrainState,
                 train_loaders: Sequence[DictDataLoader], steps_per_call: int = 1,
                 compiled: Any = None, compile_ahead: bool = False,
-                diagnostics: bool = False) -> Runner:
+                diagnostics: bool = False, family_programs: bool = True) -> Runner:
     """The ``FusedRunner`` for ``steps_per_call > 1``, else the ``PerStepRunner``.
 
     ``compiled`` (an earlier runner's ``compiled``) is reused only when it is of the
     kind the runner keeps; ``compile_ahead`` as ``PerStepRunner``'s (the fused runner
     compiles one program); ``diagnostics``: the accumulator carries the interference
-    diagnostics (``TrainerConfig.log_task_gradients``).
+    diagnostics (``TrainerConfig.log_task_gradients``); ``family_programs``: False makes
+    every loader of a task family step through the general program (``family_routes``).
     """
     if steps_per_call > 1:
         return FusedRunner(graph, parallel, state, train_loaders, steps_per_call,
                            compiled if isinstance(compiled, FusedPrograms) else None,
-                           diagnostics)
+                           diagnostics, family_programs)
     return PerStepRunner(graph, parallel, state, train_loaders,
                          compiled if isinstance(compiled, StepPrograms) else None,
-                         compile_ahead, diagnostics)
+                         compile_ahead, diagnostics, family_programs)
 
 
 def _bucket_widths(dl: DictDataLoader) -> list[tuple]:
@@ -581,7 +588,8 @@ def _bucket_widths(dl: DictDataLoader) -> list[tuple]:
 
 def _fused_groups(graph: ModelGraph, state: TrainState,
                   train_loaders: Sequence[DictDataLoader],
-                  diagnostics: bool = False) -> tuple[tuple, list, list]:
+                  diagnostics: bool = False, family_programs: bool = True
+                  ) -> tuple[tuple, list, list]:
     """The fused branches: one per (family and data signature, or other loader) and
     bucket shape.
 
@@ -590,7 +598,7 @@ def _fused_groups(graph: ModelGraph, state: TrainState,
       loaders' datasets concatenated along the rows, stored once for all its bucket
       shapes); per loader ``(group per bucket shape, row offset, member)``.
     """
-    routes = family_routes(graph, state, train_loaders, diagnostics)
+    routes = family_routes(graph, state, train_loaders, diagnostics, family_programs)
     groups: list[FusedGroup] = []
     parts: list[dict[str, Any]] = []
     placement: list[tuple[tuple[int, ...], int, int]] = []

@@ -38,7 +38,7 @@ from .diagnostics import diagnostics_metrics
 from .guards import DivergenceMonitor, InterruptGuard, all_finite
 from .log_manager import LogManager
 from .lr_schedules import make_lr_schedule
-from .module_optimizers import check_module_names, lr_schedule_for
+from .module_optimizers import check_module_names, lr_schedule_for, uses_user_transformation
 from .preflight import check_labels_fit_heads, warn_unused_labels
 from .resume import (
     continue_optimizer,
@@ -340,7 +340,8 @@ class Trainer:
         runner = make_runner(model.graph, self.parallel, state, run.train_loaders,
                              self.config.steps_per_call, run.compiled.steps,
                              compile_ahead=self.config.batch_scheduler != "mixed",
-                             diagnostics=self.config.log_task_gradients)
+                             diagnostics=self.config.log_task_gradients,
+                             family_programs=not uses_user_transformation(self.config))
         self._compiled = {run.cache_key: run.compiled._replace(steps=runner.compiled)}
         return runner
 
