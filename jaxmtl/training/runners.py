@@ -13,8 +13,8 @@ Two siblings implement the ``Runner`` protocol and give the same results:
 
 - ``PerStepRunner``: one jitted (or pmapped) step per batch, numpy batches sent to the
   devices one batch ahead of the step that needs them.
-- ``FusedRunner`` (``TrainerConfig(steps_per_call=K)``): the train datasets live on the
-  device; the host sends only row indices, and one call runs K steps in a ``lax.scan``,
+- ``FusedRunner`` (``TrainerConfig(steps_per_call=K)``, in ``fused.py``): the train
+  datasets live on the device; the host sends only row indices, and one call runs K steps in a ``lax.scan``,
   each selecting its loader's computation with ``lax.switch``. A call cut short (before an
   evaluation, or at the end of an epoch) is filled with no-op steps (no active row), which
   leave the state unchanged, so every call has the same shapes and compiles once.
@@ -28,35 +28,27 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterator, Sequence
-from typing import Any, NamedTuple, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import jax
 import numpy as np
 
-from ..data import is_active, mask_key
+from ..data import is_active
 from ..loader import DictDataLoader
 from ..model import ModelGraph
 from ..parallel import DataParallel, prefetch
-from ..signatures import (
-    TaskFamily,
-    family_of,
-    task_families,
-    view_modules,
-    view_of,
-    view_variables,
-    write_back,
-    write_back_variables,
-)
+from ..signatures import TaskFamily
 from .accumulate import (
     Accumulator,
-    FusedGroup,
     fit_family_step,
     fit_group_step,
     fit_step,
-    fused_steps,
     zero_loss_accumulator,
 )
 from .compile_ahead import abstract, compile_in_background
+from .families import Route, family_routes, state_view, write_view_back
+from .fused import FusedPrograms, FusedRunner, IndexBatch
+from .state import own_buffers
 from .step import TrainState
 
 __all__ = ["FusedPrograms", "FusedRunner", "IndexBatch", "PerStepRunner", "Runner",
@@ -100,21 +92,6 @@ class Runner(Protocol):
         """One copy of a placed tree (the first device's under pmap)."""
 
 
-def own_buffers(tree: Any) -> Any:
-    """A copy of every array of ``tree``: buffers the step may donate.
-
-    The step donates its state; without the copy it would delete arrays the caller still
-    holds (the dict ``model.init`` returned, a ``model.params`` taken before ``fit``).
-    """
-    leaves, treedef = jax.tree.flatten(tree)
-    arrays = [i for i, leaf in enumerate(leaves) if isinstance(leaf, jax.Array)]
-    # A device-to-device copy: no program to compile (jnp.copy would compile per shape).
-    copies = jax.device_put([leaves[i] for i in arrays], may_alias=False)
-    for i, copy in zip(arrays, copies, strict=True):
-        leaves[i] = copy
-    return jax.tree.unflatten(treedef, leaves)
-
-
 class StepPrograms:
     """The per-step runner's compiled steps, kept by the Trainer across ``fit`` calls.
 
@@ -146,88 +123,7 @@ class StepPrograms:
         return self.families[family]
 
 
-class _Route(NamedTuple):
-    """How a loader's batches reach a family step."""
-
-    family: TaskFamily
-    task: str
-    input_keys: tuple[str, ...] | None
-    member: int
-    view: dict[str, str]
-    program: Any = None
-
-
-def _state_view(state: TrainState, view: dict[str, str], modules: set[str]) -> TrainState:
-    """The member's view of the state: the modules its task runs, under the
-    representative's names (``signatures.view_of``)."""
-    return state.replace(params=view_of(state.params, view, modules),
-                         opt_state=view_of(state.opt_state, view, modules),
-                         model_state=view_variables(state.model_state, view))
-
-
-def _write_view_back(state: TrainState, view_state: TrainState, view: dict[str, str],
-                     modules: set[str]) -> TrainState:
-    """``state`` with the member's updated view written back under the member's names."""
-    return view_state.replace(
-        params=write_back(state.params, view_state.params, view, modules),
-        opt_state=write_back(state.opt_state, view_state.opt_state, view, modules),
-        model_state=write_back_variables(state.model_state, view_state.model_state, view))
-
-
-def _views_fit(state: TrainState, family: TaskFamily, graph: ModelGraph) -> bool:
-    """Whether the optimizer sees each member's view as it sees the whole model.
-
-    Optimizers that act leaf by leaf (all of jaxmtl's; clipping by the global norm sees
-    the same norm, the other modules' gradients being zero) give the view the state
-    ``view_of`` cuts from the full one; a user transformation that labels or masks
-    modules by name may not, and its family then trains through the general step. (The
-    structures can agree where the transformation keeps no state for the modules it tells
-    apart, e.g. ``set_to_zero``; so the Trainer sends families to the general step whenever
-    a user's transformation is configured: ``family_routes(shared=False)``.)
-    """
-    modules = set(state.params)
-    # Every member's view has the representative's keys, so the optimizer's own state
-    # for a view has one structure: traced once, compared with each member's cut.
-    expected = jax.tree.structure(jax.eval_shape(
-        state.tx.init, view_of(state.params, view_modules(graph, family, 0), modules)))
-    return all(
-        jax.tree.structure(view_of(state.opt_state, view_modules(graph, family, member),
-                                   modules)) == expected
-        for member in range(len(family.tasks)))
-
-
-def family_routes(graph: ModelGraph, state: TrainState,
-                  train_loaders: Sequence[DictDataLoader],
-                  diagnostics: bool = False, shared: bool = True) -> dict[int, _Route]:
-    """Loader id -> its family route, for loaders that label one task of a family.
-
-    Empty with a balancer or interference diagnostics (they need the general step), when
-    ``shared`` is False (a user's optax transformation, which may tell modules apart by
-    name: a member's view renames them) or ``PerStepRunner.share_family_programs`` is False.
-    """
-    if (not shared or not PerStepRunner.share_family_programs or state.balancer is not None
-            or diagnostics):
-        return {}
-    families = task_families(graph, state.variables)
-    fits: dict[TaskFamily, bool] = {}
-    routes = {}
-    for dl in train_loaders:
-        tasks = [k for k in dl.dataset.Y_dict if k in graph.op_sequences]
-        family = family_of(families, tasks[0]) if len(tasks) == 1 else None
-        if family is None:
-            continue
-        if family not in fits:
-            fits[family] = _views_fit(state, family, graph)
-        if not fits[family]:
-            continue
-        keys = graph.input_keys([family.representative])
-        member = family.index(tasks[0])
-        routes[id(dl)] = _Route(family, tasks[0], None if keys is None else tuple(sorted(keys)),
-                                member, view_modules(graph, family, member))
-    return routes
-
-
-def _signature(args: Any) -> tuple:
+def _call_signature(args: Any) -> tuple:
     """What a jitted program is compiled for: the tree structure and each leaf's spec
     (a Python scalar counts by its type: jit traces it as a weak-typed array)."""
     leaves, treedef = jax.tree.flatten(args)
@@ -276,8 +172,9 @@ class PerStepRunner:
         self._routes = {
             key: route._replace(program=self.compiled.family(route.family),
                                 member=parallel.per_device(np.int32(route.member)))
-            for key, route in family_routes(graph, state, train_loaders, diagnostics,
-                                            family_programs).items()}
+            for key, route in family_routes(
+                graph, state, train_loaders, diagnostics,
+                family_programs and self.share_family_programs).items()}
         # XLA:CPU runs each device's part of a collective on a shared thread pool; with
         # many steps queued, parts of different steps can hold every thread and wait for
         # each other forever (an all-reduce rendezvous timeout). There, a step starts only
@@ -313,10 +210,10 @@ class PerStepRunner:
                     args = abstract((state, accumulator, (self._put(batch),), (loader_index,)))
                 else:
                     program = route.program
-                    args = abstract((_state_view(state, route.view, self._modules), accumulator,
+                    args = abstract((state_view(state, route.view, self._modules), accumulator,
                                      *self._put_member(batch, route), route.member,
                                      loader_index))
-                key = (id(program), _signature(args))
+                key = (id(program), _call_signature(args))
                 if key not in seen:
                     seen.add(key)
                     jobs.append((program, args))
@@ -335,14 +232,14 @@ class PerStepRunner:
             return state, accumulator
         if self._wait_for_previous_step:
             jax.block_until_ready(state.step)
-        if not isinstance(loader_indices[0], _Route):
+        if not isinstance(loader_indices[0], Route):
             return self.compiled.general(state, accumulator, device_batches, loader_indices)
         route, loader_index = loader_indices
         # The step sees only the member's modules; the others are not even passed.
         view_state, accumulator = route.program(
-            _state_view(state, route.view, self._modules), accumulator, *device_batches,
+            state_view(state, route.view, self._modules), accumulator, *device_batches,
             route.member, loader_index)
-        return _write_view_back(state, view_state, route.view, self._modules), accumulator
+        return write_view_back(state, view_state, route.view, self._modules), accumulator
 
     def flush(self, state: TrainState, accumulator: Accumulator
               ) -> tuple[TrainState, Accumulator]:
@@ -375,7 +272,7 @@ class PerStepRunner:
         loader_indices = tuple(self._loader_index[id(dl)] for dl in dataloaders)
         return tuple(device_batches), num_valid, loader_indices
 
-    def _family_to_devices(self, batch: Any, dataloader: DictDataLoader, route: _Route
+    def _family_to_devices(self, batch: Any, dataloader: DictDataLoader, route: Route
                            ) -> tuple[Any, int, Any]:
         if not is_active(batch[1][route.task][batch.mask]).any():
             return None, 0, None
@@ -388,7 +285,7 @@ class PerStepRunner:
         return self.parallel.put_batch(
             X_dict, {k: v for k, v in Y_dict.items() if k in self._task_names}, batch.mask)
 
-    def _put_member(self, batch: Any, route: _Route) -> tuple:
+    def _put_member(self, batch: Any, route: Route) -> tuple:
         """``(X, labels, mask)`` on the devices for a family step."""
         X_dict, Y_dict = batch
         if route.input_keys is not None:  # every member's batch has the same X keys
@@ -396,162 +293,6 @@ class PerStepRunner:
         X, Y, mask = self.parallel.put_batch(X_dict, {"labels": Y_dict[route.task]},
                                              batch.mask)
         return X, Y["labels"], mask
-
-
-class IndexBatch(NamedTuple):
-    """A batch described by row indices only (the data stays on the device).
-
-    ``shape`` indexes the loader's ``bucket_shapes``: the lengths its variable-length
-    inputs are cut to (0 for a loader without any).
-    """
-
-    loader: int
-    rows: np.ndarray
-    num_valid: int
-    shape: int = 0
-
-
-class _IndexLoader:
-    """Stands in for a loader in the batch scheduler, yielding ``IndexBatch``es in the
-    same order (and with the same padding) as the loader's own batches."""
-
-    def __init__(self, loader: DictDataLoader, index: int, task_names: set[str]) -> None:
-        self.loader, self.index, self.dataset = loader, index, loader.dataset
-        self._labels = [y for k, y in loader.dataset.Y_dict.items() if k in task_names]
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self) -> Iterator[IndexBatch]:
-        order = self.loader.order(self.loader.epoch)
-        self.loader.epoch += 1
-        for batch_index in range(len(self.loader)):
-            rows, num_valid = self.loader.rows_at(order, batch_index)
-            if not any(is_active(y[rows[:num_valid]]).any() for y in self._labels):
-                num_valid = 0  # no labelled row: skipped, as the per-step runner does
-            yield IndexBatch(self.index, rows, num_valid, self.loader.shape_index(rows))
-
-
-class FusedPrograms:
-    """The fused runner's compiled scans, by branch layout (a later fit whose loaders
-    group otherwise gets its own), kept by the Trainer across ``fit`` calls."""
-
-    def __init__(self, graph: ModelGraph) -> None:
-        self.graph = graph
-        self.by_layout: dict[tuple[FusedGroup, ...], Any] = {}
-
-    def programs(self) -> int:
-        """How many fused programs have been compiled (one per layout and call shape)."""
-        return sum(program._cache_size() for program in self.by_layout.values())
-
-    def layout(self, groups: tuple[FusedGroup, ...]) -> Any:
-        """The compiled ``fused_steps`` of the branch layout ``groups``."""
-        if groups not in self.by_layout:
-            self.by_layout[groups] = jax.jit(functools.partial(fused_steps, self.graph,
-                                                               groups),
-                                             donate_argnums=(0, 1))
-        return self.by_layout[groups]
-
-
-def _signature(tree: Any) -> Any:
-    """Keys, trailing shapes and dtypes of a tree of [N, ...] arrays (rows left out)."""
-    return tuple((str(path), np.shape(a)[1:], str(np.asarray(a).dtype))
-                 for path, a in jax.tree_util.tree_flatten_with_path(tree)[0])
-
-
-class FusedRunner:
-    """Up to ``steps_per_call`` steps per device call, over device-resident datasets.
-
-    Args: as ``PerStepRunner``, plus ``steps_per_call`` (K); ``compiled`` is a
-    ``FusedPrograms``; ``diagnostics`` as ``PerStepRunner``'s (one task per step here:
-    norms and weights only).
-
-    Raises:
-      ValueError: when ``parallel`` spans more than one device.
-    """
-
-    def __init__(self, graph: ModelGraph, parallel: DataParallel, state: TrainState,
-                 train_loaders: Sequence[DictDataLoader], steps_per_call: int,
-                 compiled: FusedPrograms | None = None, diagnostics: bool = False,
-                 family_programs: bool = True) -> None:
-        if parallel.mode != "single":
-            raise ValueError(
-                f"steps_per_call={steps_per_call} runs on one device; got parallel mode "
-                f"'{parallel.mode}' over {parallel.n_devices} devices (set parallel='single' "
-                f"or steps_per_call=1)"
-            )
-        self.parallel = parallel
-        self.n_accumulator = (len(train_loaders), len(graph.task_names), diagnostics)
-        self.steps_per_call = steps_per_call
-        groups, data, self._placement = _fused_groups(graph, state, train_loaders,
-                                                      diagnostics, family_programs)
-        self._data = jax.device_put(data, parallel.devices[0])
-        self._n_groups = len(groups)
-        self._width = max(dl.batch_size for dl in train_loaders)
-        self.compiled = compiled or FusedPrograms(graph)
-        self._program = self.compiled.layout(groups)
-        task_names = set(graph.task_names)
-        self.scheduler_loaders = [_IndexLoader(dl, i, task_names)
-                                  for i, dl in enumerate(train_loaders)]
-        self._pending: list[IndexBatch] = []
-
-    def prepare(self, state: TrainState, accumulator: Accumulator
-                ) -> tuple[TrainState, Accumulator]:
-        """Own copies of the state's buffers on the device."""
-        return (self.parallel.replicate(own_buffers(state)),
-                self.parallel.replicate(accumulator))
-
-    def batches(self, scheduled: Iterator[tuple[IndexBatch, Any]]
-                ) -> Iterator[tuple[IndexBatch, int]]:
-        """The scheduler's ``IndexBatch``es: ``(item, num_valid)``."""
-        for item, _ in scheduled:
-            yield item, item.num_valid
-
-    def step(self, state: TrainState, accumulator: Accumulator, item: IndexBatch
-             ) -> tuple[TrainState, Accumulator]:
-        """Queues the step; runs a call when ``steps_per_call`` steps are queued."""
-        if item.num_valid == 0:
-            return state, accumulator
-        self._pending.append(item)
-        if len(self._pending) < self.steps_per_call:
-            return state, accumulator
-        return self.flush(state, accumulator)
-
-    def flush(self, state: TrainState, accumulator: Accumulator
-              ) -> tuple[TrainState, Accumulator]:
-        """Runs the queued steps (padded with no-op steps to ``steps_per_call``)."""
-        if not self._pending:
-            return state, accumulator
-        pending, self._pending = self._pending, []
-        return self._program(state, accumulator, self._data,
-                             *_scan_inputs(pending, self._placement, self.steps_per_call,
-                                           self._width, self._n_groups))
-
-    def zero_accumulator(self) -> Accumulator:
-        """A zero loss accumulator on the device."""
-        return self.parallel.replicate(zero_loss_accumulator(*self.n_accumulator))
-
-    def host(self, tree: Any) -> Any:
-        """The tree itself (one device)."""
-        return self.parallel.unreplicate(tree)
-
-
-def _scan_inputs(pending: Sequence[IndexBatch], placement: Sequence[tuple], k: int,
-                 width: int, n_groups: int) -> tuple[np.ndarray, ...]:
-    """``fused_steps``'s per-step inputs for the queued steps, padded to ``k`` steps:
-    (group_ids, loader_ids, members, rows, num_valid)."""
-    # Unused slots run the no-op branch (index n_groups): the state passes through.
-    group_ids = np.full(k, n_groups, np.int32)
-    loader_ids = np.zeros(k, np.int32)
-    members = np.zeros(k, np.int32)
-    rows = np.zeros((k, width), np.int32)
-    num_valid = np.zeros(k, np.int32)
-    for i, item in enumerate(pending):
-        shape_groups, offset, members[i] = placement[item.loader]
-        group_ids[i] = shape_groups[item.shape]
-        loader_ids[i], num_valid[i] = item.loader, item.num_valid
-        rows[i, : len(item.rows)] = item.rows + offset
-    return group_ids, loader_ids, members, rows, num_valid
 
 
 def make_runner(graph: ModelGraph, parallel: DataParallel, state: TrainState,
@@ -569,71 +310,10 @@ def make_runner(graph: ModelGraph, parallel: DataParallel, state: TrainState,
     if steps_per_call > 1:
         return FusedRunner(graph, parallel, state, train_loaders, steps_per_call,
                            compiled if isinstance(compiled, FusedPrograms) else None,
-                           diagnostics, family_programs)
+                           diagnostics,
+                           family_programs and PerStepRunner.share_family_programs)
     return PerStepRunner(graph, parallel, state, train_loaders,
                          compiled if isinstance(compiled, StepPrograms) else None,
                          compile_ahead, diagnostics, family_programs)
 
 
-def _bucket_widths(dl: DictDataLoader) -> list[tuple]:
-    """Per bucket shape of the loader: ``((input key, length), ...)``, masks included."""
-    shapes = []
-    for shape in dl.bucket_shapes:
-        widths: list[tuple[str, int]] = []
-        for key, length in zip(dl.ragged_keys, shape, strict=True):
-            widths += [(key, length), (mask_key(key), length)]
-        shapes.append(tuple(widths))
-    return shapes
-
-
-def _fused_groups(graph: ModelGraph, state: TrainState,
-                  train_loaders: Sequence[DictDataLoader],
-                  diagnostics: bool = False, family_programs: bool = True
-                  ) -> tuple[tuple, list, list]:
-    """The fused branches: one per (family and data signature, or other loader) and
-    bucket shape.
-
-    Returns:
-      (groups, data, placement): the ``FusedGroup``s; the data parts (a family's
-      loaders' datasets concatenated along the rows, stored once for all its bucket
-      shapes); per loader ``(group per bucket shape, row offset, member)``.
-    """
-    routes = family_routes(graph, state, train_loaders, diagnostics, family_programs)
-    groups: list[FusedGroup] = []
-    parts: list[dict[str, Any]] = []
-    placement: list[tuple[tuple[int, ...], int, int]] = []
-    family_part: dict[tuple, int] = {}
-    group_index: dict[tuple, int] = {}
-    for index, dl in enumerate(train_loaders):
-        X_dict, Y_dict = dl.dataset.X_dict, dl.dataset.Y_dict
-        route = routes.get(id(dl))
-        if route is None:
-            family, loader, offset, member, part = None, index, 0, 0, len(parts)
-            parts.append({"X": dict(X_dict),
-                          "Y": {k: v for k, v in Y_dict.items() if k in graph.op_sequences}})
-        else:
-            keys = sorted(X_dict) if route.input_keys is None else route.input_keys
-            X = {key: np.asarray(X_dict[key]) for key in keys}
-            labels = np.asarray(Y_dict[route.task])
-            key = (route.family, dl.batch_size, _signature(X), _signature(labels))
-            if key not in family_part:
-                family_part[key] = len(parts)
-                parts.append({"X": {k: [] for k in keys}, "labels": [], "rows": 0})
-            family, loader, member, part = route.family, -1, route.member, family_part[key]
-            offset = parts[part]["rows"]
-            for k in keys:
-                parts[part]["X"][k].append(X[k])
-            parts[part]["labels"].append(labels)
-            parts[part]["rows"] += len(labels)
-        shape_groups = []
-        for widths in _bucket_widths(dl):
-            if (part, widths) not in group_index:
-                group_index[(part, widths)] = len(groups)
-                groups.append(FusedGroup(family, loader, dl.batch_size, part, widths))
-            shape_groups.append(group_index[(part, widths)])
-        placement.append((tuple(shape_groups), offset, member))
-    data = [part if "Y" in part else
-            {"X": {k: np.concatenate(v) for k, v in part["X"].items()},
-             "labels": np.concatenate(part["labels"])}
-            for part in parts]
-    return tuple(groups), data, placement

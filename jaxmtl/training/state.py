@@ -165,3 +165,18 @@ def _unaliased(tree: PyTree) -> PyTree:
         return leaf
 
     return jax.tree.map(fresh, tree)
+
+
+def own_buffers(tree: Any) -> Any:
+    """A copy of every array of ``tree``: buffers the step may donate.
+
+    The step donates its state; without the copy it would delete arrays the caller still
+    holds (the dict ``model.init`` returned, a ``model.params`` taken before ``fit``).
+    """
+    leaves, treedef = jax.tree.flatten(tree)
+    arrays = [i for i, leaf in enumerate(leaves) if isinstance(leaf, jax.Array)]
+    # A device-to-device copy: no program to compile (jnp.copy would compile per shape).
+    copies = jax.device_put([leaves[i] for i in arrays], may_alias=False)
+    for i, copy in zip(arrays, copies, strict=True):
+        leaves[i] = copy
+    return jax.tree.unflatten(treedef, leaves)
