@@ -334,3 +334,18 @@ def test_bucket_steps_compiled_ahead_give_the_same_run(monkeypatch):
     for a, b in zip(jax.tree.leaves(model.params), jax.tree.leaves(reference.params),
                     strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_compile_ahead_queues_one_job_per_bucket_shape(monkeypatch):
+    """Every shape's program, the first batch's included, each once (the jobs are keyed by
+    program and argument shapes: a key that ignored shapes would queue one job)."""
+    import jaxmtl.training.runners as runners
+
+    queued = []
+    monkeypatch.setattr(runners, "compile_in_background",
+                        lambda jobs, max_workers=None: queued.extend(jobs))
+    dl = jaxmtl.DictDataLoader(ragged_dataset(), batch_size=16, shuffle=True, seed=2,
+                               length_buckets=3)
+    fit([dl], n_epochs=1)
+    widths = sorted(args[2][0][0]["tokens"].shape[1] for _, args in queued)
+    assert widths == sorted(length for (length,) in dl.bucket_shapes)
