@@ -206,12 +206,14 @@ class InterruptingLoader(jaxmtl.DictDataLoader):
         return super().batch_at(order, index)
 
 
-@pytest.mark.slow  # test_resume.py (SIGKILL) and test_loader_buckets.py resume exactly by default
-def test_checkpoint_resume_is_bit_identical(tmp_path):
+def interrupted_and_resumed(tmp_path, n_train, batch_size, stop_at, with_valid=True):
+    """(uninterrupted variables, variables after a stop at loader 0's draw ``stop_at`` and a
+    resume from the last checkpoint) of a 2-epoch BatchNorm + Dropout NNX run."""
     def run(checkpoint_dir, stop_at=-1, resume=False):
-        dls = loaders()
-        dls[0] = InterruptingLoader(dls[0].dataset, batch_size=32, shuffle=True, seed=0,
-                                    stop_at=stop_at)
+        dls = loaders(n_train=n_train, batch_size=batch_size)
+        dls = dls if with_valid else dls[:2]
+        dls[0] = InterruptingLoader(dls[0].dataset, batch_size=batch_size, shuffle=True,
+                                    seed=0, stop_at=stop_at)
         model = bn_model()
         trainer = jaxmtl.Trainer(
             n_epochs=2, lr=0.05, seed=0, progress_bar=False, checkpointing=True,
@@ -222,8 +224,21 @@ def test_checkpoint_resume_is_bit_identical(tmp_path):
 
     reference = run(tmp_path / "reference")
     with pytest.raises(Interrupt):
-        run(tmp_path / "ck", stop_at=10)  # epoch 1 of 2 (6 + 6 batches an epoch)
-    resumed = run(tmp_path / "ck", resume=True)
+        run(tmp_path / "ck", stop_at=stop_at)
+    return reference, run(tmp_path / "ck", resume=True)
+
+
+def test_checkpoint_resume_is_bit_identical_small(tmp_path):
+    # 64 rows a task, batches of 16: 8 batches an epoch; stopped at loader 0's 6th draw
+    # (epoch 1), resumed from the checkpoint at batch 8.
+    reference, resumed = interrupted_and_resumed(tmp_path, 64, 16, 6, with_valid=False)
+    assert_trees_equal(resumed, reference)
+
+
+@pytest.mark.slow  # test_checkpoint_resume_is_bit_identical_small covers it by default
+def test_checkpoint_resume_is_bit_identical(tmp_path):
+    # 6 + 6 batches an epoch, with valid loaders; stopped in epoch 1 of 2.
+    reference, resumed = interrupted_and_resumed(tmp_path, 192, 32, 10)
     assert_trees_equal(resumed, reference)
 
 
