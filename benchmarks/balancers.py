@@ -317,7 +317,7 @@ def render(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
         "equal weighting ran first and last for each task count, its figures are the mean "
         "of the two runs",
         "",
-        "| method | " + " | ".join(f"{n} tasks: ms/step | x equal | peak RSS MiB | x equal"
+        "| method | " + " | ".join(f"{n} tasks: ms/step | x equal | peak RSS MiB | RSS x equal"
                                   for n in counts) + " |",
         "|---|" + "---:|---:|---:|---:|" * len(counts),
     ]
@@ -385,7 +385,7 @@ def main() -> None:
     results = run_children(args.tasks, labels, spec)
     first = next(row for block in results.values() for row in block.values()
                  if "devices" in row)
-    meta = {"command": "python -m benchmarks.balancers " + " ".join(sys.argv[1:]),
+    meta = {"command": " ".join(["python -m benchmarks.balancers", *sys.argv[1:]]),
             "date": started, "machine": f"{cpu_model()} ({os.cpu_count()} cores)",
             "devices": first["devices"], "jax": first["jax"], "n": args.n,
             "epochs": args.epochs, "steps": first["steps"]}
