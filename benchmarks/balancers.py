@@ -45,7 +45,7 @@ Run time: 17 rows (the 14 balancers and the ``upper_bound`` variants of mgda, im
 aligned_mtl) plus a second equal-weighting run, for each of 3 task counts: 54 children, each
 costing its JAX start-up (~4 s), one compile (2-15 s, the most for 8 tasks and the gradient
 methods) and ``1 + epochs`` epochs. To keep the whole run near 15 minutes on a 2-core CPU
-the timed data are N = 10,240 points (160 steps per epoch, the reference workload's 20,000
+(the run of 2026-12-01 took 11 minutes) the timed data are N = 10,240 points (160 steps per epoch, the reference workload's 20,000
 would be 313) and 3 timed epochs (480 timed steps per child): the steps are those of the
 reference workload (same batch shapes and model), there are just fewer of them.
 
@@ -242,8 +242,8 @@ def run_children(task_counts: list[int], labels: list[str], spec: dict[str, Any]
                                sys.executable)
             row = {**record["result"], "child_wall_s": record["child_wall_s"],
                    "foreign_load": record["foreign_load"]}
-            if "error" in row:
-                log(row["error"])
+            if "step_ms" not in row:  # an error or a skipped child: the report says "failed"
+                log(row.get("error") or row.get("skipped") or f"no result: {row}")
             else:
                 log(f"[balancers]   {row['step_ms']:.3f} ms/step, peak RSS "
                     f"{row['peak_rss_mb']:.0f} MiB, child {row['child_wall_s']:.1f} s, "

@@ -93,6 +93,37 @@ def test_report_fails_on_a_slow_method_and_on_a_failed_child():
         "4 tasks: upgrad: 2.10x equal; 4 tasks: cagrad: not measured (the child failed).")
 
 
+def test_run_children_order_equal_baseline_and_a_failed_child(monkeypatch):
+    import benchmarks.runner
+
+    calls = []
+
+    def fake_run_child(impl, spec, python):
+        calls.append((spec["n_tasks"], spec["method"]))
+        assert impl.module == "benchmarks.balancers"
+        assert impl.env == {"JAXMTL_COMPILATION_CACHE": "0"}
+        step = {"equal": 1.0 + len(calls), "pcgrad": 9.0}.get(spec["method"])
+        result = ({"skipped": "ImportError: no solver"} if step is None else
+                  {**_row(step, 100.0 * len(calls)), "steps": 4})
+        return {"result": result, "child_wall_s": 2.0, "foreign_load": 0.25}
+
+    monkeypatch.setattr(benchmarks.runner, "run_child", fake_run_child)
+    lines = []
+    results = balancers.run_children([2], ["pcgrad", "upgrad"], {"n": 256, "epochs": 1},
+                                     log=lines.append)
+    assert calls == [(2, "equal"), (2, "pcgrad"), (2, "upgrad"), (2, "equal")]
+    equal = results["2"]["equal"]
+    assert equal["step_ms"] == 3.5 and equal["peak_rss_mb"] == 250.0  # (2 + 5) / 2, (1 + 4) / 2
+    assert [run["step_ms"] for run in equal["runs"]] == [2.0, 5.0]
+    assert results["2"]["upgrad"] == {"skipped": "ImportError: no solver", "child_wall_s": 2.0,
+                                      "foreign_load": 0.25}
+    assert "ImportError: no solver" in lines
+    assert balancers.verdict(results) == (False, [
+        "2 tasks: pcgrad: 2.57x equal", "2 tasks: upgrad: not measured (the child failed)"])
+    with pytest.raises(ValueError, match=r"equal_runs: expected 1 or 2, got 0"):
+        balancers.run_children([2], [], {}, equal_runs=0)
+
+
 @pytest.mark.slow
 def test_child_runs_pcgrad_on_two_tasks_and_the_report_renders():
     """One real child process (cold JAX start-up and compile: ~10-20 s on the loaded VM)."""
