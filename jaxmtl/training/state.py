@@ -7,6 +7,7 @@ builds the optax chain that Snorkel's torch optimizers correspond to.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -69,8 +70,8 @@ class TrainState(struct.PyTreeNode):
             step=jnp.zeros((), jnp.int32),
             params=params,
             model_state=model_state,
-            # One compiled program instead of one eager op (and its compile) per leaf shape.
-            opt_state=_unaliased(jax.jit(tx.init)(params)),
+            # One compiled program instead of an eager op (and its compile) per leaf shape.
+            opt_state=_unaliased(_compiled_init(tx)(params)),
             rng=rng,
             balancer_state=_unaliased(balancer_state),
             tx=tx,
@@ -82,6 +83,13 @@ class TrainState(struct.PyTreeNode):
     def variables(self) -> PyTree:
         """``{"params": params, **model_state}``, the model's variables."""
         return {"params": self.params, **self.model_state}
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled_init(tx: optax.GradientTransformation) -> Any:
+    """``tx.init`` as one compiled program, kept per transformation: the Trainer reuses its
+    optimizer across fits of one configuration, so a second fit traces nothing."""
+    return jax.jit(tx.init)
 
 
 def make_optimizer(config: TrainerConfig, learning_rate: optax.ScalarOrSchedule,
