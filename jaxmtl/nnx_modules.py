@@ -50,14 +50,20 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import sys
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
-from flax.nnx import variablelib
+
+from ._lazy import lazy_module
+
+# flax.nnx costs about as much to import as the rest of jaxmtl: loaded by the first NNX
+# module jaxmtl handles (the user's own import of it comes first anyway).
+nnx = lazy_module("flax.nnx")
+variablelib = lazy_module("flax.nnx.variablelib")
 
 PyTree = Any
 
@@ -66,8 +72,12 @@ PARAMS, BATCH_STATS = "params", "batch_stats"
 
 
 def is_nnx_module(module: Any) -> bool:
-    """True for Flax NNX modules (``nnx.Module`` instances)."""
-    return isinstance(module, nnx.Module)
+    """True for Flax NNX modules (``nnx.Module`` instances).
+
+    Imports nothing: an NNX module exists only once ``flax.nnx`` has been imported.
+    """
+    loaded = sys.modules.get("flax.nnx")
+    return loaded is not None and isinstance(module, loaded.Module)
 
 
 def _collection(variable: nnx.Variable) -> str:

@@ -11,11 +11,11 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-from flax import nnx
 
 from .analysis.scorer import Scorer
 from .data import INPUT_KEY
 from .losses import default_loss
+from .nnx_modules import is_nnx_module
 from .utils import softmax_output
 
 OpInput = str | tuple[str, str | int]
@@ -91,7 +91,7 @@ def is_flax_module(module: Any) -> bool:
     Any other pool entry is a parameter-free callable (``check_pool_entry`` rejects
     callables that hold parameters).
     """
-    return isinstance(module, (nn.Module, nnx.Module))
+    return isinstance(module, nn.Module) or is_nnx_module(module)
 
 
 ACCEPTED_MODULES = ("a Flax Linen module, a Flax NNX module, or a parameter-free callable "
@@ -103,7 +103,7 @@ def _holds(value: Any, depth: int = 0) -> str | None:
     """What in ``value`` holds parameters jaxmtl would not see (a module or an array)."""
     if isinstance(value, nn.Module):
         return f"a Flax Linen module ({type(value).__name__})"
-    if isinstance(value, nnx.Module):
+    if is_nnx_module(value):
         return f"a Flax NNX module ({type(value).__name__})"
     if isinstance(value, jax.Array):
         return f"a jax array of shape {tuple(value.shape)}"
@@ -141,7 +141,7 @@ def _hidden_parameters(module: Any) -> str | None:
         except (TypeError, ValueError):
             return None
         for name, value in {**closure.nonlocals, **closure.globals}.items():
-            if isinstance(value, (nn.Module, nnx.Module)):
+            if is_flax_module(value):
                 return f"a function that calls {_holds(value)} it refers to as '{name}'"
         return None
     if isinstance(module, (types.BuiltinFunctionType, type)):

@@ -9,7 +9,7 @@ import pytest
 
 from jaxmtl._lazy import LazyModule, lazy_module
 
-DEFERRED = ("orbax", "orbax.checkpoint", "tensorboardX", "pandas")
+DEFERRED = ("orbax", "orbax.checkpoint", "tensorboardX", "pandas", "flax.nnx")
 
 PROBE = f"""
 DEFERRED = {DEFERRED!r}
@@ -24,7 +24,7 @@ print(json.dumps(report))
 """
 
 
-def test_import_loads_no_orbax_tensorboardx_or_pandas_and_sets_no_cache():
+def test_import_loads_no_orbax_tensorboardx_pandas_or_nnx_and_sets_no_cache():
     env = {key: value for key, value in os.environ.items()
            if key not in ("JAX_COMPILATION_CACHE_DIR", "JAXMTL_COMPILATION_CACHE")}
     done = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True,
