@@ -20,13 +20,13 @@ from .loader import DictDataLoader
 from .model import (
     ModelGraph,
     PyTree,
-    _with_module_variables,
     apply_ops,
     build_graph,
     compiled_init_variables,
     init_variables,
     task_loss_terms,
     task_probs,
+    with_module_variables,
 )
 from .nnx_modules import is_nnx_module, reinitialised_variables
 from .parallel import DataParallel, choose_parallel
@@ -248,7 +248,7 @@ class MultitaskClassifier:
             module = self.graph.module_pool[name]
             if is_nnx_module(module):
                 drawn = reinitialised_variables(self.graph.nnx_specs[name], module, seed)
-                variables = _with_module_variables(variables or {"params": {}}, name, drawn)
+                variables = with_module_variables(variables or {"params": {}}, name, drawn)
         return variables
 
     def _compiled_init(self, batches: list[tuple[dict, Sequence[str]]], rng: jax.Array,

@@ -126,7 +126,7 @@ def _as_input_array(key: str, value: Any) -> np.ndarray:
     return array
 
 
-def _as_label_array(key: str, value: Any) -> np.ndarray:
+def as_label_array(key: str, value: Any) -> np.ndarray:
     """One label set: hard labels [N] (int32, -1 = no label) or soft labels [N, K] float32.
 
     Raises:
@@ -263,7 +263,7 @@ class DictDataset:
             self.lengths[key] = lengths
             width = self.X_dict[key].shape[1]
             self.X_dict[mask_key(key)] = np.arange(width)[None, :] < lengths[:, None]
-        self.Y_dict = {key: _as_label_array(key, value) for key, value in (Y_dict or {}).items()}
+        self.Y_dict = {key: as_label_array(key, value) for key, value in (Y_dict or {}).items()}
         lengths = {f"X_dict['{k}']": len(v) for k, v in self.X_dict.items()}
         lengths.update({f"Y_dict['{k}']": len(v) for k, v in self.Y_dict.items()})
         if len(set(lengths.values())) > 1:

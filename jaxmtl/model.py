@@ -124,7 +124,8 @@ def _module_variables(variables: PyTree, module_name: str) -> dict[str, Any]:
     return {col: tree[module_name] for col, tree in variables.items() if module_name in tree}
 
 
-def _with_module_variables(variables: PyTree, module_name: str, updates: Mapping) -> PyTree:
+def with_module_variables(variables: PyTree, module_name: str, updates: Mapping) -> PyTree:
+    """A copy of ``variables`` with ``updates`` ({collection: subtree}) set under ``module_name``."""
     new = {col: dict(tree) for col, tree in variables.items()}
     for col, tree in updates.items():
         new.setdefault(col, {})[module_name] = tree
@@ -177,7 +178,7 @@ def init_variables(
             spec = graph.nnx_specs[node.module_name]
             if node.module_name not in existing:
                 # The NNX module's own values: its constructor's ``rngs`` drew them.
-                variables = _with_module_variables(variables, node.module_name,
+                variables = with_module_variables(variables, node.module_name,
                                                    spec.initial_variables())
                 existing.add(node.module_name)
             module_vars = _module_variables(variables, node.module_name)
@@ -190,7 +191,7 @@ def init_variables(
             module_vars = _run_module(node, task_names, args, module.init,
                                       {"params": params_key, "dropout": dropout_key}, *args,
                                       **kwargs)
-            variables = _with_module_variables(variables, node.module_name, module_vars)
+            variables = with_module_variables(variables, node.module_name, module_vars)
             existing.add(node.module_name)
         module_vars = _module_variables(variables, node.module_name)
         outputs[node.node_id] = _run_module(node, task_names, args, module.apply, module_vars,
@@ -229,7 +230,7 @@ def compiled_init_variables(
     existing = {name for tree in variables.values() for name in tree}
     for name in graph.modules_for(list(dict.fromkeys(t for ts in task_lists for t in ts))):
         if name not in existing and is_nnx_module(graph.module_pool[name]):
-            variables = _with_module_variables(variables, name,
+            variables = with_module_variables(variables, name,
                                                graph.nnx_specs[name].initial_variables())
 
     program = _init_program(graph, tuple(task_lists))
@@ -334,7 +335,7 @@ def call_node(graph: ModelGraph, node: Node, variables: PyTree, args: Sequence[A
         output, updates = _run_module(
             node, task_names, args, graph.nnx_specs[node.module_name].apply, module_vars,
             args, kwargs, train, node_rng)
-        return output, _with_module_variables(variables, node.module_name, updates)
+        return output, with_module_variables(variables, node.module_name, updates)
     if node_rng is not None:
         kwargs["rngs"] = {"dropout": node_rng}
     mutable = [col for col in module_vars if col != "params"] if train else []
@@ -343,7 +344,7 @@ def call_node(graph: ModelGraph, node: Node, variables: PyTree, args: Sequence[A
                            **kwargs), variables
     output, updates = _run_module(node, task_names, args, module.apply, module_vars, *args,
                                   mutable=mutable, **kwargs)
-    return output, _with_module_variables(variables, node.module_name, updates)
+    return output, with_module_variables(variables, node.module_name, updates)
 
 
 def shared_representation(graph: ModelGraph, task_names: Sequence[str]) -> str:

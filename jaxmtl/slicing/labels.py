@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from ..data import _as_label_array
+from ..data import as_label_array
 
 __all__ = ["BASE_SLICE", "add_slice_labels", "ind_task_name", "pred_task_name",
            "slice_label_dict", "slice_matrix"]
@@ -177,7 +177,7 @@ def add_slice_labels(dataloader: Any, base_task: Any, S: Any,
             f"made from them")
     new = slice_label_dict(dataset.Y_dict[task_name], S, task_name, slice_names)
     for label_name, value in new.items():
-        value = _as_label_array(label_name, value)
+        value = as_label_array(label_name, value)
         old = dataset.Y_dict.get(label_name)
         if old is not None and not np.array_equal(old, value):
             logger.warning("add_slice_labels: replacing the existing labels '%s' of dataset "

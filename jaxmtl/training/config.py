@@ -62,7 +62,8 @@ def _check_finite(owner: str, field_name: str, value: Any) -> None:
         raise ValueError(f"{owner}.{field_name} must be a finite number, got {value!r}")
 
 
-def _check_finite_non_negative(owner: str, field_name: str, value: Any) -> None:
+def check_finite_non_negative(owner: str, field_name: str, value: Any) -> None:
+    """Raises ValueError naming ``owner.field_name`` unless ``value`` is a finite number >= 0."""
     _check_finite(owner, field_name, value)
     _check_non_negative(owner, field_name, value)
 
@@ -119,7 +120,7 @@ class SGDConfig:
     momentum: float = 0.9
 
     def __post_init__(self) -> None:
-        _check_finite_non_negative("SGDConfig", "momentum", self.momentum)
+        check_finite_non_negative("SGDConfig", "momentum", self.momentum)
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,7 @@ class AdamConfig:
 
     def __post_init__(self) -> None:
         _check_betas("AdamConfig", self)
-        _check_finite_non_negative("AdamConfig", "eps", self.eps)
+        check_finite_non_negative("AdamConfig", "eps", self.eps)
         if not isinstance(self.amsgrad, bool):
             raise ValueError(f"AdamConfig.amsgrad must be a bool, got {self.amsgrad!r}")
 
@@ -146,7 +147,7 @@ class AdamaxConfig:
 
     def __post_init__(self) -> None:
         _check_betas("AdamaxConfig", self)
-        _check_finite_non_negative("AdamaxConfig", "eps", self.eps)
+        check_finite_non_negative("AdamaxConfig", "eps", self.eps)
 
 
 def _check_betas(owner: str, config: AdamConfig | AdamaxConfig) -> None:
@@ -178,7 +179,7 @@ class ExponentialConfig:
     gamma: float = 0.9
 
     def __post_init__(self) -> None:
-        _check_finite_non_negative("ExponentialConfig", "gamma", self.gamma)
+        check_finite_non_negative("ExponentialConfig", "gamma", self.gamma)
 
 
 @dataclass(frozen=True)
@@ -192,7 +193,7 @@ class StepConfig:
         if (isinstance(self.step_size, bool) or not isinstance(self.step_size, int)
                 or self.step_size < 1):
             raise ValueError(f"StepConfig.step_size must be an int >= 1, got {self.step_size!r}")
-        _check_finite_non_negative("StepConfig", "gamma", self.gamma)
+        check_finite_non_negative("StepConfig", "gamma", self.gamma)
 
 
 @dataclass(frozen=True)
@@ -221,7 +222,7 @@ class LRSchedulerConfig(_NestedConfig):
                 f"LRSchedulerConfig.warmup_percentage must be in [0, 1], got "
                 f"{self.warmup_percentage}"
             )
-        _check_finite_non_negative("LRSchedulerConfig", "min_lr", self.min_lr)
+        check_finite_non_negative("LRSchedulerConfig", "min_lr", self.min_lr)
 
 
 @dataclass(frozen=True)
@@ -268,7 +269,7 @@ class CheckpointerConfig:
                 or self.checkpoint_factor < 1):
             raise ValueError(f"{owner}.checkpoint_factor must be an int >= 1, got "
                              f"{self.checkpoint_factor!r}")
-        _check_finite_non_negative(owner, "checkpoint_runway", self.checkpoint_runway)
+        check_finite_non_negative(owner, "checkpoint_runway", self.checkpoint_runway)
         if not isinstance(self.checkpoint_clear, bool):
             raise ValueError(f"{owner}.checkpoint_clear must be a bool, got "
                              f"{self.checkpoint_clear!r}")
@@ -493,10 +494,10 @@ class TrainerConfig(_NestedConfig):
                              f"{self.log_task_gradients!r}")
         if not isinstance(self.n_epochs, int) or self.n_epochs < 0:
             raise ValueError(f"TrainerConfig.n_epochs must be an int >= 0, got {self.n_epochs!r}")
-        _check_finite_non_negative("TrainerConfig", "lr", self.lr)
-        _check_finite_non_negative("TrainerConfig", "l2", self.l2)
+        check_finite_non_negative("TrainerConfig", "lr", self.lr)
+        check_finite_non_negative("TrainerConfig", "l2", self.l2)
         if self.grad_clip is not None:
-            _check_finite_non_negative("TrainerConfig", "grad_clip", self.grad_clip)
+            check_finite_non_negative("TrainerConfig", "grad_clip", self.grad_clip)
 
 
 def _check_balancer_config(balancer: Any, balancer_config: Any) -> None:

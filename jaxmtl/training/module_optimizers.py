@@ -42,7 +42,7 @@ from .. import registry
 from .._lazy import lazy_module
 from .config import (
     OptimizerConfig,
-    _check_finite_non_negative,
+    check_finite_non_negative,
     from_dict,
     is_gradient_transformation,
     merge_config,
@@ -124,7 +124,7 @@ def _check_overrides(name: str, overrides: dict[str, Any], optimizer: Any,
             f"...}}, or give the module its own GradientTransformation")
     for key in ("lr", "l2"):
         if key in overrides:
-            _check_finite_non_negative(where, key, overrides[key])
+            check_finite_non_negative(where, key, overrides[key])
     if "optimizer_config" in overrides:
         value = overrides["optimizer_config"]
         try:

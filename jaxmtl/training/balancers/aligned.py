@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from .base import Balancer, PyTree, SharedSpec, empty_state, weighted_task_sum
-from .gradient import _prepare
+from .gradient import prepare
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -80,7 +80,7 @@ def aligned_mtl(*, shared: SharedSpec = None, upper_bound: bool = False) -> Bala
                params: PyTree, rng: jax.Array | None = None,
                task_mask: jax.Array | None = None) -> tuple:
         del params, rng
-        prep = _prepare("aligned_mtl", task_losses, task_grads, task_mask, shared)
+        prep = prepare("aligned_mtl", task_losses, task_grads, task_mask, shared)
         weights = aligned_weights(prep.gram, prep.mask)
         combined = weighted_task_sum(prep.grads, weights, prep.leaf_mask,
                                      prep.mask.astype(jnp.float32))

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from .base import Balancer, PyTree, SharedSpec, shared_mask, weighted_task_sum
-from .gradient import _prepare
+from .gradient import prepare
 from .weighting import check_num_tasks, check_positive
 
 # Added to the losses before log, as the reference code.
@@ -83,7 +83,7 @@ def db_mtl(*, num_tasks: int, beta: float = 0.9, beta_sigma: float = 0.0,
                params: PyTree, rng: jax.Array | None = None,
                task_mask: jax.Array | None = None) -> tuple:
         del params, rng
-        prep = _prepare("db_mtl", task_losses, task_grads, task_mask, shared, num_tasks)
+        prep = prepare("db_mtl", task_losses, task_grads, task_mask, shared, num_tasks)
         mask = prep.mask
         inverse_loss = jnp.where(mask, 1.0 / (jnp.where(mask, prep.losses, 1.0) + _LOSS_EPS),
                                  0.0).astype(jnp.float32)

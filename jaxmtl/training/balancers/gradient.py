@@ -41,14 +41,23 @@ class _Prepared(NamedTuple):
     gram: jax.Array
 
 
-def _check_iters(method: str, num_iters: int) -> None:
+def check_iters(method: str, num_iters: int) -> None:
+    """Raises ValueError unless ``num_iters`` (a solver's iteration count) is an int >= 1."""
     if isinstance(num_iters, bool) or not isinstance(num_iters, int) or num_iters < 1:
         raise ValueError(f"Balancer {method!r}: num_iters={num_iters!r}, expected a positive int")
 
 
-def _prepare(method: str, task_losses: jax.Array, task_grads: PyTree | None,
-             task_mask: jax.Array | None, shared: SharedSpec,
-             num_tasks: int | None = None) -> _Prepared:
+def prepare(method: str, task_losses: jax.Array, task_grads: PyTree | None,
+            task_mask: jax.Array | None, shared: SharedSpec,
+            num_tasks: int | None = None) -> _Prepared:
+    """The checks and the common inputs of a gradient method's update: the task losses,
+    the mask of tasks present, the per-task gradients (absent tasks zeroed), the mask of
+    shared leaves and the tasks' Gram matrix on them.
+
+    Raises:
+      ValueError: without per-task gradients or with a task count other than
+        ``num_tasks``, naming ``method``.
+    """
     if task_grads is None:
         raise ValueError(f"Balancer {method!r}: task_grads=None, but this method needs "
                          "per-task gradients (needs_task_grads=True): pass a pytree with "
@@ -122,7 +131,7 @@ def gradnorm(*, num_tasks: int, alpha: float = 1.5, learning_rate: float = 0.025
                params: PyTree, rng: jax.Array | None = None,
                task_mask: jax.Array | None = None) -> tuple:
         del params, rng
-        prep = _prepare("gradnorm", task_losses, task_grads, task_mask, shared, num_tasks)
+        prep = prepare("gradnorm", task_losses, task_grads, task_mask, shared, num_tasks)
         mask, losses = prep.mask, prep.losses
         num_active = jnp.maximum(jnp.sum(mask), 1)
         norms = jnp.sqrt(jnp.maximum(jnp.diag(prep.gram), 0.0))
@@ -182,7 +191,7 @@ def pcgrad(*, shared: SharedSpec = None) -> Balancer:
         if rng is None:
             raise ValueError("Balancer 'pcgrad': rng=None, expected a PRNG key (the "
                              "projection order is random)")
-        prep = _prepare("pcgrad", task_losses, task_grads, task_mask, shared)
+        prep = prepare("pcgrad", task_losses, task_grads, task_mask, shared)
         num_tasks = prep.mask.shape[0]
         keys = jax.random.split(rng, num_tasks)
         orders = jax.vmap(lambda key: jax.random.permutation(key, num_tasks))(keys)
@@ -220,14 +229,14 @@ def cagrad(*, c: float = 0.5, rescale: int = 1, num_iters: int = 500,
     check_positive("cagrad", "c", c, allow_zero=True)
     if rescale not in (0, 1, 2) or isinstance(rescale, bool):
         raise ValueError(f"Balancer 'cagrad': rescale={rescale!r}, expected one of (0, 1, 2)")
-    _check_iters("cagrad", num_iters)
+    check_iters("cagrad", num_iters)
     divisor = {0: 1.0, 1: 1.0 + c ** 2, 2: 1.0 + c}[rescale]
 
     def update(task_losses: jax.Array, task_grads: PyTree | None, state: PyTree,
                params: PyTree, rng: jax.Array | None = None,
                task_mask: jax.Array | None = None) -> tuple:
         del params, rng
-        prep = _prepare("cagrad", task_losses, task_grads, task_mask, shared)
+        prep = prepare("cagrad", task_losses, task_grads, task_mask, shared)
         # Absent tasks' gradients are already zero, so are their Gram rows.
         mask, gram = prep.mask, prep.gram
         dual = cagrad_dual_weights(gram, c, mask, num_iters)
@@ -279,13 +288,13 @@ def mgda(*, normalization: str = "none", num_iters: int = 250,
     if upper_bound and shared is not None:
         raise ValueError("Balancer 'mgda': upper_bound=True solves on the representation "
                          f"gradients, so shared must be None, got {shared!r}")
-    _check_iters("mgda", num_iters)
+    check_iters("mgda", num_iters)
 
     def update(task_losses: jax.Array, task_grads: PyTree | None, state: PyTree,
                params: PyTree, rng: jax.Array | None = None,
                task_mask: jax.Array | None = None) -> tuple:
         del params, rng
-        prep = _prepare("mgda", task_losses, task_grads, task_mask, shared)
+        prep = prepare("mgda", task_losses, task_grads, task_mask, shared)
         norms = jnp.sqrt(jnp.maximum(jnp.diag(prep.gram), 0.0))
         losses = prep.losses.astype(jnp.float32)
         normalizer = {"none": jnp.ones_like(norms), "l2": norms, "loss": losses,

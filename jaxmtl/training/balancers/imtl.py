@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from .base import Balancer, PyTree, SharedSpec, weighted_task_sum
-from .gradient import _prepare
+from .gradient import prepare
 from .weighting import check_choice, check_num_tasks, check_positive
 
 
@@ -116,7 +116,7 @@ def imtl(*, num_tasks: int, learn_loss_scales: bool = True, learning_rate: float
                params: PyTree, rng: jax.Array | None = None,
                task_mask: jax.Array | None = None) -> tuple:
         del params, rng
-        prep = _prepare("imtl", task_losses, task_grads, task_mask, shared, num_tasks)
+        prep = prepare("imtl", task_losses, task_grads, task_mask, shared, num_tasks)
         mask = prep.mask
         factor = jnp.where(mask, jnp.exp(state.loss_scales), 0.0)
         alpha = imtl_weights(prep.gram * jnp.outer(factor, factor), mask)

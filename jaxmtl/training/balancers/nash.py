@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from .base import Balancer, PyTree, SharedSpec, empty_state, weighted_task_sum
-from .gradient import _check_iters, _prepare
+from .gradient import check_iters, prepare
 from .weighting import check_positive
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -90,14 +90,14 @@ def nash_mtl(*, num_iters: int = 40, eps: float = 1e-6, shared: SharedSpec = Non
       eps: ridge on the unit-diagonal Gram matrix (keeps dependent gradients finite).
       shared: which leaves are shared (see ``shared_mask``); None = all leaves.
     """
-    _check_iters("nash_mtl", num_iters)
+    check_iters("nash_mtl", num_iters)
     check_positive("nash_mtl", "eps", eps)
 
     def update(task_losses: jax.Array, task_grads: PyTree | None, state: PyTree,
                params: PyTree, rng: jax.Array | None = None,
                task_mask: jax.Array | None = None) -> tuple:
         del params, rng
-        prep = _prepare("nash_mtl", task_losses, task_grads, task_mask, shared)
+        prep = prepare("nash_mtl", task_losses, task_grads, task_mask, shared)
         weights = nash_weights(prep.gram, prep.mask, num_iters, eps)
         return weighted_task_sum(prep.grads, weights), weights, state
 

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from .base import Balancer, PyTree, SharedSpec, empty_state, weighted_task_sum
-from .gradient import _check_iters, _prepare
+from .gradient import check_iters, prepare
 from .weighting import check_positive
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -122,14 +122,14 @@ def upgrad(*, num_iters: int = 20, reg_eps: float = 1e-4,
       reg_eps: ridge on the trace-normalised Gram matrix (reference default 1e-4).
       shared: which leaves are shared (see ``shared_mask``); None = all leaves.
     """
-    _check_iters("upgrad", num_iters)
+    check_iters("upgrad", num_iters)
     check_positive("upgrad", "reg_eps", reg_eps)
 
     def update(task_losses: jax.Array, task_grads: PyTree | None, state: PyTree,
                params: PyTree, rng: jax.Array | None = None,
                task_mask: jax.Array | None = None) -> tuple:
         del params, rng
-        prep = _prepare("upgrad", task_losses, task_grads, task_mask, shared)
+        prep = prepare("upgrad", task_losses, task_grads, task_mask, shared)
         weights = upgrad_weights(prep.gram, prep.mask, num_iters, reg_eps)
         combined = weighted_task_sum(prep.grads, weights, prep.leaf_mask,
                                      prep.mask.astype(jnp.float32))
