@@ -237,6 +237,10 @@ def compiled_init_variables(
     return program([dict(X) for X, _ in batches], rng, variables)
 
 
+# XLA options of a program that runs once (the initialisation), on the CPU.
+_ONE_SHOT_CPU_OPTIONS = {"xla_backend_optimization_level": 0}
+
+
 @functools.lru_cache(maxsize=8)
 def _init_program(graph: ModelGraph, task_lists: tuple[tuple[str, ...], ...]) -> Callable:
     """The jitted initialisation of ``compiled_init_variables``, kept per graph and task
@@ -252,8 +256,6 @@ def _init_program(graph: ModelGraph, task_lists: tuple[tuple[str, ...], ...]) ->
     options = _ONE_SHOT_CPU_OPTIONS if jax.default_backend() == "cpu" else None
     return jax.jit(init_all, compiler_options=options)
 
-
-_ONE_SHOT_CPU_OPTIONS = {"xla_backend_optimization_level": 0}
 
 
 def apply_ops(

@@ -7,6 +7,7 @@ import os
 import signal
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from test_snorkel_parity import disjoint_loaders, tutorial_tasks
@@ -84,3 +85,19 @@ def test_divergence_warns_and_never_checkpoints_a_nonfinite_model(tmp_path, capl
         _diverging_trainer(tmp_path, "warn").fit(model, disjoint_loaders())
     assert "Training diverged" in caplog.text
     assert not (tmp_path / "ckpt" / "best_model_model_all_valid_accuracy").exists()
+
+
+@pytest.mark.parametrize("on_cpu", [True, False])
+def test_all_finite_reads_every_float_leaf(monkeypatch, on_cpu):
+    """Both paths: CPU arrays read in place, and (forced here) the one compiled check an
+    accelerator would run; int leaves are ignored, one NaN or inf anywhere is caught."""
+    from jaxmtl.training import guards
+
+    monkeypatch.setattr(guards, "_on_cpu", lambda leaf: on_cpu)
+    tree = {"a": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)},
+            "b": jnp.arange(4), "step": np.int32(7)}
+    assert guards.all_finite(tree) is True
+    assert guards.all_finite({}) is True
+    for bad in (np.nan, np.inf, -np.inf):
+        broken = {**tree, "a": {**tree["a"], "bias": jnp.array([0.0, bad])}}
+        assert guards.all_finite(broken) is False
