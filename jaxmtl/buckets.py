@@ -111,3 +111,32 @@ def explicit_boundaries(key: str, value: Any, longest: int) -> tuple[int, ...]:
             f"DictDataLoader: length_buckets for '{key}' must be a non-empty list of ints "
             f">= 1 (bucket lengths), got {value!r}")
     return tuple(sorted({min(v, longest) for v in values} | {longest}))
+
+
+#: Per bucket shape of a loader: ``((input key, length), ...)``, the masks' keys included.
+BucketShapes = tuple[tuple[tuple[str, int], ...], ...]
+
+
+def cut_to_widths(X_dict: dict[str, Any], widths: tuple[tuple[str, int], ...]
+                  ) -> dict[str, Any]:
+    """``X_dict`` with each listed input cut to its length along axis 1."""
+    lengths = dict(widths)
+    return {key: value[:, : lengths[key]] if key in lengths else value
+            for key, value in X_dict.items()}
+
+
+def at_bucket_shape(shapes: BucketShapes, shape: Any, run: Any, X_dict: dict[str, Any],
+                    *operands: Any) -> Any:
+    """``run(X_dict cut to shapes[shape], *operands)``, one ``lax.switch`` branch per shape.
+
+    ``X_dict`` holds the variable-length inputs at the longest shape; ``shape`` is a traced
+    int32 index. Every branch must return the same structure (e.g. gradients and losses:
+    nothing whose shape follows the widths). One program then serves every bucket shape,
+    each branch computing at its own lengths.
+    """
+    import jax  # the bucket choice above is numpy only
+
+    def branch(widths: tuple) -> Any:
+        return lambda X, *ops: run(cut_to_widths(X, widths), *ops)
+
+    return jax.lax.switch(shape, [branch(widths) for widths in shapes], X_dict, *operands)

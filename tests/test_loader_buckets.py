@@ -195,9 +195,9 @@ def test_compiles_stay_bounded_over_epochs_and_training_learns():
     compiled = trainer.compiled_steps
     seen = {dl.shape_index(dl.rows_at(dl.order(e), i)[0]) for e in range(4)
             for i in range(len(dl))}
-    # Every bucket's step is compiled ahead (in a background thread), seen or not.
-    assert len(seen) <= compiled.programs() == trainer.compiled_programs() == 3
-    assert len(dl.bucket_shapes) == 3
+    # One program serves every bucket shape (bucket_switch.py), compiled ahead.
+    assert len(seen) == len(dl.bucket_shapes) == 3
+    assert compiled.programs() == trainer.compiled_programs() == 1
     scores = model.score([jaxmtl.DictDataLoader(ragged_dataset(split="valid"), 32)])
     assert scores["task/text/valid/accuracy"] > 0.8
 
@@ -325,7 +325,7 @@ def test_bucket_steps_compiled_ahead_give_the_same_run(monkeypatch):
         return model, trainer
 
     model, trainer = run()
-    assert trainer.compiled_programs() == 3
+    assert trainer.compiled_programs() == 1
     jobs = []
     monkeypatch.setattr(PerStepRunner, "_bucket_jobs",
                         lambda self, state, acc: jobs.append(1) or [])
@@ -347,5 +347,67 @@ def test_compile_ahead_queues_one_job_per_bucket_shape(monkeypatch):
     dl = jaxmtl.DictDataLoader(ragged_dataset(), batch_size=16, shuffle=True, seed=2,
                                length_buckets=3)
     fit([dl], n_epochs=1)
-    widths = sorted(args[2][0][0]["tokens"].shape[1] for _, args in queued)
+    # The switched program takes every batch at the longest shape: one job.
+    assert [args[2][0][0]["tokens"].shape[1] for _, args, _ in queued] == [
+        dl.bucket_shapes[-1][0]]
+    assert [kwargs["shape"] for _, _, kwargs in queued] == [2]
+    queued.clear()
+    monkeypatch.setattr(runners.PerStepRunner, "switch_bucket_shapes", False)
+    fit([dl], n_epochs=1)
+    widths = sorted(args[2][0][0]["tokens"].shape[1] for _, args, _ in queued)
     assert widths == sorted(length for (length,) in dl.bucket_shapes)
+
+
+@pytest.mark.parametrize("balancer", [None, "pcgrad"])
+def test_switched_bucket_program_equals_one_program_per_shape(monkeypatch, balancer):
+    """One program whose passes switch on the batch's bucket shape (sent at the longest)
+    trains as one program per shape does, with a balancer too."""
+    import jaxmtl.training.runners as runners
+
+    def run():
+        dl = jaxmtl.DictDataLoader(ragged_dataset(), batch_size=16, shuffle=True, seed=2,
+                                   length_buckets=3)
+        config = {} if balancer is None else {"balancer": balancer}
+        return fit([dl], n_epochs=2, **config)
+
+    model, trainer = run()
+    monkeypatch.setattr(runners.PerStepRunner, "switch_bucket_shapes", False)
+    reference, reference_trainer = run()
+    assert (trainer.compiled_programs(), reference_trainer.compiled_programs()) == (1, 3)
+    for a, b in zip(jax.tree.leaves(model.params), jax.tree.leaves(reference.params),
+                    strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # Both trained (equal because both are right, not because neither moved).
+    scores = model.score([jaxmtl.DictDataLoader(ragged_dataset(split="valid"), 32)])
+    assert scores["task/text/valid/accuracy"] > 0.8
+
+
+def test_task_family_loaders_share_one_switched_program(monkeypatch):
+    """Two tasks of one family (shared encoder, a head each), a bucketed loader each: one
+    family program switching on the bucket shape, equal to one program per shape."""
+    import jaxmtl.training.runners as runners
+
+    def run():
+        rows, labels = ragged_rows(120, 5)
+        modules = {"encoder": MaskedMaxEncoder(), "head_a": nn.Dense(2), "head_b": nn.Dense(2)}
+        tasks = [jaxmtl.Task(name, modules, [
+            jaxmtl.Operation("encoder", [("_input_", "tokens"), ("_input_", "tokens_mask")]),
+            jaxmtl.Operation(f"head_{name[-1]}", ["encoder"])]) for name in ("task_a", "task_b")]
+        model = jaxmtl.MultitaskClassifier(tasks)
+        loaders = [jaxmtl.DictDataLoader(
+            jaxmtl.DictDataset(f"text_{t}", "train", {"tokens": rows}, {t: y}),
+            batch_size=16, shuffle=True, seed=3, length_buckets=3)
+            for t, y in (("task_a", labels), ("task_b", 1 - labels))]
+        trainer = jaxmtl.Trainer(n_epochs=1, lr=0.05, seed=0, progress_bar=False)
+        trainer.fit(model, loaders)
+        return trainer
+
+    switched = run()
+    assert len(switched.compiled_steps.switched) == 1  # (family, shapes): both loaders
+    assert switched.compiled_programs() == 1
+    monkeypatch.setattr(runners.PerStepRunner, "switch_bucket_shapes", False)
+    reference = run()
+    assert reference.compiled_programs() == 3 and not reference.compiled_steps.switched
+    for a, b in zip(jax.tree.leaves(switched.state.params),
+                    jax.tree.leaves(reference.state.params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..buckets import BucketShapes
 from ..model import ModelGraph
 from ..signatures import TaskFamily
 from .diagnostics import (
@@ -101,15 +102,22 @@ def fit_group_step(
     batches: tuple,
     loader_indices: tuple,
     axis_name: Any = None,
+    *,
+    shapes: BucketShapes | None = None,
+    shape: Any = None,
 ) -> tuple[TrainState, Accumulator]:
     """``fit_step`` on several batches in one update (one per loader: "mixed" schedule).
 
     The batches must hold an active row (the runners drop the others on the host). An
     accumulator with a ``"diagnostics"`` entry (``zero_loss_accumulator(...,
     diagnostics=True)``) also collects the interference diagnostics of the step
-    (``diagnostics.accumulate_diagnostics``); without one, the step is ``train_step_on``.
+    (``diagnostics.accumulate_diagnostics``); without one, the step is ``train_step_on``
+    (``shapes``/``shape``: one batch at its loader's longest bucket shape, as there).
     """
     if DIAGNOSTICS in accumulator:
+        if shapes is not None:
+            raise ValueError("fit_group_step: the interference diagnostics need batches "
+                             "at their own bucket shape (shapes=None)")
         state, metrics = diagnosed_step(graph, state, batches,
                                         shared_modules(graph, state.params), axis_name)
         accumulator = {**accumulator, DIAGNOSTICS: accumulate_diagnostics(
@@ -117,7 +125,7 @@ def fit_group_step(
             metrics["task_mask"])}
     else:
         state, metrics = train_step_on(graph, state, batches, axis_name=axis_name,
-                                       skip_inactive=False)
+                                       skip_inactive=False, shapes=shapes, shape=shape)
     for terms, loader_index in zip(metrics["batch_terms"], loader_indices, strict=True):
         accumulator = accumulate_terms(graph, accumulator, terms, loader_index, axis_name)
     return state, accumulator
@@ -135,8 +143,12 @@ def fit_family_step(
     loader_index: jax.Array,
     axis_name: Any = None,
     in_view: bool = False,
+    *,
+    shapes: BucketShapes | None = None,
+    shape: Any = None,
 ) -> tuple[TrainState, Accumulator]:
-    """``fit_step`` for a batch of one task of ``family`` (``step.family_step``).
+    """``fit_step`` for a batch of one task of ``family`` (``step.family_step``; its
+    ``shapes``/``shape`` for a batch at its loader's longest bucket shape).
 
     The task's accumulator column is read from the member index, so one program serves
     every loader of every member with this batch signature.
@@ -149,7 +161,8 @@ def fit_family_step(
         raise ValueError("fit_family_step does not compute the interference diagnostics "
                          "(the accumulator has a 'diagnostics' entry); use fit_step")
     state, metrics = family_step(graph, family, state, X_dict, labels, mask, member,
-                                       axis_name=axis_name, in_view=in_view)
+                                 axis_name=axis_name, in_view=in_view, shapes=shapes,
+                                 shape=shape)
     task_sum, task_count = metrics["terms"]
     if axis_name is not None:
         task_sum, task_count = jax.lax.psum((task_sum, task_count), axis_name)

@@ -35,16 +35,17 @@ def abstract(tree: Any) -> Any:
     return jax.tree.map(spec, tree)
 
 
-def _compile(program: Any, args: tuple) -> None:
+def _compile(program: Any, args: tuple, kwargs: dict | None = None) -> None:
     try:
-        program.lower(*args).compile()
+        program.lower(*args, **(kwargs or {})).compile()
     except Exception:  # the loop's own call reports the error, where it belongs
         logger.debug("compiling a step ahead failed", exc_info=True)
 
 
 def compile_in_background(jobs: Sequence[tuple[Any, tuple]],
                           max_workers: int | None = None) -> concurrent.futures.Executor | None:
-    """Starts ``program.lower(*args).compile()`` for each ``(program, args)`` of ``jobs``.
+    """Starts ``program.lower(*args, **kwargs).compile()`` for each ``(program, args)`` or
+    ``(program, args, kwargs)`` of ``jobs``.
 
     Args:
       jobs: jitted programs and the (abstract) arguments of the calls to come.
@@ -61,8 +62,8 @@ def compile_in_background(jobs: Sequence[tuple[Any, tuple]],
     workers = max_workers or max(1, (os.cpu_count() or 2) - 1)
     executor = concurrent.futures.ThreadPoolExecutor(
         max_workers=min(workers, len(jobs)), thread_name_prefix="jaxmtl-compile-ahead")
-    for program, args in jobs:
-        executor.submit(_compile, program, args)
+    for job in jobs:
+        executor.submit(_compile, *job)
     executor.shutdown(wait=False)
     return executor
 

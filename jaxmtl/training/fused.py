@@ -15,11 +15,12 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from ..data import is_active, mask_key
+from ..data import is_active
 from ..loader import DictDataLoader
 from ..model import ModelGraph
 from ..parallel import DataParallel
 from .accumulate import Accumulator, FusedGroup, fused_steps, zero_loss_accumulator
+from .bucket_switch import bucket_widths
 from .families import family_routes
 from .state import own_buffers
 from .step import TrainState
@@ -181,17 +182,6 @@ def _scan_inputs(pending: Sequence[IndexBatch], placement: Sequence[tuple], k: i
     return group_ids, loader_ids, members, rows, num_valid
 
 
-def _bucket_widths(dl: DictDataLoader) -> list[tuple]:
-    """Per bucket shape of the loader: ``((input key, length), ...)``, masks included."""
-    shapes = []
-    for shape in dl.bucket_shapes:
-        widths: list[tuple[str, int]] = []
-        for key, length in zip(dl.ragged_keys, shape, strict=True):
-            widths += [(key, length), (mask_key(key), length)]
-        shapes.append(tuple(widths))
-    return shapes
-
-
 def _fused_groups(graph: ModelGraph, state: TrainState,
                   train_loaders: Sequence[DictDataLoader],
                   diagnostics: bool = False, family_programs: bool = True
@@ -232,7 +222,7 @@ def _fused_groups(graph: ModelGraph, state: TrainState,
             parts[part]["labels"].append(labels)
             parts[part]["rows"] += len(labels)
         shape_groups = []
-        for widths in _bucket_widths(dl):
+        for widths in bucket_widths(dl):
             if (part, widths) not in group_index:
                 group_index[(part, widths)] = len(groups)
                 groups.append(FusedGroup(family, loader, dl.batch_size, part, widths))

@@ -33,8 +33,9 @@ from typing import Any, Protocol, runtime_checkable
 import jax
 import numpy as np
 
+from ..buckets import BucketShapes
 from ..data import is_active
-from ..loader import DictDataLoader
+from ..loader import Batch, DictDataLoader
 from ..model import ModelGraph
 from ..parallel import DataParallel, prefetch
 from ..signatures import TaskFamily
@@ -45,6 +46,7 @@ from .accumulate import (
     fit_step,
     zero_loss_accumulator,
 )
+from .bucket_switch import bucket_widths, pad_to_longest
 from .compile_ahead import abstract, compile_in_background
 from .families import Route, family_routes, state_view, write_view_back
 from .fused import FusedPrograms, FusedRunner, IndexBatch
@@ -97,7 +99,9 @@ class StepPrograms:
 
     ``general`` runs any batch group (one program per task set and batch signature);
     ``families`` holds one step per task family (one program per batch signature), run
-    on the member's view of the state (its size does not grow with the members).
+    on the member's view of the state (its size does not grow with the members);
+    ``switched`` the same two for loaders with several bucket shapes, by their shapes
+    (``bucket_switch.py``: one program for all of a loader's shapes).
     """
 
     def __init__(self, graph: ModelGraph, parallel: DataParallel) -> None:
@@ -106,12 +110,13 @@ class StepPrograms:
             functools.partial(fit_group_step, graph, axis_name=parallel.axis_name),
             donate_argnums=(0, 1))
         self.families: dict[TaskFamily, Any] = {}
+        self.switched: dict[tuple[TaskFamily | None, BucketShapes], Any] = {}
 
     def programs(self) -> int:
         """How many train programs have been compiled (one per task set or family and
         batch signature that ran); jit's own cache size, so single and sharded modes."""
-        return sum(program._cache_size()
-                   for program in (self.general, *self.families.values()))
+        return sum(program._cache_size() for program in (
+            self.general, *self.families.values(), *self.switched.values()))
 
     def family(self, family: TaskFamily) -> Any:
         """The compiled ``fit_family_step`` of ``family``."""
@@ -121,6 +126,20 @@ class StepPrograms:
                                   axis_name=self.parallel.axis_name, in_view=True),
                 donate_argnums=(0, 1))
         return self.families[family]
+
+    def switched_step(self, family: TaskFamily | None, shapes: BucketShapes) -> Any:
+        """The compiled step for batches of ``shapes`` (a loader's ``bucket_widths``) at
+        the longest, with the shape index: ``switched_group_step`` (``family`` None) or
+        ``switched_family_step``."""
+        key = (family, shapes)
+        if key not in self.switched:
+            axis_name = self.parallel.axis_name
+            fn = (functools.partial(fit_group_step, self.graph, axis_name=axis_name,
+                                    shapes=shapes) if family is None else
+                  functools.partial(fit_family_step, self.graph, family,
+                                    axis_name=axis_name, in_view=True, shapes=shapes))
+            self.switched[key] = self.parallel.compile(fn, donate_argnums=(0, 1))
+        return self.switched[key]
 
 
 def _call_signature(args: Any) -> tuple:
@@ -154,6 +173,9 @@ class PerStepRunner:
 
     #: False forces one program per task set (the reference the family steps must equal).
     share_family_programs = True
+    #: False compiles one program per bucket shape of a loader (the reference the switched
+    #: program, ``bucket_switch.py``, must equal).
+    switch_bucket_shapes = True
 
     def __init__(self, graph: ModelGraph, parallel: DataParallel, state: TrainState,
                  train_loaders: Sequence[DictDataLoader],
@@ -169,12 +191,19 @@ class PerStepRunner:
                               for i, dl in enumerate(train_loaders)}
         self._task_names = set(graph.task_names)
         self._modules = set(state.params)
+        routes = family_routes(graph, state, train_loaders, diagnostics,
+                               family_programs and self.share_family_programs)
+        # A loader with several bucket shapes steps through one switched program (jit
+        # modes; the interference diagnostics want each batch at its own shape).
+        self._shapes = {id(dl): bucket_widths(dl) for dl in train_loaders
+                        if len(dl.bucket_shapes) > 1 and parallel.mode != "pmap"
+                        and not diagnostics and self.switch_bucket_shapes}
         self._routes = {
-            key: route._replace(program=self.compiled.family(route.family),
-                                member=parallel.per_device(np.int32(route.member)))
-            for key, route in family_routes(
-                graph, state, train_loaders, diagnostics,
-                family_programs and self.share_family_programs).items()}
+            key: route._replace(
+                program=(self.compiled.switched_step(route.family, self._shapes[key])
+                         if key in self._shapes else self.compiled.family(route.family)),
+                member=parallel.per_device(np.int32(route.member)))
+            for key, route in routes.items()}
         # XLA:CPU runs each device's part of a collective on a shared thread pool; with
         # many steps queued, parts of different steps can hold every thread and wait for
         # each other forever (an all-reduce rendezvous timeout). There, a step starts only
@@ -201,13 +230,19 @@ class PerStepRunner:
         """
         jobs, seen = [], set()
         for dl in self.scheduler_loaders:
-            for shape in range(len(dl.bucket_shapes)):
+            switched = id(dl) in self._shapes
+            # A switched loader's one program takes every batch at its longest shape.
+            for shape in [len(dl.bucket_shapes) - 1] if switched else range(
+                    len(dl.bucket_shapes)):
                 batch = dl.example_batch(shape)
                 route = self._routes.get(id(dl))
                 loader_index = self._loader_index[id(dl)]
+                extra = {"shape": np.int32(shape)} if switched else {}
                 if route is None:
-                    program = self.compiled.general
-                    args = abstract((state, accumulator, (self._put(batch),), (loader_index,)))
+                    program = (self.compiled.switched_step(None, self._shapes[id(dl)])
+                               if switched else self.compiled.general)
+                    args = abstract((state, accumulator, (self._put(batch),),
+                                     (loader_index,)))
                 else:
                     program = route.program
                     args = abstract((state_view(state, route.view, self._modules), accumulator,
@@ -216,7 +251,7 @@ class PerStepRunner:
                 key = (id(program), _call_signature(args))
                 if key not in seen:
                     seen.add(key)
-                    jobs.append((program, args))
+                    jobs.append((program, args, abstract(extra)))
         return jobs
 
     def batches(self, scheduled: Iterator[tuple[Any, Any]]) -> Iterator[tuple[Any, int]]:
@@ -227,18 +262,21 @@ class PerStepRunner:
     def step(self, state: TrainState, accumulator: Accumulator, item: tuple[Any, int, Any]
              ) -> tuple[TrainState, Accumulator]:
         """One step on the item's batches (none for a batch without labelled rows)."""
-        device_batches, _, loader_indices = item
+        device_batches, _, loader_indices, switched = item
         if device_batches is None:
             return state, accumulator
         if self._wait_for_previous_step:
             jax.block_until_ready(state.step)
+        # ``switched``: (program, shape index) of a loader with several bucket shapes.
+        shape = {} if switched is None else {"shape": switched[1]}
         if not isinstance(loader_indices[0], Route):
-            return self.compiled.general(state, accumulator, device_batches, loader_indices)
+            program = self.compiled.general if switched is None else switched[0]
+            return program(state, accumulator, device_batches, loader_indices, **shape)
         route, loader_index = loader_indices
         # The step sees only the member's modules; the others are not even passed.
         view_state, accumulator = route.program(
             state_view(state, route.view, self._modules), accumulator, *device_batches,
-            route.member, loader_index)
+            route.member, loader_index, **shape)
         return write_view_back(state, view_state, route.view, self._modules), accumulator
 
     def flush(self, state: TrainState, accumulator: Accumulator
@@ -254,11 +292,18 @@ class PerStepRunner:
         """One copy of a replicated tree (the first device's under pmap)."""
         return self.parallel.unreplicate(tree)
 
-    def _to_devices(self, item: tuple[Any, Any]) -> tuple[Any, int, Any]:
+    def _to_devices(self, item: tuple[Any, Any]) -> tuple[Any, int, Any, Any]:
         batches, dataloaders = item
+        switched = None
         route = None if isinstance(dataloaders, tuple) else self._routes.get(id(dataloaders))
+        if not isinstance(dataloaders, tuple) and id(dataloaders) in self._shapes:
+            X_dict, shape = pad_to_longest(batches[0], dataloaders)
+            batches = Batch(X_dict, batches[1], batches.mask)
+            program = route.program if route is not None else self.compiled.switched_step(
+                None, self._shapes[id(dataloaders)])
+            switched = (program, np.int32(shape))
         if route is not None:
-            return self._family_to_devices(batches, dataloaders, route)
+            return self._family_to_devices(batches, dataloaders, route, switched)
         if not isinstance(dataloaders, tuple):  # one batch per step, else a "mixed" group
             batches, dataloaders = (batches,), (dataloaders,)
         device_batches, num_valid, active = [], 0, False
@@ -268,16 +313,16 @@ class PerStepRunner:
             device_batches.append(self._put(batch))
             num_valid += batch.num_valid
         if not active:  # nothing to learn from: no step, as Snorkel skips it
-            return None, 0, None
+            return None, 0, None, None
         loader_indices = tuple(self._loader_index[id(dl)] for dl in dataloaders)
-        return tuple(device_batches), num_valid, loader_indices
+        return tuple(device_batches), num_valid, loader_indices, switched
 
-    def _family_to_devices(self, batch: Any, dataloader: DictDataLoader, route: Route
-                           ) -> tuple[Any, int, Any]:
+    def _family_to_devices(self, batch: Any, dataloader: DictDataLoader, route: Route,
+                           switched: Any) -> tuple[Any, int, Any, Any]:
         if not is_active(batch[1][route.task][batch.mask]).any():
-            return None, 0, None
+            return None, 0, None, None
         return self._put_member(batch, route), batch.num_valid, (
-            route, self._loader_index[id(dataloader)])
+            route, self._loader_index[id(dataloader)]), switched
 
     def _put(self, batch: Any) -> tuple:
         """``(X, Y, mask)`` on the devices, Y cut to the model's tasks (general step)."""

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ..buckets import BucketShapes, at_bucket_shape
 from ..model import ModelGraph, PyTree, active_mask, losses_from_outputs
 from ..signatures import TaskFamily, apply_family, member_model_state, member_variables
 from .gradients import (
@@ -127,18 +128,45 @@ def finish_step(graph: ModelGraph, state: TrainState, batches: Sequence[Batch],
     return jax.lax.cond(jnp.any(ctx.task_mask), lambda: updated, lambda: state), metrics
 
 
+def at_shape(grads: Callable[..., StepGrads], shapes: BucketShapes | None, shape: Any
+             ) -> Callable[..., StepGrads]:
+    """``grads`` computed at the bucket shape ``shapes[shape]`` of a batch sent at its
+    loader's longest (``buckets.at_bucket_shape``); ``grads`` itself if ``shapes`` is None.
+
+    Only the forward and backward passes are switched: their outputs (gradients, losses,
+    statistics) do not depend on the lengths, and the optimizer update after them is
+    compiled once (a switch over whole steps would copy the state through every branch).
+    """
+    if shapes is None:
+        return grads
+
+    def at(graph: ModelGraph, state: TrainState, batches: Sequence[Batch],
+           ctx: StepContext) -> StepGrads:
+        (X_dict, Y_dict, mask), = batches
+
+        def run(X_cut: Mapping[str, Any], state: TrainState) -> StepGrads:
+            return grads(graph, state, ((X_cut, Y_dict, mask),), ctx)
+
+        return at_bucket_shape(shapes, shape, run, X_dict, state)
+
+    return at
+
+
 # --- the steps ------------------------------------------------------------------------------
 def plain_step(graph: ModelGraph, state: TrainState, batches: Sequence[Batch],
-               axis_name: Any = None, skip_inactive: bool = True
+               axis_name: Any = None, skip_inactive: bool = True,
+               shapes: BucketShapes | None = None, shape: Any = None
                ) -> tuple[TrainState, dict[str, Any]]:
     """One update with the summed loss (``state.balancer`` is ignored); as ``train_step_on``."""
     ctx = step_context(graph, state, batches, axis_name)
     return finish_step(graph, state, batches, ctx,
-                       plain_grads(graph, state, batches, ctx), skip_inactive)
+                       at_shape(plain_grads, shapes, shape)(graph, state, batches, ctx),
+                       skip_inactive)
 
 
 def balanced_step(graph: ModelGraph, state: TrainState, batches: Sequence[Batch],
-                  axis_name: Any = None, skip_inactive: bool = True
+                  axis_name: Any = None, skip_inactive: bool = True,
+                  shapes: BucketShapes | None = None, shape: Any = None
                   ) -> tuple[TrainState, dict[str, Any]]:
     """One update whose gradient ``state.balancer`` combines; as ``train_step_on``.
 
@@ -153,7 +181,8 @@ def balanced_step(graph: ModelGraph, state: TrainState, batches: Sequence[Batch]
                          "plain_step")
     ctx = step_context(graph, state, batches, axis_name)
     return finish_step(graph, state, batches, ctx,
-                       gradient_function(state)(graph, state, batches, ctx), skip_inactive)
+                       at_shape(gradient_function(state), shapes, shape)(
+                           graph, state, batches, ctx), skip_inactive)
 
 
 def gradient_function(state: TrainState) -> Callable[..., StepGrads]:
@@ -176,6 +205,8 @@ def train_step_on(
     batches: Sequence[Batch],
     axis_name: Any = None,
     skip_inactive: bool = True,
+    shapes: BucketShapes | None = None,
+    shape: Any = None,
 ) -> tuple[TrainState, dict[str, Any]]:
     """One optimizer update on several batches at once (e.g. one per task loader).
 
@@ -193,6 +224,9 @@ def train_step_on(
       skip_inactive: leave the state unchanged when no batch has an active row. A caller
         that never passes such batches (the Trainer drops them on the host) sets False
         and saves the select over the whole state that this costs.
+      shapes, shape: for one batch whose variable-length inputs come at its loader's
+        longest bucket: the loader's bucket shapes (static) and the batch's own (traced
+        int32): the passes run at that shape's lengths (``at_shape``).
 
     Returns:
       (state, metrics): metrics["batch_terms"] lists, per batch, task -> (loss sum,
@@ -200,7 +234,7 @@ def train_step_on(
       task weights [T] (ones without a balancer).
     """
     step = plain_step if state.balancer is None else balanced_step
-    return step(graph, state, batches, axis_name, skip_inactive)
+    return step(graph, state, batches, axis_name, skip_inactive, shapes, shape)
 
 
 def diagnosed_step(graph: ModelGraph, state: TrainState, batches: Sequence[Batch],
@@ -296,6 +330,8 @@ def family_step(
     member: jax.Array,
     axis_name: Any = None,
     in_view: bool = False,
+    shapes: BucketShapes | None = None,
+    shape: Any = None,
 ) -> tuple[TrainState, dict[str, Any]]:
     """``train_step`` on a batch of one task of ``family``: one program for all members.
 
@@ -321,6 +357,8 @@ def family_step(
         of members; the caller writes the result back (``signatures.write_back``).
         Otherwise the state is the whole model's, and the members' weights are stacked
         and indexed inside the step.
+      shapes, shape: X_dict at the loader's longest bucket shape, passes run at
+        ``shapes[shape]``'s lengths (as ``train_step_on``'s).
 
     Returns:
       (state, metrics): metrics["terms"] is the task's (loss sum, active count) of this
@@ -333,8 +371,14 @@ def family_step(
     count = jnp.zeros((), jnp.float32) + jnp.sum(active_mask(labels, mask))
     if axis_name is not None:
         count = jax.lax.psum(count, axis_name)
-    (loss, (terms, view_state)), grads = jax.value_and_grad(family_loss, has_aux=True)(
-        state.params, graph, family, state, X_dict, labels, mask, member, rng, count, in_view)
+    def passes(X_dict: Mapping[str, Any], state: TrainState) -> tuple:
+        return jax.value_and_grad(family_loss, has_aux=True)(
+            state.params, graph, family, state, X_dict, labels, mask, member, rng, count,
+            in_view)
+
+    (loss, (terms, view_state)), grads = (
+        passes(X_dict, state) if shapes is None else
+        at_bucket_shape(shapes, shape, passes, dict(X_dict), state))
     model_state = view_state if in_view else member_model_state(
         family, state.model_state, view_state, member)
     if axis_name is not None:
