@@ -32,6 +32,7 @@ from .config_base import (
     is_gradient_transformation,
     merge_config,
 )
+from .module_optimizers_config import check_module_optimizers
 from .optimizer_config import (
     AdamaxConfig,
     AdamConfig,
@@ -170,7 +171,6 @@ class TrainerConfig(NestedConfig):
 
     def __post_init__(self) -> None:
         self._convert_nested()
-        from .module_optimizers import check_module_optimizers  # imports no JAX
         object.__setattr__(self, "module_optimizers", check_module_optimizers(
             self.module_optimizers, self.optimizer, self.optimizer_config))
         registry.PARALLEL_MODES.check(self.parallel, "TrainerConfig.parallel")
