@@ -1,7 +1,8 @@
 """MultitaskClassifier: a thin shell over the pure core in ``model.py``.
 
 It holds the task graph and the current variables, and caches one jitted function per
-task set; all math lives in ``model.py``.
+task set (``evaluation.EvalPrograms``); all math lives in ``model.py``, the evaluation
+entry points' bodies in ``evaluation.py``.
 """
 
 from __future__ import annotations
@@ -15,26 +16,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .analysis.scorer import metrics_dict_to_dataframe
+from . import evaluation
+from .evaluation import EvalPrograms, labels_to_tasks
 from .loader import DictDataLoader
 from .model import (
     ModelGraph,
     PyTree,
-    apply_ops,
     build_graph,
     compiled_init_variables,
     init_variables,
-    task_loss_terms,
-    task_probs,
     with_module_variables,
 )
 from .nnx_modules import is_nnx_module, reinitialised_variables
 from .parallel import DataParallel, choose_parallel
 from .persistence import load_variables, save_params
-from .signatures import family_of, task_families, view_modules, view_variables
 from .task import Operation, Task, is_flax_module
 from .training.guards import InterruptGuard
-from .utils import probs_to_preds
 
 if TYPE_CHECKING:  # pandas is imported only when a DataFrame is asked for
     import pandas as pd
@@ -47,31 +44,6 @@ COMPILED_INIT_LOADERS = 4
 
 def _as_device_batch(tree: Mapping[str, Any]) -> dict[str, jax.Array]:
     return {key: jnp.asarray(value) for key, value in tree.items()}
-
-
-def _drop_padding(rows: np.ndarray, valid: Sequence[int]) -> np.ndarray:
-    """Keeps the first ``valid[i]`` rows of each equal-sized batch block of ``rows``."""
-    if all(n == valid[0] for n in valid) and len(rows) == sum(valid):
-        return rows
-    size = len(rows) // len(valid)
-    blocks = rows.reshape(len(valid), size, *rows.shape[1:])
-    return np.concatenate([block[:n] for block, n in zip(blocks, valid, strict=True)])
-
-
-def _macro_averages(scores: Mapping[str, float]) -> dict[str, float]:
-    """``model/all/{split}/{metric}``: the mean over label sets (tasks x datasets) of a split.
-
-    NaN scores (e.g. roc_auc with one class present) are left out of the mean.
-    """
-    grouped: dict[tuple[str, str], list[float]] = {}
-    for key, value in scores.items():
-        _, _, split, metric = key.split("/", 3)
-        grouped.setdefault((split, metric), []).append(float(value))
-    averages = {}
-    for (split, metric), values in grouped.items():
-        finite = [v for v in values if not np.isnan(v)]
-        averages[f"model/all/{split}/{metric}"] = float(np.mean(finite)) if finite else float("nan")
-    return averages
 
 
 def _devices_for(device: int | None, dataparallel: bool) -> tuple[Any, ...] | None:
@@ -128,8 +100,7 @@ class MultitaskClassifier:
         self.graph: ModelGraph = build_graph([])
         self.variables: PyTree | None = None
         self._created: set[str] = set()  # modules init ran for (some have no variables)
-        self._jitted: dict[Any, Any] = {}
-        self._families: tuple[ModelGraph | None, tuple] = (None, ())
+        self._eval_programs = EvalPrograms(self.graph)
         self._parallel: DataParallel | None = None
         for task in tasks:
             self.add_task(task)
@@ -173,7 +144,7 @@ class MultitaskClassifier:
             raise ValueError(f"add_task expects a Task, got {type(task).__name__}")
         self.graph = build_graph([*self._tasks, task])
         self._tasks.append(task)
-        self._jitted = {}
+        self._eval_programs = EvalPrograms(self.graph)
         self._parallel = None
         if self.variables is not None:
             logger.info("Task '%s' added to an initialised model; its new modules are "
@@ -291,8 +262,8 @@ class MultitaskClassifier:
         """
         batches, planned = [], set()
         for dataloader in dataloaders:
-            tasks = list(dict.fromkeys(self._labels_to_tasks(
-                list(dataloader.dataset.Y_dict), remap_labels or {}).values()))
+            tasks = list(dict.fromkeys(labels_to_tasks(
+                self.graph, list(dataloader.dataset.Y_dict), remap_labels or {}).values()))
             missing = self._missing_modules(tasks, planned) if tasks else []
             if missing:
                 X_dict, _ = dataloader.batch_at(dataloader.order(0), 0)
@@ -342,42 +313,18 @@ class MultitaskClassifier:
             self._parallel = choose_parallel("auto", self.dataparallel, devices)
         return self._parallel
 
-    def _family_view(self, task_names: Sequence[str]) -> tuple[str, dict[str, str]] | None:
-        """For a single task with a ``TaskFamily``: (the representative, the task's view).
-
-        The representative's program run on the task's view of the variables computes
-        the task's outputs: every member of the family shares that one program.
-        """
-        if len(task_names) != 1:
-            return None
-        # Structural families suffice here: a view holds the member's own variables, and
-        # a member whose shapes differ only gets a program of its own. Kept per graph.
-        if self._families[0] is not self.graph:
-            self._families = (self.graph, task_families(self.graph))
-        family = family_of(self._families[1], task_names[0])
-        if family is None:
-            return None
-        return family.representative, view_modules(self.graph, family,
-                                                   family.index(task_names[0]))
-
-    def _compiled(self, kind: str, task_names: tuple[str, ...], parallel: DataParallel) -> Any:
-        key = (kind, task_names, parallel)
-        if key not in self._jitted:
-            graph = self.graph
-            if kind == "probs":
-                fn = lambda v, x: task_probs(graph, v, x, task_names)  # noqa: E731
-            elif kind == "forward":
-                fn = lambda v, x: apply_ops(graph, v, x, task_names)[0]  # noqa: E731
-            else:
-                fn = lambda v, x, y, m: task_loss_terms(graph, v, x, y, m)[0]  # noqa: E731
-            self._jitted[key] = parallel.compile(fn)
-        return self._jitted[key]
+    @property
+    def eval_programs(self) -> EvalPrograms:
+        """The jitted evaluation programs of the current graph (rebuilt when it changes)."""
+        if self._eval_programs.graph is not self.graph:
+            self._eval_programs = EvalPrograms(self.graph)
+        return self._eval_programs
 
     def forward(self, X_dict: Mapping[str, Any], task_names: Sequence[str]) -> dict[str, Any]:
         """Evaluation-mode outputs of every op the tasks need, plus "_input_" -> X_dict."""
         variables = self.ensure_variables(X_dict, task_names)
         single = choose_parallel("single", devices=self.devices)
-        return self._compiled("forward", tuple(task_names), single)(
+        return self.eval_programs.program("forward", tuple(task_names), single)(
             variables, _as_device_batch(X_dict))
 
     def calculate_loss(
@@ -387,60 +334,7 @@ class MultitaskClassifier:
 
         Rows whose label is -1 are ignored; label names that are not tasks are skipped.
         """
-        tasks = tuple(name for name in Y_dict if name in self.graph.op_sequences)
-        variables = self.ensure_variables(X_dict, tasks)
-        parallel = self.parallel
-        family_view = self._family_view(tasks)
-        if family_view is not None:  # the representative's program on the task's view
-            representative, view = family_view
-            batch = parallel.put_batch(X_dict, {representative: Y_dict[tasks[0]]},
-                                       np.ones(len(next(iter(X_dict.values()))), bool))
-            terms = self._compiled("loss", (representative,), parallel)(
-                parallel.replicate(view_variables(variables, view)), *batch)
-            terms = {tasks[0]: terms[representative]}
-        else:
-            batch = parallel.put_batch(X_dict, {t: Y_dict[t] for t in tasks},
-                                       np.ones(len(next(iter(X_dict.values()))), bool))
-            terms = self._compiled("loss", tasks, parallel)(parallel.replicate(variables),
-                                                            *batch)
-        # Per-device sums under pmap: adding them over the device axis gives the totals.
-        terms = {t: (np.asarray(s, np.float64).sum(), np.asarray(c).sum())
-                 for t, (s, c) in terms.items()}
-        loss_dict, count_dict = {}, {}
-        for task_name, (loss_sum, count) in terms.items():
-            count = int(count)
-            if count > 0:
-                loss_dict[task_name] = loss_sum / count
-                count_dict[task_name] = count
-        return loss_dict, count_dict
-
-    def _probs_fn(self, tasks: tuple[str, ...], parallel: DataParallel, variables: PyTree
-                  ) -> tuple[Any, PyTree]:
-        """``((variables, X) -> {task: probs}, variables to pass)``: for a task with a
-        family, the representative's program and the task's view of the variables
-        (compiled once for all members), else the task set's program."""
-        family_view = self._family_view(tasks)
-        if family_view is None:
-            return self._compiled("probs", tasks, parallel), variables
-        representative, view = family_view
-        program = self._compiled("probs", (representative,), parallel)
-        keys = self.graph.input_keys([representative])
-
-        def probs(variables: PyTree, X_dict: Mapping[str, Any]) -> dict[str, jax.Array]:
-            if keys is not None:  # every member's batch has the same X keys
-                X_dict = {key: X_dict[key] for key in sorted(keys) if key in X_dict}
-            return {tasks[0]: program(variables, X_dict)[representative]}
-
-        return probs, view_variables(variables, view)
-
-    def _labels_to_tasks(self, label_names: Sequence[str],
-                         remap_labels: Mapping[str, str | None]) -> dict[str, str]:
-        mapping = {}
-        for label in label_names:
-            task = remap_labels.get(label, label)
-            if task is not None and task in self.graph.op_sequences:
-                mapping[label] = task
-        return mapping
+        return evaluation.calculate_loss(self, X_dict, Y_dict)
 
     def predict(
         self,
@@ -458,39 +352,7 @@ class MultitaskClassifier:
         Returns:
           {"golds": {label: [N] or [N, K]}, "probs": {label: [N, K]}[, "preds": {label: [N]}]}
         """
-        labels_to_tasks = self._labels_to_tasks(list(dataloader.dataset.Y_dict),
-                                                remap_labels or {})
-        tasks = tuple(dict.fromkeys(labels_to_tasks.values()))
-        golds: dict[str, list] = {label: [] for label in labels_to_tasks}
-        valid: list[int] = []
-        probs: dict[str, list] = {label: [] for label in labels_to_tasks}
-        if tasks:
-            parallel = self.parallel
-            probs_fn = None
-            device_variables = None
-            for batch in dataloader:
-                X_dict, Y_dict = batch
-                n_rows = len(next(iter(X_dict.values())))
-                mask = getattr(batch, "mask", np.ones(n_rows, bool))
-                if device_variables is None:
-                    variables = self.ensure_variables(X_dict, tasks)
-                    probs_fn, variables = self._probs_fn(tasks, parallel, variables)
-                    device_variables = parallel.replicate(variables)
-                device_X, _, _ = parallel.put_batch(X_dict, {}, mask)
-                batch_probs = probs_fn(device_variables, device_X)
-                valid.append(int(mask.sum()))
-                for label, task in labels_to_tasks.items():
-                    probs[label].append(parallel.gather_rows(batch_probs[task]))
-                    golds[label].append(np.asarray(Y_dict[label])[: valid[-1]])
-        # One device-to-host copy per label set; padded rows are dropped on the host.
-        results: dict[str, dict[str, np.ndarray]] = {
-            "golds": {label: np.concatenate(v) for label, v in golds.items() if v},
-            "probs": {label: _drop_padding(np.asarray(jnp.concatenate(v)), valid)
-                      for label, v in probs.items() if v},
-        }
-        if return_preds:
-            results["preds"] = {label: probs_to_preds(p) for label, p in results["probs"].items()}
-        return results
+        return evaluation.predict(self, dataloader, return_preds, remap_labels)
 
     def score(
         self,
@@ -506,25 +368,7 @@ class MultitaskClassifier:
           checkpointing); with ``as_dataframe`` a DataFrame with columns label, dataset,
           split, metric, score.
         """
-        scores: dict[str, float] = {}
-        for dataloader in dataloaders:
-            dataset = dataloader.dataset
-            labels_to_tasks = self._labels_to_tasks(list(dataset.Y_dict), remap_labels or {})
-            extra = set(dataset.Y_dict) - set(labels_to_tasks)
-            if extra:
-                logger.info("Ignoring extra labels in dataloader (%s): %s", dataset.split,
-                            sorted(extra))
-            results = self.predict(dataloader, return_preds=True, remap_labels=remap_labels)
-            for label, task in labels_to_tasks.items():
-                task_scores = self.scorers[task].score(
-                    golds=results["golds"][label],
-                    preds=results["preds"][label],
-                    probs=results["probs"][label],
-                )
-                for metric, value in task_scores.items():
-                    scores["/".join([label, dataset.name, dataset.split, metric])] = value
-        scores.update(_macro_averages(scores))
-        return metrics_dict_to_dataframe(scores) if as_dataframe else scores
+        return evaluation.score(self, dataloaders, remap_labels, as_dataframe)
 
     # --- persistence -----------------------------------------------------------------
     def save(self, model_path: str | os.PathLike) -> None:

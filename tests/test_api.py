@@ -235,7 +235,9 @@ def _modules_loaded_by(module: str) -> set[str]:
 def test_config_imports_no_implementation_module_and_no_jax():
     loaded = _modules_loaded_by("jaxmtl.training.config")
     assert sorted(m for m in loaded if m.startswith("jaxmtl")) == [
-        "jaxmtl", "jaxmtl.registry", "jaxmtl.training", "jaxmtl.training.config"]
+        "jaxmtl", "jaxmtl.registry", "jaxmtl.training", "jaxmtl.training.config",
+        "jaxmtl.training.config_base", "jaxmtl.training.module_optimizers_config",
+        "jaxmtl.training.optimizer_config", "jaxmtl.training.service_config"]
     assert not {"jax", "flax", "optax", "numpy"} & loaded
 
 

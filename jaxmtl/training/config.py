@@ -6,23 +6,49 @@ unknown keys and values outside the allowed set raise ``ValueError`` naming the 
 the value and what is allowed. The allowed names come from ``jaxmtl.registry``, the one
 list per concept that the factories read too; this module imports no implementation
 module (not even JAX), so a config can be built and checked before anything is compiled.
+
+This module holds ``TrainerConfig`` and is the home of every config name; the nested
+configs live by concept: ``optimizer_config`` (optimizer and learning-rate schedule),
+``service_config`` (evaluation cadence, checkpoints, logs) and ``config_base`` (dict
+conversion and the numeric checks they share).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
-import math
-import numbers
-import os
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 from .. import registry
-
-ConfigT = TypeVar("ConfigT")
+from .config_base import (
+    ConfigT,
+    NestedConfig,
+    check_finite,
+    check_finite_non_negative,
+    check_non_negative,
+    from_dict,
+    is_gradient_transformation,
+    merge_config,
+)
+from .module_optimizers_config import check_module_optimizers
+from .optimizer_config import (
+    AdamaxConfig,
+    AdamConfig,
+    ExponentialConfig,
+    LRSchedulerConfig,
+    OptimizerConfig,
+    SGDConfig,
+    StepConfig,
+)
+from .service_config import (
+    CheckpointerConfig,
+    LogManagerConfig,
+    LogWriterConfig,
+    check_run_name,
+    parse_metric_modes,
+)
 
 # The allowed names as tuples, for callers that list them; each is its registry's names.
 OPTIMIZERS = registry.OPTIMIZERS.names
@@ -35,322 +61,6 @@ WARMUP_UNITS = registry.WARMUP_UNITS.names
 ON_NONFINITE = registry.ON_NONFINITE.names
 PARALLEL_MODES = registry.PARALLEL_MODES.names
 BALANCER_NAMES = registry.BALANCERS.names
-
-
-def is_gradient_transformation(value: Any) -> bool:
-    """Whether ``value`` is an ``optax.GradientTransformation``, without importing optax.
-
-    A value can only be one if the caller has imported optax already, so configuration
-    never loads it (nor JAX) itself.
-    """
-    optax = sys.modules.get("optax")
-    return optax is not None and isinstance(value, optax.GradientTransformation)
-
-
-def _check_non_negative(owner: str, field_name: str, value: float) -> None:
-    if value is None or value < 0:
-        raise ValueError(f"{owner}.{field_name} must be >= 0, got {value!r}")
-
-
-def _check_finite(owner: str, field_name: str, value: Any) -> None:
-    """A real, finite number (numpy scalars included); strings and bools are not."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(
-            f"{owner}.{field_name} must be a number, got {value!r} ({type(value).__name__})"
-        )
-    if not math.isfinite(value):
-        raise ValueError(f"{owner}.{field_name} must be a finite number, got {value!r}")
-
-
-def check_finite_non_negative(owner: str, field_name: str, value: Any) -> None:
-    """Raises ValueError naming ``owner.field_name`` unless ``value`` is a finite number >= 0."""
-    _check_finite(owner, field_name, value)
-    _check_non_negative(owner, field_name, value)
-
-
-def from_dict(cls: type[ConfigT], value: Any) -> ConfigT:
-    """Builds the config dataclass ``cls`` from ``value`` (an instance, a dict or None).
-
-    Nested dataclass fields given as dicts are converted recursively; a key that is not a
-    field of ``cls`` raises ``ValueError`` listing the valid fields.
-    """
-    if value is None:
-        return cls()
-    if isinstance(value, cls):
-        return value
-    if not isinstance(value, dict):
-        raise ValueError(f"{cls.__name__}: expected a dict or {cls.__name__}, got {type(value).__name__}")
-    return merge_config(cls(), value)
-
-
-def merge_config(config: ConfigT, updates: dict[str, Any]) -> ConfigT:
-    """Returns a copy of ``config`` with ``updates`` applied; nested dicts merge recursively."""
-    fields = {f.name: f for f in dataclasses.fields(config)}  # type: ignore[arg-type]
-    unknown = sorted(set(updates) - set(fields))
-    if unknown:
-        raise ValueError(
-            f"{type(config).__name__}: unknown config key(s) {unknown}; "
-            f"valid keys are {sorted(fields)}"
-        )
-    changes = {}
-    for key, new_value in updates.items():
-        current = getattr(config, key)
-        if dataclasses.is_dataclass(current) and isinstance(new_value, dict):
-            changes[key] = merge_config(current, new_value)
-        else:
-            changes[key] = new_value
-    return dataclasses.replace(config, **changes)  # type: ignore[type-var]
-
-
-class _NestedConfig:
-    """Converts dict-valued nested config fields to their dataclasses after init."""
-
-    def _convert_nested(self) -> None:
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            value = getattr(self, f.name)
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
-            if dataclasses.is_dataclass(default) and not dataclasses.is_dataclass(value):
-                object.__setattr__(self, f.name, from_dict(type(default), value))
-
-
-@dataclass(frozen=True)
-class SGDConfig:
-    """torch.optim.SGD settings Snorkel exposes (momentum without dampening)."""
-
-    momentum: float = 0.9
-
-    def __post_init__(self) -> None:
-        check_finite_non_negative("SGDConfig", "momentum", self.momentum)
-
-
-@dataclass(frozen=True)
-class AdamConfig:
-    """torch.optim.Adam settings: ``betas``, ``eps`` and ``amsgrad``."""
-
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    amsgrad: bool = False
-
-    def __post_init__(self) -> None:
-        _check_betas("AdamConfig", self)
-        check_finite_non_negative("AdamConfig", "eps", self.eps)
-        if not isinstance(self.amsgrad, bool):
-            raise ValueError(f"AdamConfig.amsgrad must be a bool, got {self.amsgrad!r}")
-
-
-@dataclass(frozen=True)
-class AdamaxConfig:
-    """torch.optim.Adamax settings: ``betas`` and ``eps``."""
-
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-
-    def __post_init__(self) -> None:
-        _check_betas("AdamaxConfig", self)
-        check_finite_non_negative("AdamaxConfig", "eps", self.eps)
-
-
-def _check_betas(owner: str, config: AdamConfig | AdamaxConfig) -> None:
-    """``betas``: two numbers in [0, 1) (torch's check), stored as a tuple."""
-    betas = config.betas
-    if (isinstance(betas, str) or not hasattr(betas, "__len__") or len(betas) != 2
-            or not all(isinstance(b, numbers.Real) and not isinstance(b, bool)
-                       and 0.0 <= b < 1.0 for b in betas)):
-        raise ValueError(f"{owner}.betas must be two numbers in [0, 1), got {betas!r}")
-    object.__setattr__(config, "betas", tuple(betas))
-
-
-@dataclass(frozen=True)
-class OptimizerConfig(_NestedConfig):
-    """Per-optimizer settings, as Snorkel's ``OptimizerConfig``."""
-
-    sgd_config: SGDConfig = field(default_factory=SGDConfig)
-    adam_config: AdamConfig = field(default_factory=AdamConfig)
-    adamax_config: AdamaxConfig = field(default_factory=AdamaxConfig)
-
-    def __post_init__(self) -> None:
-        self._convert_nested()
-
-
-@dataclass(frozen=True)
-class ExponentialConfig:
-    """Exponential decay: ``lr * gamma ** step`` after warm-up."""
-
-    gamma: float = 0.9
-
-    def __post_init__(self) -> None:
-        check_finite_non_negative("ExponentialConfig", "gamma", self.gamma)
-
-
-@dataclass(frozen=True)
-class StepConfig:
-    """Step decay: multiply by ``gamma`` every ``step_size`` steps after warm-up."""
-
-    step_size: int = 5
-    gamma: float = 0.9
-
-    def __post_init__(self) -> None:
-        if (isinstance(self.step_size, bool) or not isinstance(self.step_size, int)
-                or self.step_size < 1):
-            raise ValueError(f"StepConfig.step_size must be an int >= 1, got {self.step_size!r}")
-        check_finite_non_negative("StepConfig", "gamma", self.gamma)
-
-
-@dataclass(frozen=True)
-class LRSchedulerConfig(_NestedConfig):
-    """Learning-rate schedule settings, as Snorkel's ``LRSchedulerConfig``."""
-
-    warmup_steps: float = 0
-    warmup_unit: str = "batches"
-    warmup_percentage: float = 0.0
-    min_lr: float = 0.0
-    exponential_config: ExponentialConfig = field(default_factory=ExponentialConfig)
-    step_config: StepConfig = field(default_factory=StepConfig)
-
-    def __post_init__(self) -> None:
-        self._convert_nested()
-        registry.WARMUP_UNITS.check(self.warmup_unit, "LRSchedulerConfig.warmup_unit")
-        if self.warmup_steps is not None:
-            _check_finite("LRSchedulerConfig", "warmup_steps", self.warmup_steps)
-            if self.warmup_steps < 0:
-                raise ValueError(
-                    f"warmup_steps must be greater or equal than 0, got {self.warmup_steps}"
-                )
-        _check_finite("LRSchedulerConfig", "warmup_percentage", self.warmup_percentage)
-        if not 0.0 <= self.warmup_percentage <= 1.0:
-            raise ValueError(
-                f"LRSchedulerConfig.warmup_percentage must be in [0, 1], got "
-                f"{self.warmup_percentage}"
-            )
-        check_finite_non_negative("LRSchedulerConfig", "min_lr", self.min_lr)
-
-
-@dataclass(frozen=True)
-class LogManagerConfig:
-    """When to evaluate: every ``evaluation_freq`` ``counter_unit``s (Snorkel's semantics)."""
-
-    counter_unit: str = "epochs"
-    evaluation_freq: float = 1.0
-
-    def __post_init__(self) -> None:
-        registry.COUNTER_UNITS.check(self.counter_unit, "LogManagerConfig.counter_unit")
-        _check_finite("LogManagerConfig", "evaluation_freq", self.evaluation_freq)
-        if self.evaluation_freq <= 0:
-            raise ValueError(
-                f"LogManagerConfig.evaluation_freq must be > 0, got {self.evaluation_freq!r}"
-            )
-
-
-@dataclass(frozen=True)
-class CheckpointerConfig:
-    """Checkpointing settings, as Snorkel's ``CheckpointerConfig``.
-
-    ``checkpoint_dir`` defaults to "checkpoints" as in Snorkel 0.10; None puts the
-    checkpoints beside the logs when logging is on (else in "checkpoints").
-    ``checkpoint_metric`` and each of ``checkpoint_task_metrics`` is
-    ``"task/dataset/split/metric:mode"`` with mode "min" or "max" (a list is stored as a
-    tuple).
-    """
-
-    checkpoint_dir: str | None = "checkpoints"
-    checkpoint_factor: int = 1
-    checkpoint_metric: str = "model/all/train/loss:min"
-    checkpoint_task_metrics: tuple[str, ...] | None = None
-    checkpoint_runway: float = 0
-    checkpoint_clear: bool = True
-
-    def __post_init__(self) -> None:
-        owner = "CheckpointerConfig"
-        if self.checkpoint_dir is not None and (
-                not isinstance(self.checkpoint_dir, str) or not self.checkpoint_dir):
-            raise ValueError(f"{owner}.checkpoint_dir must be a non-empty path or None, got "
-                             f"{self.checkpoint_dir!r}")
-        if (isinstance(self.checkpoint_factor, bool) or not isinstance(self.checkpoint_factor, int)
-                or self.checkpoint_factor < 1):
-            raise ValueError(f"{owner}.checkpoint_factor must be an int >= 1, got "
-                             f"{self.checkpoint_factor!r}")
-        check_finite_non_negative(owner, "checkpoint_runway", self.checkpoint_runway)
-        if not isinstance(self.checkpoint_clear, bool):
-            raise ValueError(f"{owner}.checkpoint_clear must be a bool, got "
-                             f"{self.checkpoint_clear!r}")
-        parse_metric_modes([self.checkpoint_metric], f"{owner}.checkpoint_metric")
-        if self.checkpoint_task_metrics is not None:
-            if isinstance(self.checkpoint_task_metrics, str):
-                raise ValueError(
-                    f"{owner}.checkpoint_task_metrics must be a list of "
-                    f"'task/dataset/split/metric:mode' strings or None, got the string "
-                    f"{self.checkpoint_task_metrics!r}")
-            object.__setattr__(self, "checkpoint_task_metrics",
-                               tuple(self.checkpoint_task_metrics))
-            parse_metric_modes(self.checkpoint_task_metrics, f"{owner}.checkpoint_task_metrics")
-
-
-def parse_metric_modes(metric_modes: Iterable[str] | None, where: str) -> dict[str, str]:
-    """Parses checkpoint metrics ``"task/dataset/split/metric:mode"`` into metric -> mode.
-
-    Args:
-      metric_modes: the strings; None means none.
-      where: the field that holds them, for error messages.
-
-    Returns:
-      ``{"task/dataset/split/metric": "min" | "max"}`` in the given order.
-
-    Raises:
-      ValueError: for a string without exactly one ":", a mode other than "min"/"max", or a
-        metric name without four "/"-separated parts.
-    """
-    modes: dict[str, str] = {}
-    for metric_mode in metric_modes or ():
-        parts = str(metric_mode).split(":")
-        if len(parts) != 2:
-            raise ValueError(
-                f"{where}: metric must be of the form 'metric_name:mode' where mode is "
-                f"'max' or 'min', got {metric_mode!r}"
-            )
-        metric, mode = parts
-        registry.METRIC_MODES.check(mode, f"{where}, metric {metric!r}")
-        if len(metric.split("/")) != 4:
-            raise ValueError(
-                f"{where} must be formatted 'task/dataset/split/metric:mode', got "
-                f"{metric_mode!r}"
-            )
-        modes[metric] = mode
-    return modes
-
-
-def check_run_name(run_name: str) -> str:
-    """Returns ``run_name`` if it names one directory inside ``log_dir``.
-
-    Raises:
-      ValueError: for an empty name, an absolute path, a path separator, or a "." or ".."
-        name (any of which would put the logs outside ``{log_dir}/{run_name}``).
-    """
-    separators = [sep for sep in (os.sep, os.altsep, "/") if sep]
-    if (not isinstance(run_name, str) or run_name in ("", ".", "..")
-            or os.path.isabs(run_name) or any(sep in run_name for sep in separators)):
-        raise ValueError(
-            f"log_writer_config.run_name must be a plain directory name (no path separator, "
-            f"not absolute, not '.' or '..'), got {run_name!r}"
-        )
-    return run_name
-
-
-@dataclass(frozen=True)
-class LogWriterConfig:
-    """Where logs go: ``{log_dir}/{run_name}``; ``run_name`` defaults to a timestamp.
-
-    ``run_name``, when given, must be a plain directory name (see ``check_run_name``).
-    """
-
-    log_dir: str = "logs"
-    run_name: str | None = None
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.log_dir, str | os.PathLike) or not os.fspath(self.log_dir):
-            raise ValueError(
-                f"LogWriterConfig.log_dir must be a non-empty path, got {self.log_dir!r}")
-        if self.run_name is not None:
-            check_run_name(self.run_name)
 
 
 @dataclass(frozen=True)
@@ -373,7 +83,7 @@ class ClassifierConfig:
 
 
 @dataclass(frozen=True)
-class TrainerConfig(_NestedConfig):
+class TrainerConfig(NestedConfig):
     """Settings for the Trainer, with Snorkel's field names and defaults.
 
     Attributes:
@@ -461,7 +171,6 @@ class TrainerConfig(_NestedConfig):
 
     def __post_init__(self) -> None:
         self._convert_nested()
-        from .module_optimizers import check_module_optimizers  # imports no JAX
         object.__setattr__(self, "module_optimizers", check_module_optimizers(
             self.module_optimizers, self.optimizer, self.optimizer_config))
         registry.PARALLEL_MODES.check(self.parallel, "TrainerConfig.parallel")
@@ -539,3 +248,15 @@ AdamOptimizerConfig = AdamConfig
 AdamaxOptimizerConfig = AdamaxConfig
 ExponentialLRSchedulerConfig = ExponentialConfig
 StepLRSchedulerConfig = StepConfig
+
+__all__ = [
+    "BALANCER_NAMES", "BATCH_SCHEDULERS", "COUNTER_UNITS", "LOG_WRITERS", "LR_SCHEDULERS",
+    "ON_NONFINITE", "OPTIMIZERS", "PARALLEL_MODES", "PRECISIONS", "WARMUP_UNITS",
+    "AdamConfig", "AdamOptimizerConfig", "AdamaxConfig", "AdamaxOptimizerConfig",
+    "CheckpointerConfig", "ClassifierConfig", "ConfigT", "ExponentialConfig",
+    "ExponentialLRSchedulerConfig", "LRSchedulerConfig", "LogManagerConfig", "LogWriterConfig",
+    "NestedConfig", "OptimizerConfig", "SGDConfig", "SGDOptimizerConfig", "StepConfig",
+    "StepLRSchedulerConfig", "TrainerConfig", "check_finite", "check_finite_non_negative",
+    "check_non_negative", "check_run_name", "from_dict", "is_gradient_transformation",
+    "merge_config", "parse_metric_modes",
+]

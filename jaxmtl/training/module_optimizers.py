@@ -29,8 +29,9 @@ rate) from the merged settings; its ``lr`` replaces the base learning rate of th
 (warm-up, decay and ``min_lr`` as configured). A ``GradientTransformation`` value is used as
 given, like a global one: ``lr``, ``l2`` and the schedule do not apply to it.
 
-Validation (``check_module_optimizers``, called by ``TrainerConfig.__post_init__``) needs
-no JAX; the names are checked against the model at ``fit`` (``check_module_names``).
+Validation (``check_module_optimizers``, in ``module_optimizers_config``, called by
+``TrainerConfig.__post_init__``) needs no JAX; the names are checked against the model at
+``fit`` (``check_module_names``).
 """
 
 from __future__ import annotations
@@ -40,104 +41,17 @@ from typing import Any, NamedTuple
 
 from .. import registry
 from .._lazy import lazy_module
-from .config import (
-    OptimizerConfig,
-    check_finite_non_negative,
-    from_dict,
-    is_gradient_transformation,
-    merge_config,
+from .config import OptimizerConfig, is_gradient_transformation, merge_config
+from .module_optimizers_config import (
+    FROZEN,
+    OVERRIDE_KEYS,
+    check_module_optimizers,
+    is_frozen,
 )
 
 # Loaded when an optimizer is built: configuration is checked without loading JAX.
 jax = lazy_module("jax")
 optax = lazy_module("optax")
-
-FROZEN = "frozen"
-OVERRIDE_KEYS = ("optimizer", "lr", "l2", "optimizer_config")
-
-
-def _where(name: str) -> str:
-    return f"TrainerConfig.module_optimizers[{name!r}]"
-
-
-def check_module_optimizers(module_optimizers: Any, optimizer: Any,
-                            optimizer_config: OptimizerConfig) -> dict[str, Any]:
-    """Validates ``TrainerConfig.module_optimizers`` and returns it as a new dict.
-
-    Args:
-      module_optimizers: module name -> a dict of overrides (keys ``OVERRIDE_KEYS``), an
-        ``optax.GradientTransformation`` or ``"frozen"``; None means none.
-      optimizer: ``TrainerConfig.optimizer`` (a name or a GradientTransformation).
-      optimizer_config: ``TrainerConfig.optimizer_config``, under which an override's
-        ``optimizer_config`` merges.
-
-    Returns:
-      ``{name: value}``, override dicts copied. They stay overrides, resolved when the
-      optimizer is built (so that a later change of the global settings, e.g. by
-      ``Trainer(config, lr=...)``, reaches them): an ``optimizer_config`` dict merges
-      over the global ``optimizer_config``, an ``OptimizerConfig`` replaces it.
-
-    Raises:
-      ValueError: naming the module and the value, for a value of another type, an
-        unknown override key (with the allowed keys), an unknown optimizer name, a
-        negative or non-finite ``lr``/``l2``, an invalid ``optimizer_config``, or
-        ``lr``/``l2``/``optimizer_config`` without an ``optimizer`` name while the global
-        optimizer is a GradientTransformation (which they do not apply to).
-    """
-    if module_optimizers is None:
-        return {}
-    if not isinstance(module_optimizers, Mapping) or not all(
-            isinstance(name, str) for name in module_optimizers):
-        raise ValueError(
-            f"TrainerConfig.module_optimizers must be a dict of module name -> settings, "
-            f"got {module_optimizers!r}")
-    checked: dict[str, Any] = {}
-    for name, value in module_optimizers.items():
-        if _is_frozen(value) or is_gradient_transformation(value):
-            checked[name] = value
-        elif isinstance(value, Mapping):
-            checked[name] = _check_overrides(name, dict(value), optimizer, optimizer_config)
-        else:
-            raise ValueError(
-                f"{_where(name)}: expected a dict of overrides (keys {list(OVERRIDE_KEYS)}), "
-                f"an optax.GradientTransformation or {FROZEN!r}, got {value!r} "
-                f"({type(value).__name__})")
-    return checked
-
-
-def _check_overrides(name: str, overrides: dict[str, Any], optimizer: Any,
-                     optimizer_config: OptimizerConfig) -> dict[str, Any]:
-    where = _where(name)
-    unknown = sorted(set(overrides) - set(OVERRIDE_KEYS), key=str)
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; allowed keys are "
-                         f"{sorted(OVERRIDE_KEYS)}")
-    if "optimizer" in overrides:
-        if is_gradient_transformation(overrides["optimizer"]):
-            raise ValueError(f"{where}['optimizer']: give a GradientTransformation as the "
-                             f"module's value ({{{name!r}: tx}}), not inside its overrides")
-        registry.OPTIMIZERS.check(overrides["optimizer"], f"{where}['optimizer']")
-    elif is_gradient_transformation(optimizer) and overrides:
-        raise ValueError(
-            f"{where}: {sorted(overrides)} do not apply to TrainerConfig.optimizer, a "
-            f"GradientTransformation; add an optimizer name, e.g. {{'optimizer': 'adam', "
-            f"...}}, or give the module its own GradientTransformation")
-    for key in ("lr", "l2"):
-        if key in overrides:
-            check_finite_non_negative(where, key, overrides[key])
-    if "optimizer_config" in overrides:
-        value = overrides["optimizer_config"]
-        try:
-            if isinstance(value, OptimizerConfig):
-                pass
-            elif isinstance(value, Mapping):
-                merge_config(optimizer_config, dict(value))
-            else:
-                from_dict(OptimizerConfig, value)
-        except ValueError as error:
-            raise ValueError(f"{where}['optimizer_config']: {error}") from None
-    return overrides
-
 
 def check_module_names(module_optimizers: Mapping[str, Any], params: Mapping[str, Any]
                        ) -> None:
@@ -267,7 +181,7 @@ def _group(value: Any, config: Any, learning_rate: Any,
     """One configured module's transformation."""
     if is_gradient_transformation(value):
         return value
-    if _is_frozen(value):
+    if is_frozen(value):
         return optax.set_to_zero()
     optimizer_config = value.get("optimizer_config", config.optimizer_config)
     if isinstance(optimizer_config, Mapping):
@@ -294,7 +208,7 @@ def _group_rate(lr: float, base_lr: float, learning_rate: Any,
 def zero_frozen_gradients(module_optimizers: Mapping[str, Any]) -> Any | None:
     """A transformation that zeroes the frozen modules' gradients (None if none is
     frozen): placed before the global clip, so frozen modules do not count in its norm."""
-    frozen = {name for name, value in module_optimizers.items() if _is_frozen(value)}
+    frozen = {name for name, value in module_optimizers.items() if is_frozen(value)}
     if not frozen:
         return None
 
@@ -315,10 +229,6 @@ def uses_user_transformation(config: Any) -> bool:
     return any(is_gradient_transformation(value)
                or (isinstance(value, Mapping) and is_gradient_transformation(value.get("optimizer")))
                for value in config.module_optimizers.values())
-
-
-def _is_frozen(value: Any) -> bool:
-    return isinstance(value, str) and value == FROZEN
 
 
 def lr_schedule_for(config: Any, n_batches_per_epoch: int) -> Callable[[float], Any]:

@@ -11,116 +11,41 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import time
 from collections.abc import Iterator, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from tqdm import tqdm
 
 from ..classifier import MultitaskClassifier
 from ..compilation_cache import ensure_compilation_cache
 from ..loader import DictDataLoader
 from ..parallel import check_balancer_parallel, choose_parallel
 from .accumulate import Accumulator, zero_loss_accumulator
-from .balancers import Balancer, balancer_for_tasks
 from .batch_schedulers import make_batch_scheduler
-from .checkpoint import (
-    DEFAULT_CHECKPOINT_DIR,
-    Checkpointer,
-    agree_run_name,
-    resolve_checkpoint_dir,
-)
+from .checkpoint import Checkpointer
 from .config import TrainerConfig, from_dict, merge_config
 from .diagnostics import diagnostics_metrics
+from .fit_checkpoints import checkpoint_run, make_checkpointer, resume_run
+from .fit_setup import (
+    CompiledFit,
+    FitRun,
+    check_dataloaders,
+    compile_settings,
+    fit_cache_key,
+)
 from .guards import DivergenceMonitor, InterruptGuard, all_finite
 from .log_manager import LogManager
-from .lr_schedules import make_lr_schedule
-from .module_optimizers import check_module_names, lr_schedule_for, uses_user_transformation
+from .module_optimizers import check_module_names, uses_user_transformation
 from .preflight import check_labels_fit_heads, warn_unused_labels
-from .resume import (
-    continue_optimizer,
-    load_optimizer_state,
-    restore_training,
-    save_optimizer_state,
-    train_tree,
-)
+from .progress import EpochProgress, Metrics, train_loss_metrics
+from .resume import continue_optimizer, load_optimizer_state, save_optimizer_state
 from .runners import Runner, make_runner
-from .step import TrainState, make_optimizer
+from .step import TrainState
 from .writers import make_log_writer
 
 logger = logging.getLogger(__name__)
-
-Metrics = dict[str, float]
-PROGRESS_REFRESH_SECONDS = 1.0
-
-
-def _make_balancer(config: TrainerConfig, model: MultitaskClassifier) -> Balancer | None:
-    """The configured balancer; None for "equal" with no settings (the plain summed loss)."""
-    if not isinstance(config.balancer, str):
-        return config.balancer
-    if config.balancer == "equal" and not config.balancer_config:
-        return None
-    task_modules = {name: {op.module_name for op in ops}
-                    for name, ops in model.op_sequences.items()}
-    return balancer_for_tasks(config.balancer, config.balancer_config, task_modules)
-
-
-class _Compiled(NamedTuple):
-    """What a later ``fit`` of the same model and settings reuses: nothing is traced or
-    compiled again."""
-
-    tx: Any
-    lr_schedule: Any
-    warmup_steps: int
-    balancer: Balancer | None
-    steps: Any  # the runner's compiled programs; None before the first fit
-
-
-class _Run(NamedTuple):
-    """What ``fit``'s set-up decided; read by the loop and its helpers."""
-
-    dataloaders: Sequence[DictDataLoader]
-    train_loaders: list[DictDataLoader]
-    n_batches_per_epoch: int
-    cache_key: tuple
-    compiled: _Compiled
-
-
-class _EpochProgress:
-    """The epoch's progress bar and throughput (points per second since its start)."""
-
-    def __init__(self, epoch: int, total: int, initial: int, enabled: bool) -> None:
-        self.bar = tqdm(total=total, initial=initial, disable=not enabled,
-                        desc=f"Epoch {epoch}")
-        self.enabled, self.points = enabled, 0
-        self.started = self.refreshed = time.perf_counter()
-
-    def __enter__(self) -> _EpochProgress:
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self.bar.close()
-
-    def advance(self, num_valid: int) -> None:
-        """One batch (``num_valid`` real rows; 0 for a skipped one) is done."""
-        self.bar.update(1)
-        self.points += num_valid
-
-    def due(self) -> bool:
-        """Whether the bar is shown and was last refreshed over a second ago (reading the
-        running loss waits for the queued steps: at most once a second, never per step)."""
-        now = time.perf_counter()
-        if not self.enabled or now - self.refreshed <= PROGRESS_REFRESH_SECONDS:
-            return False
-        self.refreshed = now
-        return True
-
-    def points_per_second(self) -> float:
-        """Real rows trained per second since the epoch started."""
-        return self.points / max(time.perf_counter() - self.started, 1e-9)
 
 
 @contextlib.contextmanager
@@ -169,7 +94,7 @@ class Trainer:
         self.state: TrainState | None = None
         self.metrics: Metrics = {}
         self.checkpoint_dir: str | None = None
-        self._compiled: dict[tuple, _Compiled] = {}
+        self._compiled: dict[tuple, CompiledFit] = {}
         self._loaded_optimizer: dict[str, Any] | None = None
         ensure_compilation_cache()  # JAX's persistent cache, unless the user decided
 
@@ -226,7 +151,7 @@ class Trainer:
             for epoch in range(start_epoch, self.config.n_epochs):
                 first = start_batch if epoch == start_epoch else 0
                 scheduled = self._scheduled(run, runner, scheduler, epoch, first)
-                with _EpochProgress(epoch, run.n_batches_per_epoch, first,
+                with EpochProgress(epoch, run.n_batches_per_epoch, first,
                                     self.config.progress_bar) as progress:
                     for batch_index, (item, num_valid) in enumerate(scheduled, start=first):
                         with guard.critical():
@@ -257,11 +182,11 @@ class Trainer:
 
     # --- set-up, evaluation and teardown of a fit -----------------------------------------
     def _set_up(self, model: MultitaskClassifier, dataloaders: Sequence[DictDataLoader]
-                ) -> tuple[_Run, TrainState, Accumulator]:
+                ) -> tuple[FitRun, TrainState, Accumulator]:
         """Checks the loaders, seeds them, builds (or reuses) the optimizer, LR schedule
         and balancer, initialises the model and returns the fresh state and accumulator."""
         config = self.config
-        train_loaders = self._check_dataloaders(dataloaders)
+        train_loaders = check_dataloaders(config, dataloaders)
         warn_unused_labels(model, dataloaders, config.train_split)
         # Steps per epoch do not depend on the scheduler's seed (known only after resume).
         n_batches_per_epoch = make_batch_scheduler(config.batch_scheduler, 0).epoch_length(
@@ -274,18 +199,11 @@ class Trainer:
         self.parallel = choose_parallel(config.parallel, model.dataparallel, model.devices)
         # A later fit of the same model with the same settings reuses the optimizer and
         # the compiled step: nothing is traced or compiled again.
-        cache_key = (model.graph, repr(config), n_batches_per_epoch, self.parallel,
-                     tuple(dl.batch_size for dl in train_loaders),
-                     tuple((dl.ragged_keys, tuple(dl.bucket_shapes)) for dl in train_loaders))
+        cache_key = fit_cache_key(model, config, n_batches_per_epoch, self.parallel,
+                                  train_loaders)
         compiled = self._compiled.get(cache_key)
         if compiled is None:
-            lr_schedule, warmup_steps = make_lr_schedule(
-                config.lr, config.lr_scheduler, config.lr_scheduler_config,
-                n_batches_per_epoch, config.n_epochs,
-            )
-            compiled = _Compiled(make_optimizer(config, lr_schedule, lr_schedule_for(
-                config, n_batches_per_epoch)), lr_schedule,
-                                 warmup_steps, _make_balancer(config, model), None)
+            compiled = compile_settings(config, model, n_batches_per_epoch)
         self.lr_schedule, self.warmup_steps = compiled.lr_schedule, compiled.warmup_steps
         # Every module is created before the first step, each from the first loader
         # whose tasks use it (train loaders first), so a dataset needs only its own
@@ -301,23 +219,23 @@ class Trainer:
         state, self._loaded_optimizer = continue_optimizer(state, self._loaded_optimizer), None
         accumulator = zero_loss_accumulator(len(train_loaders), len(model.task_names),
                                             config.log_task_gradients)
-        run = _Run(dataloaders, train_loaders, n_batches_per_epoch, cache_key, compiled)
+        run = FitRun(dataloaders, train_loaders, n_batches_per_epoch, cache_key, compiled)
         return run, state, accumulator
 
-    def _open_logs(self, run: _Run) -> tuple[LogManager, Checkpointer | None]:
+    def _open_logs(self, run: FitRun) -> tuple[LogManager, Checkpointer | None]:
         """The log writer (process 0 only), the checkpointer and the LogManager."""
         config = self.config
         primary = jax.process_index() == 0  # the one process that writes logs
         log_writer = make_log_writer(config.log_writer, config.log_writer_config) \
             if config.logging and primary else None
-        checkpointer = self._make_checkpointer(log_writer) if config.checkpointing else None
+        checkpointer = make_checkpointer(config, log_writer) if config.checkpointing else None
         self.checkpoint_dir = None if checkpointer is None else checkpointer.checkpoint_dir
         self.metrics = {}
         return LogManager(run.n_batches_per_epoch, log_writer=log_writer,
                           checkpointer=checkpointer,
                           config=config.log_manager_config), checkpointer
 
-    def _start_position(self, resume_from: str | None, model: MultitaskClassifier, run: _Run,
+    def _start_position(self, resume_from: str | None, model: MultitaskClassifier, run: FitRun,
                         state: TrainState, accumulator: Accumulator, log_manager: LogManager,
                         checkpointer: Checkpointer | None
                         ) -> tuple[TrainState, Accumulator, tuple[int, int]]:
@@ -325,14 +243,15 @@ class Trainer:
         (0, 0), or a checkpoint's (``resume_from``); the run's config is logged."""
         position = (0, 0)
         if resume_from is not None:
-            state, accumulator, position = self._resume(
-                resume_from, model, run.train_loaders, state, accumulator, log_manager,
-                checkpointer)
+            resumed = resume_run(resume_from, self.config, model, run.train_loaders, state,
+                                 accumulator, log_manager, checkpointer)
+            state, accumulator, position = resumed.state, resumed.accumulator, resumed.position
+            self.seed, self.metrics = resumed.seed, resumed.metrics
         if log_manager.log_writer is not None:
             log_manager.log_writer.write_config(self.config)
         return state, accumulator, position
 
-    def _make_runner(self, model: MultitaskClassifier, run: _Run, state: TrainState
+    def _make_runner(self, model: MultitaskClassifier, run: FitRun, state: TrainState
                      ) -> Runner:
         """The runner of ``config.steps_per_call``, with the programs of an earlier fit of
         the same model and settings (kept for the next one)."""
@@ -345,7 +264,7 @@ class Trainer:
         self._compiled = {run.cache_key: run.compiled._replace(steps=runner.compiled)}
         return runner
 
-    def _scheduled(self, run: _Run, runner: Runner, scheduler: Any, epoch: int,
+    def _scheduled(self, run: FitRun, runner: Runner, scheduler: Any, epoch: int,
                    first: int) -> Iterator[tuple[Any, int]]:
         """The epoch's ``(item, num_valid)`` from batch ``first`` on, in schedule order."""
         for dl in run.train_loaders:
@@ -353,7 +272,7 @@ class Trainer:
         scheduled = scheduler.get_batches(runner.scheduler_loaders, epoch)
         return runner.batches(itertools.islice(scheduled, first, None))
 
-    def _evaluate_and_checkpoint(self, model: MultitaskClassifier, run: _Run, runner: Runner,
+    def _evaluate_and_checkpoint(self, model: MultitaskClassifier, run: FitRun, runner: Runner,
                                  state: TrainState, accumulator: Accumulator,
                                  log_manager: LogManager, checkpointer: Checkpointer | None,
                                  monitor: DivergenceMonitor, position: tuple[int, int]
@@ -363,16 +282,16 @@ class Trainer:
         host_state, accumulated = runner.host(state), runner.host(accumulator)
         finite = monitor.check_losses(accumulated["loss_sum"], _where(position))
         model.variables = host_state.variables
-        self.metrics = self._aggregate_losses(accumulated, run.train_loaders,
-                                              model.task_names, host_state)
+        self.metrics = train_loss_metrics(accumulated, run.train_loaders, model.task_names,
+                                          self.lr_schedule, int(host_state.step))
         self.metrics.update(diagnostics_metrics(accumulated, model.task_names))
         self.metrics.update(self._evaluate(model, run.dataloaders))
         self._log_metrics(log_manager.log_writer, log_manager, self.metrics)
         accumulator = runner.zero_accumulator()
         if log_manager.trigger_checkpointing() and finite and monitor.check(
                 all_finite(host_state.params), _where(position), "the parameters"):
-            self._checkpoint(checkpointer, model, host_state, runner.host(accumulator),
-                             log_manager, run.train_loaders, position)
+            checkpoint_run(checkpointer, model, host_state, runner.host(accumulator),
+                           log_manager, run.train_loaders, position, self.seed, self.metrics)
             monitor.last_checkpoint = f"{checkpointer.checkpoint_dir} at {_where(position)}"
         return accumulator
 
@@ -402,75 +321,7 @@ class Trainer:
         self.state = state
         model.variables = state.variables
 
-    # --- checkpoints and resume ---------------------------------------------------------
-    def _make_checkpointer(self, log_writer: Any) -> Checkpointer:
-        config = self.config
-        run_name = None
-        if config.checkpointer_config.checkpoint_dir is None and config.logging \
-                and config.log_writer_config.run_name is None:
-            # Snorkel's default: beside the logs, in the run named by process 0's writer.
-            run_name = agree_run_name(log_writer.run_name if log_writer is not None else None)
-        checkpoint_dir = resolve_checkpoint_dir(config.checkpointer_config.checkpoint_dir,
-                                                config.logging, config.log_writer_config,
-                                                run_name)
-        manager_config = config.log_manager_config
-        return Checkpointer(manager_config.counter_unit, manager_config.evaluation_freq,
-                            config=config.checkpointer_config, checkpoint_dir=checkpoint_dir,
-                            log_writer=log_writer)
-
-    def _checkpoint(self, checkpointer: Checkpointer, model: MultitaskClassifier,
-                    state: TrainState, accumulator: dict[str, jax.Array],
-                    log_manager: LogManager, train_loaders: Sequence[DictDataLoader],
-                    position: tuple[int, int]) -> None:
-        epoch, next_batch = position
-        if next_batch == log_manager.n_batches_per_epoch:
-            epoch, next_batch = epoch + 1, 0
-        trainer_meta = {
-            "seed": self.seed,
-            "epoch": epoch,
-            "batch_in_epoch": next_batch,
-            "task_names": model.task_names,
-            "loader_seeds": [dl.seed for dl in train_loaders],
-            "log_manager": log_manager.state_dict(),
-            "metrics": self.metrics,
-        }
-        model.variables = state.variables
-        checkpointer.checkpoint(log_manager.unit_total, model, self.metrics,
-                                train_state=train_tree(state, accumulator),
-                                trainer_meta=trainer_meta)
-
-    def _resume(self, resume_from: str, model: MultitaskClassifier,
-                train_loaders: Sequence[DictDataLoader], state: TrainState,
-                accumulator: dict[str, jax.Array], log_manager: LogManager,
-                checkpointer: Checkpointer | None
-                ) -> tuple[TrainState, dict[str, jax.Array], tuple[int, int]]:
-        root = resume_from
-        if resume_from == "latest":
-            root = checkpointer.checkpoint_dir if checkpointer is not None else (
-                self.config.checkpointer_config.checkpoint_dir or DEFAULT_CHECKPOINT_DIR)
-        try:
-            state, accumulator, meta = restore_training(
-                root, model.task_names, len(train_loaders), state, accumulator,
-                n_epochs=self.config.n_epochs, n_batches_per_epoch=log_manager.n_batches_per_epoch)
-            trainer_meta = meta["trainer"]
-            log_manager.load_state_dict(trainer_meta["log_manager"])
-            if log_manager.log_writer is not None:  # continue the resumed run's log
-                log_manager.log_writer.continue_log(meta.get("log_dir"), log_manager.point_total)
-            if checkpointer is not None:  # its best models, carried here if root is elsewhere
-                checkpointer.resume(meta, root)
-        except BaseException:
-            # Release the directories; the resumed run's log stays as it was.
-            log_manager.close_after_failure(write_log=False)
-            raise
-        self.seed = int(trainer_meta["seed"])
-        for dl, seed in zip(train_loaders, trainer_meta["loader_seeds"], strict=True):
-            dl.seed = int(seed)  # a loader built with seed=None drew another one
-        self.metrics = dict(trainer_meta.get("metrics", {}))
-        model.variables = state.variables
-        position = int(trainer_meta["epoch"]), int(trainer_meta["batch_in_epoch"])
-        logger.info("Resumed from %s at epoch %s, batch %s", root, *position)
-        return state, accumulator, position
-
+    # --- optimizer state -------------------------------------------------------------
     def save(self, trainer_path: str) -> None:
         """Saves the config and the optimizer state (an Orbax directory ``trainer_path``).
 
@@ -493,49 +344,12 @@ class Trainer:
         self.config, self._loaded_optimizer = load_optimizer_state(trainer_path, self.config,
                                                                    params)
 
-    def _check_dataloaders(self, dataloaders: Sequence[DictDataLoader]) -> list[DictDataLoader]:
-        config = self.config
-        all_splits = [config.train_split, config.valid_split, config.test_split]
-        for dl in dataloaders:
-            if not isinstance(dl, DictDataLoader):
-                raise ValueError(f"Expected DictDataLoaders, got {type(dl).__name__}")
-            if dl.dataset.split not in all_splits:
-                raise ValueError(
-                    f"Dataloader splits must be one of {all_splits}; dataset "
-                    f"'{dl.dataset.name}' has split '{dl.dataset.split}'"
-                )
-        train_loaders = [dl for dl in dataloaders if dl.dataset.split == config.train_split]
-        if not train_loaders:
-            raise ValueError(
-                f"Cannot find any dataloaders with split matching train split: "
-                f"{config.train_split}."
-            )
-        return train_loaders
-
     def _evaluate(self, model: MultitaskClassifier,
                   dataloaders: Sequence[DictDataLoader]) -> Metrics:
         valid = [dl for dl in dataloaders if dl.dataset.split == self.config.valid_split]
         return model.score(valid) if valid else {}
 
-    def _aggregate_losses(self, accumulator: dict[str, jax.Array],
-                          train_loaders: Sequence[DictDataLoader], task_names: Sequence[str],
-                          state: TrainState | None = None) -> Metrics:
-        """Mean train loss per task and loader, overall, and the current learning rate."""
-        loss_sum = np.asarray(accumulator["loss_sum"], dtype=np.float64)
-        count = np.asarray(accumulator["count"], dtype=np.float64)
-        metrics: Metrics = {}
-        for i, dl in enumerate(train_loaders):
-            for j, task_name in enumerate(task_names):
-                if count[i, j] > 0:
-                    key = "/".join([task_name, dl.dataset.name, dl.dataset.split, "loss"])
-                    metrics[key] = float(loss_sum[i, j] / count[i, j])
-        if count.sum() > 0:
-            metrics["model/all/train/loss"] = float(loss_sum.sum() / count.sum())
-        if state is not None:
-            metrics["model/all/train/lr"] = float(self.lr_schedule(int(state.step)))
-        return metrics
-
-    def _show_progress(self, progress: _EpochProgress, accumulated: Accumulator, run: _Run,
+    def _show_progress(self, progress: EpochProgress, accumulated: Accumulator, run: FitRun,
                        model: MultitaskClassifier, monitor: DivergenceMonitor,
                        position: str) -> None:
         """Checks the running loss for divergence and shows it on the progress bar.
@@ -546,7 +360,7 @@ class Trainer:
         monitor.check_losses(accumulated["loss_sum"], position)
         if progress.bar.disable:
             return
-        running = self._aggregate_losses(accumulated, run.train_loaders, model.task_names)
+        running = train_loss_metrics(accumulated, run.train_loaders, model.task_names)
         # Right after an evaluation the accumulator is empty: show what it logged.
         loss = running.get("model/all/train/loss",
                            self.metrics.get("model/all/train/loss", float("nan")))
