@@ -147,7 +147,8 @@ def at_shape(grads: Callable[..., StepGrads], shapes: BucketShapes | None, shape
         def run(X_cut: Mapping[str, Any], state: TrainState) -> StepGrads:
             return grads(graph, state, ((X_cut, Y_dict, mask),), ctx)
 
-        return at_bucket_shape(shapes, shape, run, X_dict, state)
+        # The optimizer state stays out of the switch: its operands may be copied in.
+        return at_bucket_shape(shapes, shape, run, X_dict, state.replace(opt_state=()))
 
     return at
 
