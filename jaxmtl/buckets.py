@@ -1,9 +1,9 @@
 """Length buckets: the few padded lengths a variable-length input is cut to.
 
 A batch of a variable-length input is padded to the smallest bucket length that holds its
-longest row; the bucket lengths are fixed when the loader is built (one compiled step
-each), chosen here to minimise the expected padded length of the batches the loader will
-make, or given by the user.
+longest row; the bucket lengths are fixed when the loader is built, chosen here to
+minimise the expected padded length of the batches the loader will make, or given by
+the user. The second half: how one compiled program serves all of a loader's shapes.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+
+from .data import mask_key
 
 DEFAULT_LENGTH_BUCKETS = 8
 # Above this many distinct lengths, bucket boundaries are chosen on a coarser grid.
@@ -113,6 +115,15 @@ def explicit_boundaries(key: str, value: Any, longest: int) -> tuple[int, ...]:
     return tuple(sorted({min(v, longest) for v in values} | {longest}))
 
 
+# --- one program for every bucket shape -----------------------------------------------------
+# One compiled program per bucket shape costs a whole XLA compile per shape (mostly a fixed
+# cost per program, ~1 s of a CPU core for a small model), which a first fit pays before
+# its first epoch ends. Instead a loader's batch goes to the device at the loader's longest
+# bucket shape with the index of its own shape, and the computation runs at that shape's
+# lengths in one ``lax.switch`` branch per shape (``at_bucket_shape``): one program serves
+# every shape and compiles in ~1/3 the time of one per shape. The train step switches only
+# its forward and backward passes (``training.step.at_shape``), prediction its forward.
+
 #: Per bucket shape of a loader: ``((input key, length), ...)``, the masks' keys included.
 BucketShapes = tuple[tuple[tuple[str, int], ...], ...]
 
@@ -140,3 +151,34 @@ def at_bucket_shape(shapes: BucketShapes, shape: Any, run: Any, X_dict: dict[str
         return lambda X, *ops: run(cut_to_widths(X, widths), *ops)
 
     return jax.lax.switch(shape, [branch(widths) for widths in shapes], X_dict, *operands)
+
+
+def bucket_widths(dl: Any) -> BucketShapes:
+    """The lengths each of ``dl``'s bucket shapes cuts its inputs to, masks included."""
+    shapes = []
+    for shape in dl.bucket_shapes:
+        widths: list[tuple[str, int]] = []
+        for key, length in zip(dl.ragged_keys, shape, strict=True):
+            widths += [(key, length), (mask_key(key), length)]
+        shapes.append(tuple(widths))
+    return tuple(shapes)
+
+
+def pad_to_longest(X_dict: dict[str, np.ndarray], dl: Any
+                   ) -> tuple[dict[str, np.ndarray], int]:
+    """A batch of ``dl`` at its longest bucket shape, and the index of its own shape.
+
+    The positions added are zeros (False in the masks); the step cuts them off again
+    before any module sees them.
+    """
+    lengths = tuple(X_dict[key].shape[1] for key in dl.ragged_keys)
+    shape = dl.bucket_shapes.index(lengths)
+    padded = dict(X_dict)
+    for key, longest in zip(dl.ragged_keys, dl.bucket_shapes[-1], strict=True):
+        for name in (key, mask_key(key)):
+            value = X_dict[name]
+            if value.shape[1] < longest:
+                widths = [(0, 0)] * value.ndim
+                widths[1] = (0, longest - value.shape[1])
+                padded[name] = np.pad(value, widths)
+    return padded, shape

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .analysis.scorer import metrics_dict_to_dataframe
+from .buckets import BucketShapes, at_bucket_shape, bucket_widths, pad_to_longest
 from .loader import DictDataLoader
 from .model import ModelGraph, PyTree, apply_ops, task_loss_terms, task_probs
 from .parallel import DataParallel
@@ -109,7 +110,8 @@ class EvalPrograms:
         return family.representative, view_modules(self.graph, family,
                                                    family.index(task_names[0]))
 
-    def program(self, kind: str, task_names: tuple[str, ...], parallel: DataParallel) -> Any:
+    def program(self, kind: str, task_names: tuple[str, ...], parallel: DataParallel,
+                shapes: BucketShapes | None = None) -> Any:
         """The compiled program of ``kind`` for the task set, placed by ``parallel``.
 
         Args:
@@ -118,11 +120,21 @@ class EvalPrograms:
             count)}``).
           task_names: the tasks it computes.
           parallel: the device placement it is compiled for.
+          shapes: "probs" only: a loader's ``buckets.bucket_widths``; the program then
+            takes X at the longest shape and the batch's shape index, ``(variables, X,
+            shape)``, and computes at that shape's lengths (one program for all shapes).
         """
-        key = (kind, task_names, parallel)
+        if shapes is not None and kind != "probs":
+            raise ValueError(f"EvalPrograms.program: shapes are for kind 'probs' (its "
+                             f"outputs do not follow the lengths); got kind {kind!r}")
+        key = (kind, task_names, parallel, shapes)
         if key not in self._programs:
             graph = self.graph
-            if kind == "probs":
+            if shapes is not None:
+                def fn(v: PyTree, x: Mapping[str, Any], shape: Any) -> Any:
+                    return at_bucket_shape(
+                        shapes, shape, lambda x, v: task_probs(graph, v, x, task_names), x, v)
+            elif kind == "probs":
                 fn = lambda v, x: task_probs(graph, v, x, task_names)  # noqa: E731
             elif kind == "forward":
                 fn = lambda v, x: apply_ops(graph, v, x, task_names)[0]  # noqa: E731
@@ -131,22 +143,24 @@ class EvalPrograms:
             self._programs[key] = parallel.compile(fn)
         return self._programs[key]
 
-    def probs_fn(self, tasks: tuple[str, ...], parallel: DataParallel, variables: PyTree
-                 ) -> tuple[Any, PyTree]:
-        """``((variables, X) -> {task: probs}, variables to pass)``: for a task with a
-        family, the representative's program and the task's view of the variables
-        (compiled once for all members), else the task set's program."""
+    def probs_fn(self, tasks: tuple[str, ...], parallel: DataParallel, variables: PyTree,
+                 shapes: BucketShapes | None = None) -> tuple[Any, PyTree]:
+        """``((variables, X, *shape) -> {task: probs}, variables to pass)``: for a task with
+        a family, the representative's program and the task's view of the variables
+        (compiled once for all members), else the task set's program (``shapes``: as
+        ``program``'s; the function then takes the shape index too)."""
         family_view = self.family_view(tasks)
         if family_view is None:
-            return self.program("probs", tasks, parallel), variables
+            return self.program("probs", tasks, parallel, shapes), variables
         representative, view = family_view
-        program = self.program("probs", (representative,), parallel)
+        program = self.program("probs", (representative,), parallel, shapes)
         keys = self.graph.input_keys([representative])
 
-        def probs(variables: PyTree, X_dict: Mapping[str, Any]) -> dict[str, jax.Array]:
+        def probs(variables: PyTree, X_dict: Mapping[str, Any], *shape: Any
+                  ) -> dict[str, jax.Array]:
             if keys is not None:  # every member's batch has the same X keys
                 X_dict = {key: X_dict[key] for key in sorted(keys) if key in X_dict}
-            return {tasks[0]: program(variables, X_dict)[representative]}
+            return {tasks[0]: program(variables, X_dict, *shape)[representative]}
 
         return probs, view_variables(variables, view)
 
@@ -198,16 +212,24 @@ def predict(model: MultitaskClassifier, dataloader: DictDataLoader, return_preds
         parallel = model.parallel
         probs_fn = None
         device_variables = None
+        # Several bucket shapes: one program for all (buckets.at_bucket_shape; jit modes).
+        switched = (len(getattr(dataloader, "bucket_shapes", ())) > 1
+                    and parallel.mode != "pmap")
+        shapes = bucket_widths(dataloader) if switched else None
         for batch in dataloader:
             X_dict, Y_dict = batch
             n_rows = len(next(iter(X_dict.values())))
             mask = getattr(batch, "mask", np.ones(n_rows, bool))
             if device_variables is None:
                 variables = model.ensure_variables(X_dict, tasks)
-                probs_fn, variables = programs.probs_fn(tasks, parallel, variables)
+                probs_fn, variables = programs.probs_fn(tasks, parallel, variables, shapes)
                 device_variables = parallel.replicate(variables)
+            shape = ()
+            if switched:
+                X_dict, index = pad_to_longest(X_dict, dataloader)
+                shape = (np.int32(index),)
             device_X, _, _ = parallel.put_batch(X_dict, {}, mask)
-            batch_probs = probs_fn(device_variables, device_X)
+            batch_probs = probs_fn(device_variables, device_X, *shape)
             valid.append(int(mask.sum()))
             for label, task in label_tasks.items():
                 probs[label].append(parallel.gather_rows(batch_probs[task]))

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import jaxmtl
-from jaxmtl.buckets import auto_boundaries, optimal_boundaries
+from jaxmtl.buckets import auto_boundaries, bucket_widths, optimal_boundaries
 
 VOCAB = 20
 
@@ -195,7 +195,7 @@ def test_compiles_stay_bounded_over_epochs_and_training_learns():
     compiled = trainer.compiled_steps
     seen = {dl.shape_index(dl.rows_at(dl.order(e), i)[0]) for e in range(4)
             for i in range(len(dl))}
-    # One program serves every bucket shape (bucket_switch.py), compiled ahead.
+    # One program serves every bucket shape (buckets.at_bucket_shape), compiled ahead.
     assert len(seen) == len(dl.bucket_shapes) == 3
     assert compiled.programs() == trainer.compiled_programs() == 1
     scores = model.score([jaxmtl.DictDataLoader(ragged_dataset(split="valid"), 32)])
@@ -211,6 +211,10 @@ def test_predict_with_buckets_equals_padding_to_the_longest_row():
     got = model.predict(bucketed)
     expected = model.predict(jaxmtl.DictDataLoader(ds, batch_size=32, length_buckets=1))
     np.testing.assert_allclose(got["probs"]["task"], expected["probs"]["task"], rtol=1e-6)
+    # One program for all of the loader's shapes (buckets.at_bucket_shape).
+    program = model.eval_programs.program("probs", ("task",), model.parallel,
+                                          bucket_widths(bucketed))
+    assert program._cache_size() == 1
     np.testing.assert_array_equal(got["golds"]["task"], ds.Y_dict["task"])
 
 

@@ -15,12 +15,12 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
+from ..buckets import bucket_widths
 from ..data import is_active
 from ..loader import DictDataLoader
 from ..model import ModelGraph
 from ..parallel import DataParallel
 from .accumulate import Accumulator, FusedGroup, fused_steps, zero_loss_accumulator
-from .bucket_switch import bucket_widths
 from .families import family_routes
 from .state import own_buffers
 from .step import TrainState

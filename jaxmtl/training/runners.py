@@ -33,7 +33,7 @@ from typing import Any, Protocol, runtime_checkable
 import jax
 import numpy as np
 
-from ..buckets import BucketShapes
+from ..buckets import BucketShapes, bucket_widths, pad_to_longest
 from ..data import is_active
 from ..loader import Batch, DictDataLoader
 from ..model import ModelGraph
@@ -46,7 +46,6 @@ from .accumulate import (
     fit_step,
     zero_loss_accumulator,
 )
-from .bucket_switch import bucket_widths, pad_to_longest
 from .compile_ahead import abstract, compile_in_background
 from .families import Route, family_routes, state_view, write_view_back
 from .fused import FusedPrograms, FusedRunner, IndexBatch
@@ -101,7 +100,7 @@ class StepPrograms:
     ``families`` holds one step per task family (one program per batch signature), run
     on the member's view of the state (its size does not grow with the members);
     ``switched`` the same two for loaders with several bucket shapes, by their shapes
-    (``bucket_switch.py``: one program for all of a loader's shapes).
+    (``buckets.at_bucket_shape``: one program for all of a loader's shapes).
     """
 
     def __init__(self, graph: ModelGraph, parallel: DataParallel) -> None:
@@ -174,7 +173,7 @@ class PerStepRunner:
     #: False forces one program per task set (the reference the family steps must equal).
     share_family_programs = True
     #: False compiles one program per bucket shape of a loader (the reference the switched
-    #: program, ``bucket_switch.py``, must equal).
+    #: program, ``buckets.at_bucket_shape``, must equal).
     switch_bucket_shapes = True
 
     def __init__(self, graph: ModelGraph, parallel: DataParallel, state: TrainState,
