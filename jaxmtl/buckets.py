@@ -153,6 +153,18 @@ def at_bucket_shape(shapes: BucketShapes, shape: Any, run: Any, X_dict: dict[str
     return jax.lax.switch(shape, [branch(widths) for widths in shapes], X_dict, *operands)
 
 
+def switches_bucket_shapes(parallel: Any, n_shapes: int) -> bool:
+    """Whether ``parallel`` (a ``DataParallel``) runs ``n_shapes`` bucket shapes as one
+    switched program: several shapes, jit modes (not pmap), CPU devices.
+
+    On a CPU a compile costs seconds and a switch nothing. On a GPU, XLA reads a switch's
+    index on the host, a wait for the device per step that would undo asynchronous
+    dispatch; there (and under pmap) each shape keeps its own program.
+    """
+    return (n_shapes > 1 and parallel.mode != "pmap"
+            and all(device.platform == "cpu" for device in parallel.devices))
+
+
 def bucket_widths(dl: Any) -> BucketShapes:
     """The lengths each of ``dl``'s bucket shapes cuts its inputs to, masks included."""
     shapes = []

@@ -22,7 +22,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from .analysis.scorer import metrics_dict_to_dataframe
-from .buckets import BucketShapes, at_bucket_shape, bucket_widths, pad_to_longest
+from .buckets import (
+    BucketShapes,
+    at_bucket_shape,
+    bucket_widths,
+    pad_to_longest,
+    switches_bucket_shapes,
+)
 from .loader import DictDataLoader
 from .model import ModelGraph, PyTree, apply_ops, task_loss_terms, task_probs
 from .parallel import DataParallel
@@ -212,9 +218,9 @@ def predict(model: MultitaskClassifier, dataloader: DictDataLoader, return_preds
         parallel = model.parallel
         probs_fn = None
         device_variables = None
-        # Several bucket shapes: one program for all (buckets.at_bucket_shape; jit modes).
-        switched = (len(getattr(dataloader, "bucket_shapes", ())) > 1
-                    and parallel.mode != "pmap")
+        # Several bucket shapes: one program for all (buckets.at_bucket_shape).
+        switched = switches_bucket_shapes(parallel, len(getattr(dataloader, "bucket_shapes",
+                                                                 ())))
         shapes = bucket_widths(dataloader) if switched else None
         for batch in dataloader:
             X_dict, Y_dict = batch

@@ -415,3 +415,18 @@ def test_task_family_loaders_share_one_switched_program(monkeypatch):
     for a, b in zip(jax.tree.leaves(switched.state.params),
                     jax.tree.leaves(reference.state.params), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_one_switched_program_only_on_cpu_jit_modes_with_several_shapes():
+    from types import SimpleNamespace
+
+    from jaxmtl.buckets import switches_bucket_shapes
+
+    def placement(mode, platform, n=1):
+        return SimpleNamespace(mode=mode, devices=(SimpleNamespace(platform=platform),) * n)
+
+    assert switches_bucket_shapes(placement("single", "cpu"), 3)
+    assert switches_bucket_shapes(placement("sharded", "cpu", 2), 3)
+    assert not switches_bucket_shapes(placement("single", "cpu"), 1)  # nothing to switch
+    assert not switches_bucket_shapes(placement("pmap", "cpu", 2), 3)
+    assert not switches_bucket_shapes(placement("single", "gpu"), 3)  # host-read index

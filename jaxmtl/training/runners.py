@@ -33,7 +33,7 @@ from typing import Any, Protocol, runtime_checkable
 import jax
 import numpy as np
 
-from ..buckets import BucketShapes, bucket_widths, pad_to_longest
+from ..buckets import BucketShapes, bucket_widths, pad_to_longest, switches_bucket_shapes
 from ..data import is_active
 from ..loader import Batch, DictDataLoader
 from ..model import ModelGraph
@@ -192,10 +192,10 @@ class PerStepRunner:
         self._modules = set(state.params)
         routes = family_routes(graph, state, train_loaders, diagnostics,
                                family_programs and self.share_family_programs)
-        # A loader with several bucket shapes steps through one switched program (jit
-        # modes; the interference diagnostics want each batch at its own shape).
+        # A loader with several bucket shapes steps through one switched program (the
+        # interference diagnostics want each batch at its own shape).
         self._shapes = {id(dl): bucket_widths(dl) for dl in train_loaders
-                        if len(dl.bucket_shapes) > 1 and parallel.mode != "pmap"
+                        if switches_bucket_shapes(parallel, len(dl.bucket_shapes))
                         and not diagnostics and self.switch_bucket_shapes}
         self._routes = {
             key: route._replace(
