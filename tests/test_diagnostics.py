@@ -308,6 +308,10 @@ def test_pmap_gives_the_single_device_diagnostics(two_device_diagnostics, balanc
                                    err_msg=key)
 
 
+# -m slow: two runs of the example. By default the diagnostics values (through the JSON
+# writer) are checked by test_norms_and_cosines_equal_hand_computation, and TensorBoard
+# event files by test_trainer_logging.py::test_tensorboard_events.
+@pytest.mark.slow
 def test_balancers_example_writes_diagnostics_to_tensorboard(tmp_path):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
     import balancers
