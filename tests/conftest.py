@@ -35,6 +35,17 @@ settings.load_profile("jaxmtl")
 _SHARED_CACHE_VAR = "JAXMTL_TEST_XLA_CACHE"
 _owned_cache_dir: str | None = None
 
+# The tests' programs are tiny and run for milliseconds, so XLA's optimisation (LLVM -O2
+# on CPU) costs far more than it saves: JAX's own switch for that case,
+# JAX_DISABLE_MOST_OPTIMIZATIONS (backend optimisation level 0, no expensive LLVM passes),
+# is on for the run, its workers and subprocess tests (e.g. a CGC module's init: 0.7 s to
+# compile instead of 4.4 s). Results are computed by the same HLO programs; float sums may
+# round differently from an optimised build, which every comparison's tolerance (or
+# bit-identity between two runs of the same build) allows for. Run with
+# JAX_DISABLE_MOST_OPTIMIZATIONS=0 to test the optimised build; test_compilation_cache.py
+# removes the switch where it measures real compile times.
+_NO_OPTIMIZATION_VAR = "JAX_DISABLE_MOST_OPTIMIZATIONS"
+
 
 def pytest_configure(config):
     global _owned_cache_dir
@@ -45,6 +56,10 @@ def pytest_configure(config):
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     jax.config.update("jax_compilation_cache_dir", os.environ[_SHARED_CACHE_VAR])
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    os.environ.setdefault(_NO_OPTIMIZATION_VAR, "1")
+    jax.config.update("jax_disable_most_optimizations",
+                      os.environ[_NO_OPTIMIZATION_VAR].strip().lower() in ("1", "true", "yes",
+                                                                           "on", "y", "t"))
 
 
 def pytest_unconfigure(config):

@@ -410,7 +410,8 @@ def test_upper_bound_weights_come_from_representation_gradients(name, solver):
     balancer = build(name, 2, upper_bound=True)
     state = TrainState.create(variables, make_optimizer(TrainerConfig(lr=0.1), 0.1),
                               jax.random.PRNGKey(0), balancer=balancer)
-    _, metrics = train_step_on(graph, state, ((X, Y, mask),))
+    # Jitted, as the Trainer runs it: one compile instead of an eager op-by-op step.
+    _, metrics = jax.jit(lambda s, b: train_step_on(graph, s, b))(state, ((X, Y, mask),))
 
     Z = apply_ops(graph, variables, X, ["a", "b"], until="body")[0]["body"]
 
@@ -419,7 +420,8 @@ def test_upper_bound_weights_come_from_representation_gradients(name, solver):
                                    overrides={"body": z})
         return terms[task][0] / terms[task][1]
 
-    grads = jnp.stack([jax.grad(head_loss)(Z, t).ravel() for t in ("a", "b")])
+    grads = jnp.stack([jax.jit(jax.grad(head_loss), static_argnums=1)(Z, t).ravel()
+                       for t in ("a", "b")])
     expected = solver(grads @ grads.T)
     np.testing.assert_allclose(metrics["weights"], expected, rtol=1e-4, atol=1e-6)
     assert float(jnp.min(jnp.abs(expected))) > 1e-3

@@ -285,16 +285,22 @@ def test_log_task_gradients_must_be_a_bool():
         TrainerConfig(log_task_gradients="yes")
 
 
-@pytest.mark.parametrize("balancer", ["equal", "pcgrad"])
-def test_pmap_gives_the_single_device_diagnostics(tmp_path, balancer):
-    # 15 rows on 2 devices: one padded row; per-task gradients are summed across the
-    # devices before the norms and cosines, as the balancers do.
+@pytest.fixture(scope="module")
+def two_device_diagnostics(tmp_path_factory):
+    """Both balancers' pmap and single-device diagnostics, from one 2-device subprocess."""
     script = Path(__file__).with_name("diagnostics_multidevice_run.py")
-    out = tmp_path / "out.json"
-    run = subprocess.run([sys.executable, str(script), balancer, str(out)],
+    out = tmp_path_factory.mktemp("diagnostics") / "out.json"
+    run = subprocess.run([sys.executable, str(script), "equal,pcgrad", str(out)],
                          cwd=script.parent, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
-    metrics = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("balancer", ["equal", "pcgrad"])
+def test_pmap_gives_the_single_device_diagnostics(two_device_diagnostics, balancer):
+    # 15 rows on 2 devices: one padded row; per-task gradients are summed across the
+    # devices before the norms and cosines, as the balancers do.
+    metrics = two_device_diagnostics[balancer]
     assert len(metrics["single"]) == 10
     assert metrics["pmap"].keys() == metrics["single"].keys()
     for key, value in metrics["single"].items():
@@ -302,6 +308,10 @@ def test_pmap_gives_the_single_device_diagnostics(tmp_path, balancer):
                                    err_msg=key)
 
 
+# -m slow: two runs of the example. By default the diagnostics values (through the JSON
+# writer) are checked by test_norms_and_cosines_equal_hand_computation, and TensorBoard
+# event files by test_trainer_logging.py::test_tensorboard_events.
+@pytest.mark.slow
 def test_balancers_example_writes_diagnostics_to_tensorboard(tmp_path):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
     import balancers

@@ -48,7 +48,15 @@ def softmax(x):
 
 
 def init(module, x=X, seed=0):
-    return module.init(jax.random.PRNGKey(seed), x)
+    # Jitted: one compile of the whole init (its random initialisers) costs a fraction of
+    # an eager, op-by-op one.
+    return jax.jit(module.init)(jax.random.PRNGKey(seed), x)
+
+
+def param_shapes(module):
+    """The parameters' shapes, traced without compiling anything."""
+    return jax.tree.map(lambda a: a.shape,
+                        jax.eval_shape(module.init, jax.random.PRNGKey(0), X)["params"])
 
 
 # ---- shapes ---------------------------------------------------------------------------
@@ -69,11 +77,11 @@ def test_output_is_one_representation_per_task(name):
 
 
 def test_parameter_shapes_of_stacked_experts():
-    shapes = jax.tree.map(lambda a: a.shape, init(MMoE(TASKS, 3, (8, 4)))["params"])
+    shapes = param_shapes(MMoE(TASKS, 3, (8, 4)))
     assert shapes == {"experts": {"layer_0": {"kernel": (3, 5, 8), "bias": (3, 8)},
                                   "layer_1": {"kernel": (3, 8, 4), "bias": (3, 4)}},
                       "gate": {"kernel": (2, 5, 3), "bias": (2, 3)}}
-    shapes = jax.tree.map(lambda a: a.shape, init(CrossStitch(("a", "b", "c"), (8,)))["params"])
+    shapes = param_shapes(CrossStitch(("a", "b", "c"), (8,)))
     assert shapes == {"tower_0": {"kernel": (3, 5, 8), "bias": (3, 8)}, "stitch_0": (3, 3)}
 
 
@@ -201,6 +209,11 @@ def test_smooth_step_values():
     np.testing.assert_allclose(slope, [0.0, 0.75, 0.0], atol=1e-6)
 
 
+def jitted_gates(module, variables, x):
+    """``gate_weights`` under jit (one compile; the other tests call it eagerly)."""
+    return jax.jit(lambda v, x: gate_weights(module, v, x))(variables, x)
+
+
 def _saturated_dselect_k(num_experts, k, z_bias, w_bias):
     """A DSelectK whose selectors ignore x: z = z_bias, selector weights = softmax(w_bias)."""
     module = DSelectK(("a",), num_experts=num_experts, k=k, expert_features=(4,))
@@ -217,7 +230,7 @@ def test_dselect_k_binary_selectors_pick_the_encoded_experts():
     # 4 experts, 2 bits (bit 0 first); selector 0 codes 01 -> expert 1... as z > gamma/2
     # gives bit 1: z = (+3, -3) is code 1, z = (+3, +3) code 3. Weights softmax(0, log 3).
     module, variables = _saturated_dselect_k(4, 2, [3, -3, 3, 3], [0.0, np.log(3.0)])
-    gates = np.asarray(gate_weights(module, variables, X)["gates"]["a"])
+    gates = np.asarray(jitted_gates(module, variables, X)["gates"]["a"])
     np.testing.assert_allclose(gates, np.tile([0, 0.25, 0, 0.75], (6, 1)), atol=1e-6)
     out = module.apply(variables, X)["a"]
     experts = relu(np.einsum("bd,edh->beh", X, variables["params"]["experts"]["layer_0"]["kernel"])
@@ -226,19 +239,19 @@ def test_dselect_k_binary_selectors_pick_the_encoded_experts():
                                atol=1e-6)
     # Half-way (z = 0): every code equally likely.
     module, variables = _saturated_dselect_k(4, 1, [0, 0], [0.0])
-    np.testing.assert_allclose(gate_weights(module, variables, X)["gates"]["a"],
+    np.testing.assert_allclose(jitted_gates(module, variables, X)["gates"]["a"],
                                np.full((6, 4), 0.25), atol=1e-6)
 
 
 def test_dselect_k_folds_unused_codes_so_gates_sum_to_one():
     # 3 experts need 2 bits; code 3 (z = +3, +3) is folded onto expert 3 mod 3 = 0.
     module, variables = _saturated_dselect_k(3, 1, [3, 3], [0.0])
-    np.testing.assert_allclose(gate_weights(module, variables, X)["gates"]["a"],
+    np.testing.assert_allclose(jitted_gates(module, variables, X)["gates"]["a"],
                                np.tile([1.0, 0, 0], (6, 1)), atol=1e-6)
     for num_experts, k in [(3, 2), (5, 3), (8, 2)]:
         module = DSelectK(TASKS, num_experts=num_experts, k=k, expert_features=(4,))
         variables = init(module, seed=num_experts)
-        for gate in gate_weights(module, variables, X * 50)["gates"].values():
+        for gate in jitted_gates(module, variables, X * 50)["gates"].values():
             assert gate.shape == (6, num_experts)
             assert float(np.asarray(gate).min()) >= 0
             np.testing.assert_allclose(np.asarray(gate).sum(-1), np.ones(6), atol=1e-5)
@@ -320,7 +333,10 @@ def make_tasks(body: nn.Module) -> list[jaxmtl.Task]:
             for task in TASKS]
 
 
-@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+# CGC: -m slow; [ple] trains CGC levels by default (a PLE is a stack of CGC levels, as
+# test_ple_stacks_cgc_levels_through_the_shared_gate checks).
+@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.slow) if name == "cgc"
+                                  else name for name in sorted(ARCHITECTURES)])
 def test_trains_in_a_two_task_model_with_one_shared_module(loaders, name):
     model = jaxmtl.MultitaskClassifier(make_tasks(ARCHITECTURES[name](TASKS)), seed=0)
     valid = loaders["valid"]

@@ -194,7 +194,9 @@ def test_mgda_upper_bound_weights_come_from_representation_gradients():
     balancer = make_balancer("mgda", upper_bound=True)
     state = TrainState.create(variables, make_optimizer(TrainerConfig(lr=0.1), 0.1),
                               jax.random.PRNGKey(0), balancer=balancer)
-    new_state, metrics = train_step_on(graph, state, ((X, Y, mask),))
+    # Jitted, as the Trainer runs it: one compile instead of an eager op-by-op step.
+    new_state, metrics = jax.jit(lambda s, b: train_step_on(graph, s, b))(
+        state, ((X, Y, mask),))
 
     Z = apply_ops(graph, variables, X, ["a", "b"], until="body")[0]["body"]
 
@@ -203,7 +205,8 @@ def test_mgda_upper_bound_weights_come_from_representation_gradients():
                                    overrides={"body": z})
         return terms[task][0] / terms[task][1]
 
-    grads = jnp.stack([jax.grad(head_loss)(Z, t).ravel() for t in ("a", "b")])
+    grads = jnp.stack([jax.jit(jax.grad(head_loss), static_argnums=1)(Z, t).ravel()
+                       for t in ("a", "b")])
     expected = min_norm_weights(grads @ grads.T)
     np.testing.assert_allclose(metrics["weights"], expected, rtol=1e-4, atol=1e-6)
     assert 0 < float(metrics["weights"][0]) < 1  # a real trade-off, not a corner
@@ -214,7 +217,7 @@ def test_mgda_upper_bound_weights_come_from_representation_gradients():
                                                                   strict=True))
 
     tx = make_optimizer(TrainerConfig(lr=0.1), 0.1)
-    updates, _ = tx.update(jax.grad(weighted)(variables["params"]),
+    updates, _ = tx.update(jax.jit(jax.grad(weighted))(variables["params"]),
                            tx.init(variables["params"]), variables["params"])
     want = optax.apply_updates(variables["params"], updates)
     for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(new_state.params), strict=True):
