@@ -43,7 +43,10 @@ def test_progress_counts_points_and_refreshes_at_most_once_a_second(monkeypatch)
         assert progress.points_per_second() == 5 / (12.0 - 10.0)
 
 
-def test_disabled_progress_is_never_due():
+def test_disabled_progress_is_never_due_and_makes_no_bar(monkeypatch):
+    # A disabled tqdm bar would still create tqdm's multiprocessing lock (~0.2 s).
+    monkeypatch.setattr("jaxmtl.training.progress.tqdm", None)
     with EpochProgress(epoch=0, total=3, initial=0, enabled=False) as progress:
         progress.advance(4)
         assert not progress.due()
+        assert progress.bar is None and progress.points == 4

@@ -358,7 +358,7 @@ class Trainer:
         second (and at the end of each epoch), never per step.
         """
         monitor.check_losses(accumulated["loss_sum"], position)
-        if progress.bar.disable:
+        if progress.bar is None:
             return
         running = train_loss_metrics(accumulated, run.train_loaders, model.task_names)
         # Right after an evaluation the accumulator is empty: show what it logged.
