@@ -8,12 +8,16 @@ from __future__ import annotations
 
 from typing import Any
 
+# Against the floors (hand-written JAX on the same machine), not against Snorkel: Snorkel's
+# speed relative to JAX differs from machine to machine (PyTorch threading), the floors'
+# do not. The Snorkel ratios stay in the table as information.
 TARGETS = [
     # (what, implementation key, metric, reference key, minimum ratio)
-    ("jaxmtl fit >= 0.9 x hand-written JAX loop", "jaxmtl", "train", "jax_numpy", 0.9),
-    ("jaxmtl fit >= 6 x Snorkel", "jaxmtl", "train", "snorkel", 6.0),
-    ("jaxmtl fused (steps_per_call) >= 9 x Snorkel", "jaxmtl_k*", "train", "snorkel", 9.0),
-    ("jaxmtl predict >= 3 x Snorkel predict", "jaxmtl", "predict", "snorkel", 3.0),
+    ("jaxmtl fit >= 0.95 x hand-written JAX loop", "jaxmtl", "train", "jax_numpy", 0.95),
+    ("jaxmtl fused (steps_per_call) >= 1.0 x the lax.scan JAX loop", "jaxmtl_k*", "train",
+     "jax_scan", 1.0),
+    ("jaxmtl predict >= 0.95 x hand-written JAX predict", "jaxmtl", "predict", "jax_numpy",
+     0.95),
 ]
 
 
@@ -170,14 +174,18 @@ def load_pyplot() -> tuple[Any, str | None]:
 
 
 def plot(run: dict[str, Any], path: str) -> str | None:
-    """Bar chart of train and predict throughput as ratios to Snorkel; returns a note if skipped."""
+    """Bar chart of train and predict throughput as ratios to the hand-written JAX loop
+    (dashed: the targets, 0.95 x that loop and, for fused training, 1.0 x the lax.scan
+    loop); returns a note if skipped."""
     plt, skipped = load_pyplot()
     if plt is None:
         return skipped
     records = {r["key"]: r for r in run["records"]}
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, metric, targets in ((axes[0], "train", (6.0, 9.0)), (axes[1], "predict", (3.0,))):
-        base = _value(records, "snorkel", metric)
+    scan = _ratio(_value(records, "jax_scan", "train"), _value(records, "jax_numpy", "train"))
+    train_targets = (0.95,) if scan is None else (0.95, scan)
+    for ax, metric, targets in ((axes[0], "train", train_targets), (axes[1], "predict", (0.95,))):
+        base = _value(records, "jax_numpy", metric)
         names, ratios = [], []
         for key in records:
             ratio = _ratio(_value(records, key, metric), base)
@@ -185,11 +193,11 @@ def plot(run: dict[str, Any], path: str) -> str | None:
                 names.append(key)
                 ratios.append(ratio)
         bars = ax.bar(names, ratios, color="tab:blue")
-        ax.bar_label(bars, fmt="%.1f")
+        ax.bar_label(bars, fmt="%.2f")
         for target in targets:
             ax.axhline(target, color="tab:red", linestyle="--", linewidth=1)
-        ax.set_title(f"{metric} throughput / Snorkel's (best epoch)")
-        ax.set_ylabel("ratio to Snorkel")
+        ax.set_title(f"{metric} throughput / the JAX loop's (best epoch)")
+        ax.set_ylabel("ratio to the hand-written JAX loop")
         ax.tick_params(axis="x", rotation=20)
     fig.suptitle(f"jaxmtl benchmark {run['created']} (dashed: targets)")
     fig.tight_layout()
