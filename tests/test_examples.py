@@ -19,6 +19,15 @@ def test_quickstart_scores():
         (scores["task_a/synthetic_a/valid/accuracy"] + scores["task_b/synthetic_b/valid/accuracy"]) / 2)
 
 
+def test_text_example_learns_both_tasks_with_one_program():
+    import text_classification
+
+    scores, trainer = text_classification.main(n_epochs=3, n_rows=2000)
+    assert scores["keyword/text/test/accuracy"] > 0.9
+    assert scores["topic/text/test/accuracy"] > 0.9
+    assert trainer.compiled_programs() == 1  # every bucket shape, one switched program
+
+
 @pytest.mark.slow  # test_trainer_logging.py and test_writers.py check TensorBoard logging
 def test_tensorboard_example_writes_events(tmp_path):
     run_dir = Path(tensorboard_run.main(str(tmp_path), "run"))
