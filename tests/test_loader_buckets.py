@@ -430,3 +430,28 @@ def test_one_switched_program_only_on_cpu_jit_modes_with_several_shapes():
     assert not switches_bucket_shapes(placement("single", "cpu"), 1)  # nothing to switch
     assert not switches_bucket_shapes(placement("pmap", "cpu", 2), 3)
     assert not switches_bucket_shapes(placement("single", "gpu"), 3)  # host-read index
+
+
+def test_pad_to_longest_and_cut_to_widths_round_trip():
+    from jaxmtl.buckets import cut_to_widths, pad_to_longest
+
+    dl = jaxmtl.DictDataLoader(ragged_dataset(), batch_size=16, length_buckets=3)
+    X, _ = dl.batch_at(np.arange(len(dl.dataset)), 0)
+    widths = bucket_widths(dl)
+    padded, shape = pad_to_longest(X, dl)
+    assert dl.bucket_shapes[shape] == (X["tokens"].shape[1],)
+    longest = dl.bucket_shapes[-1][0]
+    assert padded["tokens"].shape == padded["tokens_mask"].shape == (16, longest)
+    width = X["tokens"].shape[1]
+    assert not padded["tokens"][:, width:].any() and not padded["tokens_mask"][:, width:].any()
+    cut = cut_to_widths(padded, widths[shape])
+    np.testing.assert_array_equal(cut["tokens"], X["tokens"])
+    np.testing.assert_array_equal(cut["tokens_mask"], X["tokens_mask"])
+    assert widths[shape] == (("tokens", width), ("tokens_mask", width))
+
+
+def test_switched_eval_programs_are_for_probabilities_only():
+    model, _ = fit([jaxmtl.DictDataLoader(ragged_dataset(40), batch_size=16)], n_epochs=1)
+    shapes = bucket_widths(jaxmtl.DictDataLoader(ragged_dataset(), 16, length_buckets=3))
+    with pytest.raises(ValueError, match="shapes are for kind 'probs' .*got kind 'forward'"):
+        model.eval_programs.program("forward", ("task",), model.parallel, shapes)

