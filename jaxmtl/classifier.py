@@ -22,6 +22,7 @@ from .loader import DictDataLoader
 from .model import (
     ModelGraph,
     PyTree,
+    abstract_init_variables,
     build_graph,
     compiled_init_variables,
     init_variables,
@@ -260,15 +261,7 @@ class MultitaskClassifier:
           ValueError: with ``seed``, if an NNX parameter's initializer cannot be found
             (naming the module and the path).
         """
-        batches, planned = [], set()
-        for dataloader in dataloaders:
-            tasks = list(dict.fromkeys(labels_to_tasks(
-                self.graph, list(dataloader.dataset.Y_dict), remap_labels or {}).values()))
-            missing = self._missing_modules(tasks, planned) if tasks else []
-            if missing:
-                X_dict, _ = dataloader.batch_at(dataloader.order(0), 0)
-                batches.append((_as_device_batch(X_dict), tasks))
-                planned |= set(missing)
+        batches, planned = self._init_batches(dataloaders, remap_labels)
         if batches:
             resolved = self.init_seed(seed if seed is not None else fallback_seed)
             variables = (self.variables if seed is None else
@@ -286,6 +279,37 @@ class MultitaskClassifier:
                                                 self.variables)
             self._created |= planned
         return self.variables
+
+    def _init_batches(self, dataloaders: Sequence[DictDataLoader],
+                      remap_labels: Mapping[str, str | None] | None
+                      ) -> tuple[list[tuple[dict, list[str]]], set[str]]:
+        """``init_from_loaders``' plan: ``(X_dict, tasks)`` of the first batch of each
+        loader whose tasks run modules not created yet, and the modules it creates."""
+        batches, planned = [], set()
+        for dataloader in dataloaders:
+            tasks = list(dict.fromkeys(labels_to_tasks(
+                self.graph, list(dataloader.dataset.Y_dict), remap_labels or {}).values()))
+            missing = self._missing_modules(tasks, planned) if tasks else []
+            if missing:
+                X_dict, _ = dataloader.batch_at(dataloader.order(0), 0)
+                batches.append((_as_device_batch(X_dict), tasks))
+                planned |= set(missing)
+        return batches, planned
+
+    def abstract_variables(self, dataloaders: Sequence[DictDataLoader], *,
+                           fallback_seed: int | None = None) -> PyTree:
+        """The variables ``init_from_loaders(dataloaders, fallback_seed=...)`` would give
+        the model, as ``jax.ShapeDtypeStruct`` leaves: traced, nothing created or compiled
+        (the Trainer compiles its step from them while the model initialises).
+
+        Returns:
+          The abstract variables (``{"params": {}}`` for a model without parameters).
+        """
+        batches, _ = self._init_batches(dataloaders, None)
+        if not batches:
+            return jax.eval_shape(lambda v: v, self.variables or {"params": {}})
+        rng = jax.random.PRNGKey(self.init_seed(fallback_seed))
+        return abstract_init_variables(self.graph, batches, rng, self.variables)
 
     def ensure_variables(self, X_dict: Mapping[str, Any], task_names: Sequence[str]
                          ) -> PyTree:

@@ -224,7 +224,29 @@ def compiled_init_variables(
     Returns:
       The variables, as ``init_variables`` returns them.
     """
-    task_lists = [tuple(tasks) for _, tasks in batches]
+    task_lists = tuple(tuple(tasks) for _, tasks in batches)
+    program = _init_program(graph, task_lists)
+    return program([dict(X) for X, _ in batches], rng,
+                   _with_nnx_values(graph, task_lists, variables))
+
+
+def abstract_init_variables(
+    graph: ModelGraph,
+    batches: Sequence[tuple[Mapping[str, Any], Sequence[str]]],
+    rng: jax.Array,
+    variables: PyTree | None = None,
+) -> PyTree:
+    """What ``compiled_init_variables`` would return, as ``jax.ShapeDtypeStruct`` leaves:
+    a trace of the same program, nothing compiled or computed (same arguments)."""
+    task_lists = tuple(tuple(tasks) for _, tasks in batches)
+    return jax.eval_shape(_init_program(graph, task_lists), [dict(X) for X, _ in batches],
+                          rng, _with_nnx_values(graph, task_lists, variables))
+
+
+def _with_nnx_values(graph: ModelGraph, task_lists: Sequence[Sequence[str]],
+                     variables: PyTree | None) -> PyTree:
+    """``variables`` (a fresh dict of dicts) plus the own values of the NNX modules the
+    tasks run that it lacks: constants of the init program, not computed by it."""
     variables = {"params": {}} if variables is None else {
         col: dict(tree) for col, tree in variables.items()}
     existing = {name for tree in variables.values() for name in tree}
@@ -232,13 +254,31 @@ def compiled_init_variables(
         if name not in existing and is_nnx_module(graph.module_pool[name]):
             variables = with_module_variables(variables, name,
                                                graph.nnx_specs[name].initial_variables())
-
-    program = _init_program(graph, tuple(task_lists))
-    return program([dict(X) for X, _ in batches], rng, variables)
+    return variables
 
 
-# XLA options of a program that runs once (the initialisation), on the CPU.
-_ONE_SHOT_CPU_OPTIONS = {"xla_backend_optimization_level": 0}
+# XLA options of a program that runs once (an initialisation), on the CPU: no LLVM
+# optimisation, and (where this XLA still has them) the older loop emitters, which
+# compile in ~2/3 the time of the fusion emitters (measured on the varlen workload's init).
+_ONE_SHOT_CPU_OPTIONS = {"xla_backend_optimization_level": 0,
+                         "xla_cpu_use_fusion_emitters": False}
+
+
+@functools.cache
+def one_shot_compiler_options() -> dict[str, Any] | None:
+    """``compiler_options`` for a program that runs once (None off the CPU): those of
+    ``_ONE_SHOT_CPU_OPTIONS`` this XLA accepts (newer ones dropped the emitter switch;
+    a tiny compile per option finds out, once per process)."""
+    if jax.default_backend() != "cpu":
+        return None
+    accepted = {}
+    for name, value in _ONE_SHOT_CPU_OPTIONS.items():
+        try:
+            jax.jit(lambda: 0, compiler_options={name: value}).lower().compile()
+        except jax.errors.JaxRuntimeError:  # "No such compile option"
+            continue
+        accepted[name] = value
+    return accepted
 
 
 @functools.lru_cache(maxsize=8)
@@ -253,8 +293,7 @@ def _init_program(graph: ModelGraph, task_lists: tuple[tuple[str, ...], ...]) ->
     # The program runs once: on the CPU, LLVM's optimisation passes cost more compile time
     # than they save (0.9 s instead of 1.6 s on the reference model; the initial values
     # can differ from an optimised build's in the last bit, as from an eager run's).
-    options = _ONE_SHOT_CPU_OPTIONS if jax.default_backend() == "cpu" else None
-    return jax.jit(init_all, compiler_options=options)
+    return jax.jit(init_all, compiler_options=one_shot_compiler_options())
 
 
 

@@ -96,3 +96,66 @@ def test_fit_stays_short():
     # Set-up, evaluation/checkpoint and teardown live in named helpers (issue 13, item 3).
     lines = inspect.getsource(Trainer.fit).splitlines()
     assert len(lines) < 70, f"Trainer.fit has {len(lines)} lines"
+
+
+def _specs(tree):
+    return jax.tree.map(lambda leaf: (tuple(leaf.shape), str(leaf.dtype)), tree)
+
+
+def test_abstract_state_has_the_shapes_of_the_created_state():
+    """``abstract_variables`` and ``TrainState.abstract``: the shapes and dtypes the
+    initialisation and ``create`` give, without creating anything."""
+    train = loaders()
+    model = jaxmtl.MultitaskClassifier([make_task("task1"), make_task("task2")])
+    variables = model.abstract_variables(train, fallback_seed=0)
+    assert model.variables is None  # nothing created
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-2))
+    abstract = TrainState.abstract(variables, tx, jax.random.PRNGKey(0))
+    assert all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(abstract))
+    model.init_from_loaders(train, seed=0)
+    state = TrainState.create(model.variables, tx, jax.random.PRNGKey(0))
+    assert _specs(variables) == _specs(model.variables)
+    assert _specs(abstract) == _specs(state)
+    assert jax.tree.structure(abstract) == jax.tree.structure(state)
+    assert set(variables["params"]) == {"linear1A", "linear2B"}
+
+
+def test_the_step_compiles_while_the_model_initialises(monkeypatch):
+    """A first fit queues its step's compile (from the state's shapes) before the model's
+    initialisation runs, and the loop's call uses that program: the fit compiles exactly
+    as many programs as a fit that compiles nothing ahead (a spec placed otherwise than
+    the loop's arrays would compile the step twice)."""
+    from conftest import count_compiles
+
+    import jaxmtl.training.runners as runners
+    from jaxmtl.model import one_shot_compiler_options
+
+    one_shot_compiler_options()  # its probe compiles once per process
+    events = []
+    real_compile = runners.compile_in_background
+    real_init = jaxmtl.MultitaskClassifier.init_from_loaders
+    monkeypatch.setattr(runners, "compile_in_background",
+                        lambda jobs, **kw: events.append(("compile", len(jobs)))
+                        or real_compile(jobs, **kw))
+    monkeypatch.setattr(jaxmtl.MultitaskClassifier, "init_from_loaders",
+                        lambda self, *a, **kw: events.append("init") or real_init(self, *a, **kw))
+
+    def run():
+        model = jaxmtl.MultitaskClassifier([make_task("task1"), make_task("task2")])
+        trainer = Trainer(n_epochs=1, lr=1e-2, seed=0, progress_bar=False)
+        trainer.fit(model, loaders())
+        return model, trainer
+
+    fits = []
+    early = count_compiles(lambda: fits.append(run()))
+    (model, trainer), = fits
+    # Two loaders of one task family: one program, queued once, before the init.
+    assert events == [("compile", 1), "init"]
+    assert trainer.compiled_programs() == 1
+    monkeypatch.setattr(runners, "compile_in_background", lambda jobs, **kw: None)
+    late = count_compiles(lambda: fits.append(run()))
+    reference, _ = fits[1]
+    assert early == late
+    for a, b in zip(jax.tree.leaves(model.params), jax.tree.leaves(reference.params),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)

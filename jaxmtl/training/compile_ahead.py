@@ -21,16 +21,22 @@ import jax
 logger = logging.getLogger(__name__)
 
 
-def abstract(tree: Any) -> Any:
+def abstract(tree: Any, sharding: jax.sharding.Sharding | None = None) -> Any:
     """``tree`` with every array replaced by its ``jax.ShapeDtypeStruct`` (sharding kept).
 
     Lowering reads only shapes, dtypes and placement; the specs let a background thread
-    lower a step whose state buffers the loop donates meanwhile.
+    lower a step whose state buffers the loop donates meanwhile. A spec already in
+    ``tree`` without a placement gets ``sharding``: the placement of the arrays the call
+    will pass (a program lowered for another placement would be compiled again).
     """
     def spec(leaf: Any) -> Any:
         if isinstance(leaf, jax.Array):
             return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding,
                                         weak_type=leaf.aval.weak_type)
+        if (isinstance(leaf, jax.ShapeDtypeStruct) and leaf.sharding is None
+                and sharding is not None):
+            return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding,
+                                        weak_type=leaf.weak_type)
         return leaf
     return jax.tree.map(spec, tree)
 

@@ -42,6 +42,9 @@ class FitRun(NamedTuple):
     n_batches_per_epoch: int
     cache_key: tuple
     compiled: CompiledFit
+    #: The runner, when set-up made it before the model's initialisation so that its
+    #: steps compile meanwhile (``Trainer._compile_while_initialising``); else None.
+    runner: Any = None
 
 
 def check_dataloaders(config: TrainerConfig, dataloaders: Sequence[DictDataLoader]

@@ -129,6 +129,9 @@ class FusedRunner:
         return (self.parallel.replicate(own_buffers(state)),
                 self.parallel.replicate(accumulator))
 
+    def start_compiling(self, state: TrainState, accumulator: Accumulator) -> None:
+        """Nothing: the one fused program compiles at the first call."""
+
     def batches(self, scheduled: Iterator[tuple[IndexBatch, Any]]
                 ) -> Iterator[tuple[IndexBatch, int]]:
         """The scheduler's ``IndexBatch``es: ``(item, num_valid)``."""

@@ -74,6 +74,10 @@ class Runner(Protocol):
                 ) -> tuple[TrainState, Accumulator]:
         """The state and accumulator on the devices, in buffers the steps may donate."""
 
+    def start_compiling(self, state: TrainState, accumulator: Accumulator) -> None:
+        """Starts compiling the coming steps in the background, if the runner does
+        (``state`` may hold ``jax.ShapeDtypeStruct`` leaves); at most once."""
+
     def batches(self, scheduled: Iterator[tuple[Any, Any]]) -> Iterator[tuple[Any, int]]:
         """Wraps the scheduler's ``(batch, loader)`` pairs: yields ``(item, num_valid)``
         (``num_valid`` is 0 for a batch without any labelled row: no step, no count)."""
@@ -183,6 +187,7 @@ class PerStepRunner:
         self.parallel = parallel
         # (Programs of an earlier fit are compiled already.)
         self.compile_ahead = compile_ahead and parallel.mode == "single" and compiled is None
+        self._compiling = False
         self.n_accumulator = (len(train_loaders), len(graph.task_names), diagnostics)
         self.compiled = compiled or StepPrograms(graph, parallel)
         self.scheduler_loaders = list(train_loaders)
@@ -218,9 +223,20 @@ class PerStepRunner:
         """Own copies of the state's buffers, replicated as ``parallel`` says."""
         state = self.parallel.replicate(own_buffers(state))
         accumulator = self.parallel.replicate(accumulator)
-        if self.compile_ahead:
-            compile_in_background(self._bucket_jobs(state, accumulator))
+        self.start_compiling(state, accumulator)
         return state, accumulator
+
+    def start_compiling(self, state: TrainState, accumulator: Accumulator) -> None:
+        """With ``compile_ahead``, starts compiling every program the loaders' batches
+        need in a background thread; once per runner (``prepare`` calls it too).
+
+        ``state`` may be the placed state or its shapes (``jax.ShapeDtypeStruct``
+        leaves, e.g. from ``jax.eval_shape``): the Trainer starts the compile before the
+        model is initialised, so the two overlap.
+        """
+        if self.compile_ahead and not self._compiling:
+            self._compiling = True
+            compile_in_background(self._bucket_jobs(state, accumulator))
 
     def _bucket_jobs(self, state: TrainState, accumulator: Accumulator) -> list[tuple]:
         """``(program, abstract args)`` of every program the loaders' batch shapes need.
@@ -231,6 +247,7 @@ class PerStepRunner:
         family) give one job.
         """
         jobs, seen = [], set()
+        placement = jax.sharding.SingleDeviceSharding(self.parallel.devices[0])
         for dl in self.scheduler_loaders:
             switched = id(dl) in self._shapes
             # A switched loader's one program takes every batch at its longest shape.
@@ -243,12 +260,12 @@ class PerStepRunner:
                 if route is None:
                     program = self._switched_general.get(id(dl), self.compiled.general)
                     args = abstract((state, accumulator, (self._put(batch),),
-                                     (loader_index,)))
+                                     (loader_index,)), placement)
                 else:
                     program = route.program
                     args = abstract((state_view(state, route.view, self._modules), accumulator,
                                      *self._put_member(batch, route), route.member,
-                                     loader_index))
+                                     loader_index), placement)
                 key = (id(program), _call_signature(args))
                 if key not in seen:
                     seen.add(key)

@@ -18,7 +18,7 @@ import optax
 from flax import struct
 
 from .. import registry
-from ..model import PyTree
+from ..model import PyTree, one_shot_compiler_options
 from .balancers import Balancer
 from .config import OptimizerConfig, TrainerConfig
 from .module_optimizers import (
@@ -62,6 +62,22 @@ class TrainState(struct.PyTreeNode):
     def create(cls, variables: PyTree, tx: optax.GradientTransformation, rng: jax.Array,
                balancer: Balancer | None = None, precision: str = "fp32") -> TrainState:
         """A fresh state: optimizer (and balancer) initialised on ``variables["params"]``."""
+        # One compiled program instead of an eager op (and its compile) per leaf shape.
+        return cls._fresh(variables, tx, rng, balancer, precision, _compiled_init(tx))
+
+    @classmethod
+    def abstract(cls, variables: PyTree, tx: optax.GradientTransformation, rng: jax.Array,
+                 balancer: Balancer | None = None, precision: str = "fp32") -> TrainState:
+        """What ``create`` would return, as ``jax.ShapeDtypeStruct`` leaves, from the
+        variables' shapes (arrays or specs): traced, nothing computed or compiled."""
+        return jax.eval_shape(
+            lambda v, key: cls._fresh(v, tx, key, balancer, precision, tx.init),
+            variables, rng)
+
+    @classmethod
+    def _fresh(cls, variables: PyTree, tx: optax.GradientTransformation, rng: jax.Array,
+               balancer: Balancer | None, precision: str, init_optimizer: Callable
+               ) -> TrainState:
         registry.PRECISIONS.check(precision, "TrainState.create(precision)")
         params = variables.get("params", {})
         model_state = {col: tree for col, tree in variables.items() if col != "params"}
@@ -70,8 +86,7 @@ class TrainState(struct.PyTreeNode):
             step=jnp.zeros((), jnp.int32),
             params=params,
             model_state=model_state,
-            # One compiled program instead of an eager op (and its compile) per leaf shape.
-            opt_state=_unaliased(_compiled_init(tx)(params)),
+            opt_state=_unaliased(init_optimizer(params)),
             rng=rng,
             balancer_state=_unaliased(balancer_state),
             tx=tx,
@@ -88,8 +103,9 @@ class TrainState(struct.PyTreeNode):
 @functools.lru_cache(maxsize=8)
 def _compiled_init(tx: optax.GradientTransformation) -> Any:
     """``tx.init`` as one compiled program, kept per transformation: the Trainer reuses its
-    optimizer across fits of one configuration, so a second fit traces nothing."""
-    return jax.jit(tx.init)
+    optimizer across fits of one configuration, so a second fit traces nothing. It runs
+    once per fit: compiled as such (``one_shot_compiler_options``)."""
+    return jax.jit(tx.init, compiler_options=one_shot_compiler_options())
 
 
 def make_optimizer(config: TrainerConfig, learning_rate: optax.ScalarOrSchedule,

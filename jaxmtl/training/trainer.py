@@ -205,12 +205,13 @@ class Trainer:
         if compiled is None:
             compiled = compile_settings(config, model, n_batches_per_epoch)
         self.lr_schedule, self.warmup_steps = compiled.lr_schedule, compiled.warmup_steps
+        run = FitRun(dataloaders, train_loaders, n_batches_per_epoch, cache_key, compiled)
         # Every module is created before the first step, each from the first loader
         # whose tasks use it (train loaders first), so a dataset needs only its own
         # tasks' inputs; the weights follow from the seed alone.
-        model.init_from_loaders([*train_loaders, *(dl for dl in dataloaders
-                                                   if dl not in train_loaders)],
-                                fallback_seed=self.seed)
+        init_loaders = [*train_loaders, *(dl for dl in dataloaders if dl not in train_loaders)]
+        run = self._compile_while_initialising(model, run, init_loaders)
+        model.init_from_loaders(init_loaders, fallback_seed=self.seed)
         check_labels_fit_heads(model, dataloaders)
         variables = model.variables if model.variables is not None else {"params": {}}
         check_module_names(config.module_optimizers, variables.get("params", {}))
@@ -219,8 +220,31 @@ class Trainer:
         state, self._loaded_optimizer = continue_optimizer(state, self._loaded_optimizer), None
         accumulator = zero_loss_accumulator(len(train_loaders), len(model.task_names),
                                             config.log_task_gradients)
-        run = FitRun(dataloaders, train_loaders, n_batches_per_epoch, cache_key, compiled)
         return run, state, accumulator
+
+    def _compile_while_initialising(self, model: MultitaskClassifier, run: FitRun,
+                                    init_loaders: Sequence[DictDataLoader]) -> FitRun:
+        """``run`` with its runner, made from the shapes the state will have and already
+        compiling the steps in the background, when this fit compiles ahead (first fit of
+        these settings, one device, a runner that compiles ahead): the step's trace and
+        compile then overlap the model's and optimizer's initialisation, most of a first
+        fit's set-up. Otherwise ``run`` as it is (the runner is made after the set-up)."""
+        config = self.config
+        if (run.compiled.steps is not None or self._loaded_optimizer is not None
+                or config.steps_per_call > 1 or config.batch_scheduler == "mixed"
+                or self.parallel.mode != "single"):
+            return run
+        try:
+            variables = model.abstract_variables(init_loaders, fallback_seed=self.seed)
+            state = TrainState.abstract(variables, run.compiled.tx,
+                                        jax.random.PRNGKey(self.seed),
+                                        run.compiled.balancer, config.precision)
+        except Exception:  # the initialisation reports it, where it belongs
+            logger.debug("no early compile: the state's shapes failed", exc_info=True)
+            return run
+        runner = self._make_runner(model, run, state)
+        runner.start_compiling(state, runner.zero_accumulator())
+        return run._replace(runner=runner)
 
     def _open_logs(self, run: FitRun) -> tuple[LogManager, Checkpointer | None]:
         """The log writer (process 0 only), the checkpointer and the LogManager."""
@@ -254,7 +278,9 @@ class Trainer:
     def _make_runner(self, model: MultitaskClassifier, run: FitRun, state: TrainState
                      ) -> Runner:
         """The runner of ``config.steps_per_call``, with the programs of an earlier fit of
-        the same model and settings (kept for the next one)."""
+        the same model and settings (kept for the next one); the set-up's if it made one."""
+        if run.runner is not None:
+            return run.runner
         # A "mixed" step takes one batch of every loader: its shapes are combinations.
         runner = make_runner(model.graph, self.parallel, state, run.train_loaders,
                              self.config.steps_per_call, run.compiled.steps,
