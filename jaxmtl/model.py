@@ -257,28 +257,16 @@ def _with_nnx_values(graph: ModelGraph, task_lists: Sequence[Sequence[str]],
     return variables
 
 
-# XLA options of a program that runs once (an initialisation), on the CPU: no LLVM
-# optimisation, and (where this XLA still has them) the older loop emitters, which
-# compile in ~2/3 the time of the fusion emitters (measured on the varlen workload's init).
-_ONE_SHOT_CPU_OPTIONS = {"xla_backend_optimization_level": 0,
-                         "xla_cpu_use_fusion_emitters": False}
+# XLA options of a program that runs once (an initialisation), on the CPU.
+# (`xla_cpu_use_fusion_emitters=False` compiled such a program in 2/3 the time, but the
+# setting outlived its program: every later program of the process ran on one core.)
+_ONE_SHOT_CPU_OPTIONS = {"xla_backend_optimization_level": 0}
 
 
-@functools.cache
 def one_shot_compiler_options() -> dict[str, Any] | None:
-    """``compiler_options`` for a program that runs once (None off the CPU): those of
-    ``_ONE_SHOT_CPU_OPTIONS`` this XLA accepts (newer ones dropped the emitter switch;
-    a tiny compile per option finds out, once per process)."""
-    if jax.default_backend() != "cpu":
-        return None
-    accepted = {}
-    for name, value in _ONE_SHOT_CPU_OPTIONS.items():
-        try:
-            jax.jit(lambda: 0, compiler_options={name: value}).lower().compile()
-        except jax.errors.JaxRuntimeError:  # "No such compile option"
-            continue
-        accepted[name] = value
-    return accepted
+    """``compiler_options`` for a program that runs once: on the CPU, no LLVM
+    optimisation (its passes cost more compile time than they save); elsewhere None."""
+    return dict(_ONE_SHOT_CPU_OPTIONS) if jax.default_backend() == "cpu" else None
 
 
 @functools.lru_cache(maxsize=8)

@@ -128,9 +128,6 @@ def test_the_step_compiles_while_the_model_initialises(monkeypatch):
     from conftest import count_compiles
 
     import jaxmtl.training.runners as runners
-    from jaxmtl.model import one_shot_compiler_options
-
-    one_shot_compiler_options()  # its probe compiles once per process
     events = []
     real_compile = runners.compile_in_background
     real_init = jaxmtl.MultitaskClassifier.init_from_loaders
