@@ -1,6 +1,8 @@
 """One training run on N forced CPU devices (a subprocess of test_parallel.py).
 
 Usage: python multidevice_run.py N_DEVICES PARALLEL OUT [PROCESS_ID N_PROCESSES PORT]
+PARALLEL may list several modes ("single,auto"): one process runs each, writing OUT_MODE.*
+(one Python + JAX import for the default run's reference and its 2-device run).
 With the last three arguments, this is one of N_PROCESSES processes of a multi-process run
 (each with N_DEVICES local devices, coordinator on 127.0.0.1:PORT); process 0 writes.
 Writes OUT.npz (final params, logged train losses, predicted probs, calculate_loss) and
@@ -28,6 +30,12 @@ def main():
     if n_processes > 1:
         jaxmtl.parallel.initialize_multihost(f"127.0.0.1:{port}", n_processes, process_id)
     assert len(jax.local_devices()) == n_devices
+    modes = parallel.split(",")
+    for mode in modes:
+        train_and_write(mode, out if len(modes) == 1 else f"{out}_{mode}")
+
+
+def train_and_write(parallel, out):
     loaders = []
     for split, n in [("train", 250), ("valid", 90)]:
         for task, seed in [("task1", 0), ("task2", 1)]:

@@ -326,31 +326,39 @@ def assert_trees_close(got, expected, rtol=1e-6, atol=1e-7):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=rtol, atol=atol)
 
 
+@pytest.fixture(scope="module")
+def per_step_reference(two_task_loaders):
+    """The hand-built partition, one task per step: the reference of the per-step and the
+    fused settings below and the run the renaming-view test inspects (tests only read it)."""
+    return fit(two_task_loaders, optimizer=reference_optimizer())
+
+
 @pytest.mark.parametrize("setting", [
     dict(),  # one task per step: the heads' family shares one program where it can
     dict(batch_scheduler="mixed", balancer="pcgrad"),
     dict(steps_per_call=2),
 ])
-def test_matches_a_hand_built_partition(two_task_loaders, setting):
+def test_matches_a_hand_built_partition(two_task_loaders, per_step_reference, setting):
     model, trainer = fit(two_task_loaders, module_optimizers=MODULE_OPTIMIZERS, **setting)
     if not setting:  # the heads are in different groups: no shared family program
         assert len(trainer.compiled_steps.families) == 0
     # The reference: optax.partition by hand, which the Trainer runs one program per task
     # set (a family program's view renames linear2C to linear2B, which a name-based label
     # misreads; see the next test).
-    reference, _ = fit(two_task_loaders, optimizer=reference_optimizer(),
-                       **{k: v for k, v in setting.items() if k != "steps_per_call"})
+    reference_setting = {k: v for k, v in setting.items() if k != "steps_per_call"}
+    reference = (fit(two_task_loaders, optimizer=reference_optimizer(), **reference_setting)
+                 if reference_setting else per_step_reference)[0]
     assert_trees_close(model.params, reference.params)
     assert_head_c_frozen_and_head_b_trained(model, two_task_loaders)
 
 
 def test_a_users_name_based_partition_is_never_applied_through_a_renaming_view(
-        two_task_loaders):
+        two_task_loaders, per_step_reference):
     """A hand-built ``optax.partition`` labels modules by name; a shared family program
     would run task2's head under task1's name (both groups stateless for the heads, so the
     optimizer states agree in structure). The Trainer keeps such runs on the general step:
     the frozen head stays bit for bit, and no family program is compiled."""
-    model, trainer = fit(two_task_loaders, optimizer=reference_optimizer())
+    model, trainer = per_step_reference
     assert len(trainer.compiled_steps.families) == 0
     assert_head_c_frozen_and_head_b_trained(model, two_task_loaders)
 

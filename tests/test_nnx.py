@@ -252,33 +252,48 @@ import test_nnx
 from test_nnx import loaders
 import jaxmtl
 assert len(jax.local_devices()) == int(sys.argv[1])
-model = getattr(test_nnx, sys.argv[3])()
-jaxmtl.Trainer(n_epochs=2, lr=0.05, seed=0, progress_bar=False, parallel=sys.argv[2],
-               optimizer=sys.argv[4]).fit(model, loaders(batch_size=40))
-print(json.dumps(jax.tree.map(lambda a: np.asarray(a).tolist(), model.variables)))
+out = {}
+for parallel in sys.argv[2].split(","):
+    model = getattr(test_nnx, sys.argv[3])()
+    jaxmtl.Trainer(n_epochs=2, lr=0.05, seed=0, progress_bar=False, parallel=parallel,
+                   optimizer=sys.argv[4]).fit(model, loaders(batch_size=40))
+    out[parallel] = jax.tree.map(lambda a: np.asarray(a).tolist(), model.variables)
+print(json.dumps(out))
 """
 
 
 def device_run(n_devices, parallel, model="nnx_model", optimizer="adam"):
-    """The variables after 2 epochs of ``model()`` (a builder here) on forced CPU devices."""
+    """The variables after 2 epochs of ``model()`` (a builder here) on forced CPU devices.
+
+    ``parallel`` may list several modes ("single,pmap"), trained one after the other in
+    the one process: then {mode: variables}."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     result = subprocess.run(
         [sys.executable, "-c", DEVICE_RUN.replace("{tests!r}", repr(str(ROOT / "tests"))),
          str(n_devices), parallel, model, optimizer], capture_output=True, text=True, timeout=600,
         env=env, cwd=ROOT / "tests")
     assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    return out if "," in parallel else out[parallel]
 
 
 @pytest.fixture(scope="module")
-def one_device():
-    return device_run(1, "single")
+def four_device_runs():
+    """The one-device ("single": the first device only) and 4-device pmap runs, in ONE
+    4-device process (one Python + JAX import)."""
+    return device_run(4, "single,pmap")
+
+
+def test_4_devices_match_one_device_pmap(four_device_runs):
+    assert_trees_equal(four_device_runs["pmap"], four_device_runs["single"], rtol=1e-5,
+                       atol=1e-6)
 
 
 # sharded = one device is checked by default in test_parallel.py (BatchNorm, MGDA-UB).
-@pytest.mark.parametrize("parallel", ["pmap", pytest.param("sharded", marks=pytest.mark.slow)])
-def test_4_devices_match_one_device(one_device, parallel):
-    assert_trees_equal(device_run(4, parallel), one_device, rtol=1e-5, atol=1e-6)
+@pytest.mark.slow
+def test_4_devices_match_one_device_sharded():
+    assert_trees_equal(device_run(4, "sharded"), device_run(1, "single"), rtol=1e-5,
+                       atol=1e-6)
 
 
 # Two subprocess runs (~40 s on 2 busy cores). By default NNX BatchNorm statistics are

@@ -14,17 +14,33 @@ from jaxmtl.parallel import choose_parallel, pad_rows
 SCRIPT = Path(__file__).with_name("multidevice_run.py")
 
 
-def run(tmp_path, n_devices, parallel):
-    out = tmp_path / f"{parallel}_{n_devices}"
-    result = subprocess.run([sys.executable, str(SCRIPT), str(n_devices), parallel, str(out)],
-                            cwd=SCRIPT.parent, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+def load_run(out):
     return dict(np.load(str(out) + ".npz")), json.loads(Path(str(out) + ".json").read_text())
 
 
+def run(tmp_path, n_devices, parallel):
+    """One subprocess with ``n_devices`` CPU devices; ``parallel`` may list several modes
+    ("single,auto"), run one after the other in that process: {mode: (arrays, scores)}."""
+    out = tmp_path / f"{parallel.replace(',', '+')}_{n_devices}"
+    result = subprocess.run([sys.executable, str(SCRIPT), str(n_devices), parallel, str(out)],
+                            cwd=SCRIPT.parent, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    modes = parallel.split(",")
+    if len(modes) == 1:
+        return {parallel: load_run(out)}
+    return {mode: load_run(f"{out}_{mode}") for mode in modes}
+
+
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    return run(tmp_path_factory.mktemp("single"), 1, "single")
+def two_device_runs(tmp_path_factory):
+    """The one-device reference and the 2-device "auto" (pmap) run, in ONE 2-device
+    process: "single" trains on the first device only, as a 1-device process does."""
+    return run(tmp_path_factory.mktemp("two"), 2, "single,auto")
+
+
+@pytest.fixture(scope="module")
+def reference(two_device_runs):
+    return two_device_runs["single"]
 
 
 def assert_same_run(got, expected):
@@ -39,19 +55,29 @@ def assert_same_run(got, expected):
 
 # The default run keeps one multi-device equality test (pmap, 2 devices); the sharded mode
 # is checked against one device by the layers_run tests below. The rest: -m slow.
-@pytest.mark.parametrize("n_devices", [2, pytest.param(4, marks=pytest.mark.slow)])
-def test_pmap_matches_single_device(tmp_path, reference, n_devices):
-    assert_same_run(run(tmp_path, n_devices, "auto"), reference)
+def test_pmap_on_2_devices_matches_single_device(two_device_runs, reference):
+    assert_same_run(two_device_runs["auto"], reference)
+
+
+@pytest.mark.slow
+def test_pmap_on_4_devices_matches_single_device(tmp_path, reference):
+    assert_same_run(run(tmp_path, 4, "auto")["auto"], reference)
+
+
+@pytest.mark.slow
+def test_one_device_process_matches_the_reference(tmp_path, reference):
+    """The reference ("single" in a 2-device process) = a 1-device process's run."""
+    assert_same_run(run(tmp_path, 1, "single")["single"], reference)
 
 
 @pytest.mark.slow
 def test_sharded_matches_single_device(tmp_path, reference):
-    assert_same_run(run(tmp_path, 4, "sharded"), reference)
+    assert_same_run(run(tmp_path, 4, "sharded")["sharded"], reference)
 
 
 @pytest.mark.slow
 def test_pmap_on_8_devices_matches_single_device(tmp_path, reference):
-    assert_same_run(run(tmp_path, 8, "pmap"), reference)
+    assert_same_run(run(tmp_path, 8, "pmap")["pmap"], reference)
 
 
 def free_port():
@@ -73,8 +99,7 @@ def test_two_processes_match_single_process(tmp_path, reference):
     for process in processes:
         _, stderr = process.communicate(timeout=600)
         assert process.returncode == 0, stderr[-3000:]
-    got = dict(np.load(str(out) + ".npz")), json.loads(Path(str(out) + ".json").read_text())
-    assert_same_run(got, reference)
+    assert_same_run(load_run(out), reference)
     # Checkpoints were written once, by process 0.
     assert sorted(p.name for p in Path(str(out) + "_checkpoints").iterdir()) == [
         "best_model_model_all_train_loss"]
@@ -113,11 +138,11 @@ def test_fused_mode_runs_on_one_device_only():
         FusedRunner(None, two, None, [], steps_per_call=8)
 
 
-LONG_RUN = """
-import os
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-import flax.linen as nn, numpy as np, jaxmtl
-from conftest import linear_data
+# 282 steps with no host sync in between (far more than the CPU's pool threads): XLA:CPU
+# collectives of queued steps used to hold every pool thread and time out in the all-reduce
+# rendezvous. Runs at the end of LAYERS_RUN's 4-device process for pmap (the default test),
+# in its own process for sharded (-m slow).
+QUEUED_STEPS = """
 body = nn.Sequential([nn.Dense(256), nn.relu, nn.Dense(256), nn.relu])
 loaders, tasks = [], []
 for task, seed in [("a", 0), ("b", 1)]:
@@ -129,16 +154,25 @@ for task, seed in [("a", 0), ("b", 1)]:
                               jaxmtl.Operation("head_" + task, ["body"])]))
 trainer = jaxmtl.Trainer(n_epochs=3, lr=1e-3, progress_bar=False, seed=0, parallel="{mode}")
 trainer.fit(jaxmtl.MultitaskClassifier(tasks), loaders)
+"""
+
+LONG_RUN = """
+import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+import flax.linen as nn, numpy as np, jaxmtl
+from conftest import linear_data
+""" + QUEUED_STEPS + """
 print(int(trainer.state.step))
 """
 
 
-@pytest.mark.parametrize("mode", ["pmap", pytest.param("sharded", marks=pytest.mark.slow)])
-def test_many_queued_steps_on_cpu_devices_do_not_deadlock(mode):
-    # 282 steps with no host sync in between (far more than the CPU's pool threads): XLA:CPU
-    # collectives of queued steps used to hold every pool thread and time out in the
-    # all-reduce rendezvous.
-    result = subprocess.run([sys.executable, "-c", LONG_RUN.replace("{mode}", mode)],
+def test_many_queued_steps_on_cpu_devices_do_not_deadlock_pmap(layers_run):
+    assert layers_run["queued_steps_pmap"] == 282
+
+
+@pytest.mark.slow
+def test_many_queued_steps_on_cpu_devices_do_not_deadlock_sharded():
+    result = subprocess.run([sys.executable, "-c", LONG_RUN.replace("{mode}", "sharded")],
                             cwd=SCRIPT.parent, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "282"
@@ -204,13 +238,16 @@ out["sharded_30_replicated"] = x["x"].sharding.is_fully_replicated
 x, _, _ = choose_parallel("sharded").put_batch({"x": np.zeros((32, 2), np.float32)},
                                                {"a": np.ones(32, np.int64)}, np.ones(32, bool))
 out["sharded_32_shards"] = [list(shard.data.shape) for shard in x["x"].addressable_shards]
+""" + QUEUED_STEPS.replace("{mode}", "pmap") + """
+out["queued_steps_pmap"] = int(trainer.state.step)
 print(json.dumps(out))
 """
 
 
 @pytest.fixture(scope="module")
 def layers_run():
-    """One 4-device subprocess: BatchNorm + dropout and MGDA-UB runs, put_batch's padding."""
+    """One 4-device subprocess: BatchNorm + dropout and MGDA-UB runs, put_batch's padding,
+    282 queued pmap steps."""
     result = subprocess.run([sys.executable, "-c", LAYERS_RUN], cwd=SCRIPT.parent,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -2,11 +2,13 @@
 
 A ```python block followed (after blank lines only) by a ```text block must print that
 text; other Python blocks must run without error. A block whose first line is
-``# not run: <reason>`` is skipped (e.g. one that needs several hosts).
+``# not run: <reason>`` is skipped (e.g. one that needs several hosts). The blocks run in one
+subprocess (tests/readme_run.py), each in a fresh namespace and directory.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -42,13 +44,29 @@ def test_readme_has_checked_blocks():
     assert sum(expected is not None for _, _, expected in BLOCKS) >= 3
 
 
+RUNNER = Path(__file__).with_name("readme_run.py")
+
+
+@pytest.fixture(scope="module")
+def block_results(tmp_path_factory):
+    """Every runnable block's output, from ONE subprocess (tests/readme_run.py): each block
+    still runs in a fresh namespace and directory, but the Python + JAX import (2-3 s) is
+    paid once, not per block."""
+    lines = [str(line) for line, code, _ in BLOCKS if not code.startswith("# not run:")]
+    work = tmp_path_factory.mktemp("readme")
+    out = work / "results.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, str(RUNNER), str(out), str(work), *lines],
+                            cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"tests/readme_run.py failed:\n{result.stderr[-3000:]}"
+    return json.loads(out.read_text())
+
+
 @pytest.mark.parametrize("line, code, expected", BLOCKS, ids=[f"line{b[0]}" for b in BLOCKS])
-def test_readme_block(line, code, expected, tmp_path):
+def test_readme_block(line, code, expected, block_results):
     if code.startswith("# not run:"):
         pytest.skip(code.splitlines()[0])
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, f"README block at line {line} failed:\n{result.stderr}"
+    result = block_results[str(line)]
+    assert result["error"] is None, f"README block at line {line} failed:\n{result['error']}"
     if expected is not None:
-        assert result.stdout == expected, f"README block at line {line} printed:\n{result.stdout}"
+        assert result["stdout"] == expected, f"README block at line {line} printed:\n{result['stdout']}"

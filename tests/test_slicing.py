@@ -361,19 +361,6 @@ def test_snorkel_pandas_sf_applier_output_feeds_add_slice_labels():
     assert labelsets["TestTask_slice:base_pred"].tolist() == [0, 1, 1, 0, 1]
 
 
-def test_import_jaxmtl_leaves_slicing_unloaded_and_slicing_loads_nothing_heavy():
-    import subprocess
-    import sys
-
-    probe = ("import sys, jaxmtl; before = 'jaxmtl.slicing' in sys.modules; "
-             "import jaxmtl.slicing; print(before, [m for m in ('pandas', 'orbax', "
-             "'tensorboardX', 'snorkel', 'torch') if m in sys.modules])")
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "False []"
-
-
 def test_nnx_body_and_head_convert_to_slice_tasks():
     from flax import nnx
 

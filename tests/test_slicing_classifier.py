@@ -162,6 +162,10 @@ def test_save_and_load_into_a_fresh_model_predicts_the_same(trained, tmp_path):
                                   model.predict(loaders[1])["probs"]["t"])
 
 
+# -m slow (two inits and fits of 7 and 11 tasks: ~13 s alone): by default
+# test_signatures.py's test_compiled_programs_do_not_grow_with_the_number_of_tasks checks the
+# same bound for tasks that share a signature, as slice tasks do.
+@pytest.mark.slow
 def test_compiled_programs_do_not_grow_with_the_number_of_slices():
     counts = {}
     for n_slices in (2, 4):
@@ -204,6 +208,10 @@ class InterruptingLoader(jaxmtl.DictDataLoader):
         return super().batch_at(order, index)
 
 
+# -m slow (three checkpointed fits of 7 tasks): by default
+# test_trainer_balancers.py's test_uncertainty_state_is_checkpointed_and_resumed checks that
+# the balancer state resumes exactly, and test_resume.py the SIGKILL resume.
+@pytest.mark.slow
 def test_balancer_checkpoint_and_exact_resume_work_on_slice_tasks(tmp_path):
     X, Y, S = synthetic(160, 0, 2)
 

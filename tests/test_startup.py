@@ -11,28 +11,52 @@ from jaxmtl._lazy import LazyModule, lazy_module
 
 DEFERRED = ("orbax", "orbax.checkpoint", "tensorboardX", "pandas", "flax.nnx")
 
+# One fresh process answers every import question (a Python + JAX import each would cost
+# 2-3 s): what `import jaxmtl` loads, then `import jaxmtl.slicing`, then the first use of
+# `jaxmtl.modules`, then the first DataFrame. Each step is recorded before the next runs.
 PROBE = f"""
 DEFERRED = {DEFERRED!r}
+HEAVY = ("pandas", "orbax", "tensorboardX", "snorkel", "torch")
 import json, sys
 import jax
 import jaxmtl
 report = {{"loaded_at_import": [m for m in DEFERRED if m in sys.modules],
-          "cache_dir_at_import": jax.config.jax_compilation_cache_dir}}
+          "cache_dir_at_import": jax.config.jax_compilation_cache_dir,
+          "slicing_at_import": "jaxmtl.slicing" in sys.modules,
+          "modules_at_import": "jaxmtl.modules" in sys.modules}}
+import jaxmtl.slicing
+report["heavy_after_slicing"] = [m for m in HEAVY if m in sys.modules]
+report["mmoe"] = jaxmtl.modules.MMoE.__name__
+report["modules_after_use"] = "jaxmtl.modules" in sys.modules
 jaxmtl.metrics_dict_to_dataframe({{"t/d/train/accuracy": 1.0}})
 report["pandas_after_dataframe"] = "pandas" in sys.modules
 print(json.dumps(report))
 """
 
 
-def test_import_loads_no_orbax_tensorboardx_pandas_or_nnx_and_sets_no_cache():
+@pytest.fixture(scope="module")
+def probe():
     env = {key: value for key, value in os.environ.items()
            if key not in ("JAX_COMPILATION_CACHE_DIR", "JAXMTL_COMPILATION_CACHE")}
     done = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True,
                           timeout=120, env=env)
     assert done.returncode == 0, done.stderr
-    report = json.loads(done.stdout.strip().splitlines()[-1])
-    assert report == {"loaded_at_import": [], "cache_dir_at_import": None,
-                      "pandas_after_dataframe": True}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_import_loads_no_orbax_tensorboardx_pandas_or_nnx_and_sets_no_cache(probe):
+    assert probe["loaded_at_import"] == [] and probe["cache_dir_at_import"] is None
+    assert probe["pandas_after_dataframe"] is True
+
+
+def test_import_jaxmtl_leaves_slicing_unloaded_and_slicing_loads_nothing_heavy(probe):
+    assert probe["slicing_at_import"] is False
+    assert probe["heavy_after_slicing"] == []
+
+
+def test_import_jaxmtl_defers_the_modules_package(probe):
+    assert probe["modules_at_import"] is False
+    assert (probe["mmoe"], probe["modules_after_use"]) == ("MMoE", True)
 
 
 def test_lazy_module_imports_on_first_attribute():
