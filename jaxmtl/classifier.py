@@ -285,16 +285,24 @@ class MultitaskClassifier:
                       ) -> tuple[list[tuple[dict, list[str]]], set[str]]:
         """``init_from_loaders``' plan: ``(X_dict, tasks)`` of the first batch of each
         loader whose tasks run modules not created yet, and the modules it creates."""
-        batches, planned = [], set()
+        plan, planned = self._init_plan(dataloaders, remap_labels)
+        return [(_as_device_batch(dataloader.batch_at(dataloader.order(0), 0)[0]), tasks)
+                for dataloader, tasks in plan], planned
+
+    def _init_plan(self, dataloaders: Sequence[DictDataLoader],
+                   remap_labels: Mapping[str, str | None] | None
+                   ) -> tuple[list[tuple[DictDataLoader, list[str]]], set[str]]:
+        """The loaders whose tasks run modules not created yet (with those tasks), each
+        creating the modules no earlier one does, and all the modules they create."""
+        plan, planned = [], set()
         for dataloader in dataloaders:
             tasks = list(dict.fromkeys(labels_to_tasks(
                 self.graph, list(dataloader.dataset.Y_dict), remap_labels or {}).values()))
             missing = self._missing_modules(tasks, planned) if tasks else []
             if missing:
-                X_dict, _ = dataloader.batch_at(dataloader.order(0), 0)
-                batches.append((_as_device_batch(X_dict), tasks))
+                plan.append((dataloader, tasks))
                 planned |= set(missing)
-        return batches, planned
+        return plan, planned
 
     def abstract_variables(self, dataloaders: Sequence[DictDataLoader], *,
                            fallback_seed: int | None = None) -> PyTree:
@@ -303,8 +311,12 @@ class MultitaskClassifier:
         (the Trainer compiles its step from them while the model initialises).
 
         Returns:
-          The abstract variables (``{"params": {}}`` for a model without parameters).
+          The abstract variables (``{"params": {}}`` for a model without parameters), or
+          None when more than ``COMPILED_INIT_LOADERS`` loaders create modules: their
+          trace alone would cost about what the overlap saves (64 heads: 1.6 s).
         """
+        if len(self._init_plan(dataloaders, None)[0]) > COMPILED_INIT_LOADERS:
+            return None
         batches, _ = self._init_batches(dataloaders, None)
         if not batches:
             return jax.eval_shape(lambda v: v, self.variables or {"params": {}})

@@ -156,3 +156,22 @@ def test_the_step_compiles_while_the_model_initialises(monkeypatch):
     for a, b in zip(jax.tree.leaves(model.params), jax.tree.leaves(reference.params),
                     strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_no_abstract_variables_beyond_the_compiled_init_loaders():
+    """Past ``COMPILED_INIT_LOADERS`` loaders that create modules the early compile is
+    skipped (None): tracing every head's initialisation cost what the overlap saved."""
+    from jaxmtl.classifier import COMPILED_INIT_LOADERS
+
+    n = COMPILED_INIT_LOADERS + 1
+    tasks = [make_task(f"task{i}", ("A", f"H{i}")) for i in range(n)]
+    train = []
+    for i in range(n):
+        X, Y = linear_data(16, i)
+        train.append(jaxmtl.DictDataLoader(
+            jaxmtl.DictDataset(f"d{i}", "train", {"data": X}, {f"task{i}": Y}), batch_size=8))
+    model = jaxmtl.MultitaskClassifier(tasks)
+    assert model.abstract_variables(train, fallback_seed=0) is None
+    variables = model.abstract_variables(train[:COMPILED_INIT_LOADERS], fallback_seed=0)
+    assert set(variables["params"]) == {"linear1A", *(f"linear2H{i}" for i in range(n - 1))}
+    assert model.variables is None

@@ -236,6 +236,8 @@ class Trainer:
             return run
         try:
             variables = model.abstract_variables(init_loaders, fallback_seed=self.seed)
+            if variables is None:
+                return run
             state = TrainState.abstract(variables, run.compiled.tx,
                                         jax.random.PRNGKey(self.seed),
                                         run.compiled.balancer, config.precision)
