@@ -347,7 +347,7 @@ def test_compile_ahead_queues_one_job_per_bucket_shape(monkeypatch):
 
     queued = []
     monkeypatch.setattr(runners, "compile_in_background",
-                        lambda jobs, max_workers=None: queued.extend(jobs))
+                        lambda jobs, **kwargs: queued.extend(jobs))
     dl = jaxmtl.DictDataLoader(ragged_dataset(), batch_size=16, shuffle=True, seed=2,
                                length_buckets=3)
     fit([dl], n_epochs=1)

@@ -175,3 +175,48 @@ def test_no_abstract_variables_beyond_the_compiled_init_loaders():
     variables = model.abstract_variables(train[:COMPILED_INIT_LOADERS], fallback_seed=0)
     assert set(variables["params"]) == {"linear1A", *(f"linear2H{i}" for i in range(n - 1))}
     assert model.variables is None
+
+
+def test_background_jobs_lower_at_once_and_compile_after_the_event():
+    import threading
+
+    from jaxmtl.training.compile_ahead import compile_in_background
+
+    events, lowered = [], threading.Event()
+
+    class Lowered:
+        def compile(self):
+            events.append("compile")
+
+    class Program:
+        def lower(self, *args, **kwargs):
+            events.append(("lower", args, kwargs))
+            lowered.set()
+            return Lowered()
+
+    after = threading.Event()
+    executor = compile_in_background([(Program(), (1,), {"shape": 2})], after=after)
+    assert lowered.wait(10)
+    executor.shutdown(wait=False)
+    assert events == [("lower", (1,), {"shape": 2})]  # and waits
+    after.set()
+    executor.shutdown(wait=True)
+    assert events == [("lower", (1,), {"shape": 2}), "compile"]
+
+
+def test_a_failed_initialisation_leaves_no_compile_thread_waiting(monkeypatch):
+    """The steps' compile waits for the model's; when the initialisation raises, the
+    wait ends all the same (a thread left waiting would block the interpreter's exit)."""
+    import threading
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("init failed")
+
+    monkeypatch.setattr(jaxmtl.MultitaskClassifier, "init_from_loaders", broken)
+    model = jaxmtl.MultitaskClassifier([make_task("task1"), make_task("task2")])
+    with pytest.raises(RuntimeError, match="init failed"):
+        Trainer(n_epochs=1, seed=0, progress_bar=False).fit(model, loaders())
+    for thread in threading.enumerate():
+        if thread.name.startswith("jaxmtl-compile-ahead"):
+            thread.join(timeout=60)
+            assert not thread.is_alive()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import os
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,15 +42,20 @@ def abstract(tree: Any, sharding: jax.sharding.Sharding | None = None) -> Any:
     return jax.tree.map(spec, tree)
 
 
-def _compile(program: Any, args: tuple, kwargs: dict | None = None) -> None:
+def _compile(after: threading.Event | None, program: Any, args: tuple,
+             kwargs: dict | None = None) -> None:
     try:
-        program.lower(*args, **(kwargs or {})).compile()
+        lowered = program.lower(*args, **(kwargs or {}))
+        if after is not None:
+            after.wait()
+        lowered.compile()
     except Exception:  # the loop's own call reports the error, where it belongs
         logger.debug("compiling a step ahead failed", exc_info=True)
 
 
-def compile_in_background(jobs: Sequence[tuple[Any, tuple]],
-                          max_workers: int | None = None) -> concurrent.futures.Executor | None:
+def compile_in_background(jobs: Sequence[tuple[Any, tuple]], max_workers: int | None = None,
+                          after: threading.Event | None = None
+                          ) -> concurrent.futures.Executor | None:
     """Starts ``program.lower(*args, **kwargs).compile()`` for each ``(program, args)`` or
     ``(program, args, kwargs)`` of ``jobs``.
 
@@ -58,6 +64,9 @@ def compile_in_background(jobs: Sequence[tuple[Any, tuple]],
       max_workers: compile threads; default one fewer than the CPU cores (at least one).
         Two compiles at once on two cores finished no sooner than one after the other on
         the reference workload and raised the peak memory by ~95 MiB (LLVM's working set).
+      after: when given, each job is traced and lowered at once but compiled only once
+        the event is set (by the caller, whatever happens: a thread waits for it), e.g.
+        after another compile of the caller's, for the same peak-memory reason.
 
     Returns:
       The executor (already shut down for new work; its threads end with the last
@@ -69,7 +78,7 @@ def compile_in_background(jobs: Sequence[tuple[Any, tuple]],
     executor = concurrent.futures.ThreadPoolExecutor(
         max_workers=min(workers, len(jobs)), thread_name_prefix="jaxmtl-compile-ahead")
     for job in jobs:
-        executor.submit(_compile, *job)
+        executor.submit(_compile, after, *job)
     executor.shutdown(wait=False)
     return executor
 

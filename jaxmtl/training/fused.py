@@ -9,6 +9,7 @@ short is filled with no-op steps (no active row), so every call has the same sha
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
@@ -129,7 +130,8 @@ class FusedRunner:
         return (self.parallel.replicate(own_buffers(state)),
                 self.parallel.replicate(accumulator))
 
-    def start_compiling(self, state: TrainState, accumulator: Accumulator) -> None:
+    def start_compiling(self, state: TrainState, accumulator: Accumulator,
+                        after: threading.Event | None = None) -> None:
         """Nothing: the one fused program compiles at the first call."""
 
     def batches(self, scheduled: Iterator[tuple[IndexBatch, Any]]

@@ -27,6 +27,7 @@ needs a select over the whole state to undo an update.
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -74,9 +75,11 @@ class Runner(Protocol):
                 ) -> tuple[TrainState, Accumulator]:
         """The state and accumulator on the devices, in buffers the steps may donate."""
 
-    def start_compiling(self, state: TrainState, accumulator: Accumulator) -> None:
+    def start_compiling(self, state: TrainState, accumulator: Accumulator,
+                        after: threading.Event | None = None) -> None:
         """Starts compiling the coming steps in the background, if the runner does
-        (``state`` may hold ``jax.ShapeDtypeStruct`` leaves); at most once."""
+        (``state`` may hold ``jax.ShapeDtypeStruct`` leaves; XLA's compile waits for
+        ``after`` if given); at most once."""
 
     def batches(self, scheduled: Iterator[tuple[Any, Any]]) -> Iterator[tuple[Any, int]]:
         """Wraps the scheduler's ``(batch, loader)`` pairs: yields ``(item, num_valid)``
@@ -226,17 +229,19 @@ class PerStepRunner:
         self.start_compiling(state, accumulator)
         return state, accumulator
 
-    def start_compiling(self, state: TrainState, accumulator: Accumulator) -> None:
+    def start_compiling(self, state: TrainState, accumulator: Accumulator,
+                        after: threading.Event | None = None) -> None:
         """With ``compile_ahead``, starts compiling every program the loaders' batches
         need in a background thread; once per runner (``prepare`` calls it too).
 
         ``state`` may be the placed state or its shapes (``jax.ShapeDtypeStruct``
-        leaves, e.g. from ``jax.eval_shape``): the Trainer starts the compile before the
-        model is initialised, so the two overlap.
+        leaves, e.g. from ``jax.eval_shape``): the Trainer starts the steps' trace and
+        lowering before the model is initialised, so the two overlap, and their XLA
+        compile ``after`` the model's (``compile_in_background``).
         """
         if self.compile_ahead and not self._compiling:
             self._compiling = True
-            compile_in_background(self._bucket_jobs(state, accumulator))
+            compile_in_background(self._bucket_jobs(state, accumulator), after=after)
 
     def _bucket_jobs(self, state: TrainState, accumulator: Accumulator) -> list[tuple]:
         """``(program, abstract args)`` of every program the loaders' batch shapes need.
