@@ -315,9 +315,12 @@ class MultitaskClassifier:
           None when more than ``COMPILED_INIT_LOADERS`` loaders create modules: their
           trace alone would cost about what the overlap saves (64 heads: 1.6 s).
         """
-        if len(self._init_plan(dataloaders, None)[0]) > COMPILED_INIT_LOADERS:
+        plan, _ = self._init_plan(dataloaders, None)
+        if len(plan) > COMPILED_INIT_LOADERS:
             return None
-        batches, _ = self._init_batches(dataloaders, None)
+        # Batches of the first batches' shapes and dtypes, drawn by nobody (only shapes count).
+        batches = [(_as_device_batch(dl.example_batch(dl.shape_index(
+            dl.rows_at(dl.order(0), 0)[0]))[0]), tasks) for dl, tasks in plan]
         if not batches:
             return jax.eval_shape(lambda v: v, self.variables or {"params": {}})
         rng = jax.random.PRNGKey(self.init_seed(fallback_seed))
