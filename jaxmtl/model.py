@@ -224,10 +224,8 @@ def compiled_init_variables(
     Returns:
       The variables, as ``init_variables`` returns them.
     """
-    task_lists = tuple(tuple(tasks) for _, tasks in batches)
-    program = _init_program(graph, task_lists)
-    return program([dict(X) for X, _ in batches], rng,
-                   _with_nnx_values(graph, task_lists, variables))
+    program, args = _init_call(graph, batches, rng, variables)
+    return program(*args)
 
 
 def abstract_init_variables(
@@ -238,9 +236,18 @@ def abstract_init_variables(
 ) -> PyTree:
     """What ``compiled_init_variables`` would return, as ``jax.ShapeDtypeStruct`` leaves:
     a trace of the same program, nothing compiled or computed (same arguments)."""
+    # The jitted program itself, not a function calling it: its compiler options are
+    # allowed on a top-level jit only.
+    program, args = _init_call(graph, batches, rng, variables)
+    return jax.eval_shape(program, *args)
+
+
+def _init_call(graph: ModelGraph, batches: Sequence[tuple[Mapping[str, Any], Sequence[str]]],
+               rng: jax.Array, variables: PyTree | None) -> tuple[Callable, tuple]:
+    """The init program of ``batches``' task lists and its arguments."""
     task_lists = tuple(tuple(tasks) for _, tasks in batches)
-    return jax.eval_shape(_init_program(graph, task_lists), [dict(X) for X, _ in batches],
-                          rng, _with_nnx_values(graph, task_lists, variables))
+    return _init_program(graph, task_lists), (
+        [dict(X) for X, _ in batches], rng, _with_nnx_values(graph, task_lists, variables))
 
 
 def _with_nnx_values(graph: ModelGraph, task_lists: Sequence[Sequence[str]],

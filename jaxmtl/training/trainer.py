@@ -237,9 +237,7 @@ class Trainer:
         ``model_compiled`` is set (peak memory). Otherwise ``run`` as it is (the runner is
         made after the set-up)."""
         config = self.config
-        if (run.compiled.steps is not None or self._loaded_optimizer is not None
-                or config.steps_per_call > 1 or config.batch_scheduler == "mixed"
-                or self.parallel.mode != "single"):
+        if not self._compiles_ahead(run) or self._loaded_optimizer is not None:
             return run
         try:
             variables = model.abstract_variables(init_loaders, fallback_seed=self.seed)
@@ -290,14 +288,20 @@ class Trainer:
         the same model and settings (kept for the next one); the set-up's if it made one."""
         if run.runner is not None:
             return run.runner
-        # A "mixed" step takes one batch of every loader: its shapes are combinations.
         runner = make_runner(model.graph, self.parallel, state, run.train_loaders,
                              self.config.steps_per_call, run.compiled.steps,
-                             compile_ahead=self.config.batch_scheduler != "mixed",
+                             compile_ahead=self._compiles_ahead(run),
                              diagnostics=self.config.log_task_gradients,
                              family_programs=not uses_user_transformation(self.config))
         self._compiled = {run.cache_key: run.compiled._replace(steps=runner.compiled)}
         return runner
+
+    def _compiles_ahead(self, run: FitRun) -> bool:
+        """Whether this fit compiles its steps in a background thread: the per-step
+        runner's first fit of these settings on one device, not "mixed" (a mixed step
+        takes one batch of every loader: its shapes are combinations)."""
+        return (run.compiled.steps is None and self.config.steps_per_call == 1
+                and self.config.batch_scheduler != "mixed" and self.parallel.mode == "single")
 
     def _scheduled(self, run: FitRun, runner: Runner, scheduler: Any, epoch: int,
                    first: int) -> Iterator[tuple[Any, int]]:
