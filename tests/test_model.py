@@ -222,3 +222,12 @@ def test_compiled_init_is_one_program_with_init_variables_values():
     np.testing.assert_array_equal(grown["params"]["linear1A"]["kernel"],
                                   kept["params"]["linear1A"]["kernel"])
     assert sorted(grown["params"]) == ["linear1A", "linear2B"]
+
+
+def test_one_shot_programs_compile_without_llvm_optimisation_on_the_cpu():
+    from jaxmtl.model import one_shot_compiler_options
+
+    options = one_shot_compiler_options()
+    assert options == {"xla_backend_optimization_level": 0}  # the suite runs on the CPU
+    options["xla_backend_optimization_level"] = 3  # a copy: the next program is unaffected
+    assert one_shot_compiler_options() == {"xla_backend_optimization_level": 0}
