@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import shutil
 import struct
+import subprocess
+import sys
 import tempfile
 
 # jaxmtl's own cache switch stays off (each Trainer would otherwise turn JAX's persistent
@@ -19,6 +21,51 @@ import pytest
 from hypothesis import settings
 
 import jaxmtl
+
+# XLA:CPU's fusion emitters (the MLIR code generator for fused loops) are most of a small
+# program's compile time: with the legacy emitters the suite's ~2,600 compiles take about
+# half as long (tests/test_balancers.py: 59 s -> 29 s), and its programs run for
+# milliseconds, so their slower code (one core per fused loop) costs nothing. Same HLO,
+# same ops; only the machine code differs, which comparisons allow for as for
+# JAX_DISABLE_MOST_OPTIMIZATIONS below. Not a library setting: a user's steady steps
+# would pay for it (README "Start-up"). Newer XLA builds no longer have the flag and
+# abort on an unknown one, so the controller asks a short child process once; the
+# workers and subprocess tests inherit the answer through the environment.
+FAST_COMPILE_FLAG = "--xla_cpu_use_fusion_emitters=false"
+_FAST_COMPILE_VAR = "JAXMTL_TEST_FAST_COMPILE_FLAG"
+
+
+def _xla_accepts(flag: str) -> bool:
+    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip(),
+               JAX_PLATFORMS="cpu")
+    probe = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], env=env,
+                           capture_output=True, timeout=120)
+    return probe.returncode == 0
+
+
+if _FAST_COMPILE_VAR not in os.environ:
+    os.environ[_FAST_COMPILE_VAR] = FAST_COMPILE_FLAG if _xla_accepts(FAST_COMPILE_FLAG) else ""
+
+
+#: Whether this run compiles with the legacy emitters: two *different* programs that
+#: compute the same values (e.g. a step with and without extra outputs) may then round
+#: differently in the last bit, so a bit-identity test between them allows float noise
+#: (the newest-versions CI leg, without the flag, checks the bits).
+LEGACY_CPU_EMITTERS = bool(os.environ[_FAST_COMPILE_VAR])
+
+
+def xla_flags(n_devices: int | None = None) -> str:
+    """``XLA_FLAGS`` for a test's child process: the suite's compile flag, and
+    ``n_devices`` forced host devices if given."""
+    flags = [os.environ[_FAST_COMPILE_VAR]]
+    if n_devices is not None:
+        flags.append(f"--xla_force_host_platform_device_count={n_devices}")
+    return " ".join(flag for flag in flags if flag)
+
+
+if os.environ[_FAST_COMPILE_VAR] and \
+        os.environ[_FAST_COMPILE_VAR] not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {xla_flags()}".strip()
 
 # Property tests draw the same examples on every run (a CI run must not fail on a new
 # random draw) and have no per-example deadline (compiles make timings noisy).

@@ -8,7 +8,7 @@ For each balancer, trains the same one-step-per-evaluation run with parallel="pm
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+os.environ["XLA_FLAGS"] = os.environ.get("JAXMTL_TEST_FAST_COMPILE_FLAG", "") + " --xla_force_host_platform_device_count=2"
 
 import json  # noqa: E402
 

@@ -14,7 +14,7 @@ import sys
 
 n_devices, parallel, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 process_id, n_processes, port = (int(a) for a in (sys.argv[4:7] or (0, 1, 0)))
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n_devices}"
+os.environ["XLA_FLAGS"] = os.environ.get("JAXMTL_TEST_FAST_COMPILE_FLAG", "") + f" --xla_force_host_platform_device_count={n_devices}"
 
 import json  # noqa: E402
 

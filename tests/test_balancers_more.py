@@ -429,7 +429,7 @@ def test_upper_bound_weights_come_from_representation_gradients(name, solver):
 
 PMAP_RUN = """
 import os, sys
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ["XLA_FLAGS"] = os.environ.get("JAXMTL_TEST_FAST_COMPILE_FLAG", "") + " --xla_force_host_platform_device_count=4"
 import jax, numpy as np, jaxmtl
 from conftest import linear_data, make_task
 out = {}

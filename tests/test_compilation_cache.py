@@ -15,11 +15,12 @@ SCRIPT = Path(__file__).with_name("compile_cache_run.py")
 
 
 def run_fit(cache_home: Path, **env_overrides: str) -> dict:
-    # The suite's JAX_DISABLE_MOST_OPTIMIZATIONS (conftest) is left out too: this checks
-    # the real build, whose train step takes over MIN_COMPILE_TIME_SECS to compile.
+    # The suite's compile settings (conftest: JAX_DISABLE_MOST_OPTIMIZATIONS, XLA_FLAGS)
+    # are left out too: this checks the real build, whose train step takes over
+    # MIN_COMPILE_TIME_SECS to compile.
     env = {key: value for key, value in os.environ.items()
            if key not in (compilation_cache.ENV_SWITCH, "JAX_COMPILATION_CACHE_DIR",
-                          "JAX_DISABLE_MOST_OPTIMIZATIONS")}
+                          "JAX_DISABLE_MOST_OPTIMIZATIONS", "XLA_FLAGS")}
     env.update(XDG_CACHE_HOME=str(cache_home), **env_overrides)
     done = subprocess.run([sys.executable, str(SCRIPT)], cwd=SCRIPT.parent, env=env,
                           capture_output=True, text=True, timeout=300)

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import xla_flags
 
 import jaxmtl
 from jaxmtl.buckets import auto_boundaries, bucket_widths, optimal_boundaries
@@ -293,7 +294,7 @@ for mode in ("pmap", "sharded"):
 
 @pytest.mark.slow
 def test_multi_device_modes_use_the_same_buckets():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(2))
     done = subprocess.run([sys.executable, "-c", MULTIDEVICE], cwd=Path(__file__).parent,
                           capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -404,7 +404,7 @@ def test_checkpoint_and_exact_resume(two_task_loaders, tmp_path):
 
 PMAP_RUN = """
 import os, sys
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+os.environ["XLA_FLAGS"] = os.environ.get("JAXMTL_TEST_FAST_COMPILE_FLAG", "") + " --xla_force_host_platform_device_count=2"
 import jax, numpy as np
 sys.path.insert(0, os.getcwd())
 from conftest import linear_data, make_task

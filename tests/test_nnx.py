@@ -245,7 +245,7 @@ def test_checkpoint_resume_is_bit_identical(tmp_path):
 # --- devices ------------------------------------------------------------------------------
 DEVICE_RUN = """
 import json, os, sys
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={sys.argv[1]}"
+os.environ["XLA_FLAGS"] = os.environ.get("JAXMTL_TEST_FAST_COMPILE_FLAG", "") + f" --xla_force_host_platform_device_count={sys.argv[1]}"
 import jax, numpy as np
 sys.path.insert(0, {tests!r})
 import test_nnx

@@ -158,7 +158,7 @@ trainer.fit(jaxmtl.MultitaskClassifier(tasks), loaders)
 
 LONG_RUN = """
 import os
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ["XLA_FLAGS"] = os.environ.get("JAXMTL_TEST_FAST_COMPILE_FLAG", "") + " --xla_force_host_platform_device_count=4"
 import flax.linen as nn, numpy as np, jaxmtl
 from conftest import linear_data
 """ + QUEUED_STEPS + """
@@ -180,7 +180,7 @@ def test_many_queued_steps_on_cpu_devices_do_not_deadlock_sharded():
 
 LAYERS_RUN = """
 import json, os
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ["XLA_FLAGS"] = os.environ.get("JAXMTL_TEST_FAST_COMPILE_FLAG", "") + " --xla_force_host_platform_device_count=4"
 import flax.linen as nn, jax, numpy as np, jaxmtl
 from conftest import linear_data
 from jaxmtl.parallel import choose_parallel

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import xla_flags
 
 SCRIPT = Path(__file__).with_name("resume_run.py")
 
 
 def run(*args, n_devices=1):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n_devices}")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(n_devices))
     return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], cwd=SCRIPT.parent,
                           capture_output=True, text=True, timeout=300, env=env)
 

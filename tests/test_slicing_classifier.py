@@ -264,7 +264,7 @@ def test_snorkel_sf_applier_output_feeds_make_slice_dataloader():
 
 DEVICE_RUN = """
 import os
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+os.environ["XLA_FLAGS"] = os.environ.get("JAXMTL_TEST_FAST_COMPILE_FLAG", "") + " --xla_force_host_platform_device_count=2"
 import json, sys
 import jax, numpy as np
 sys.path.insert(0, {tests!r})
