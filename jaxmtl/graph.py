@@ -90,6 +90,13 @@ def same_module(a: Any, b: Any) -> bool:
 class ModelGraph:
     """The merged computation of a set of tasks (static: closed over by jitted functions).
 
+    Two graphs are equal when they are built from the same computation: the same tasks,
+    ops, loss and output functions and loss weights, and equal modules (Flax Linen modules
+    compare by class and configuration; other callables, NNX modules included, by
+    identity). Programs kept per graph (the model's initialisation) are then shared by
+    equal graphs, e.g. by the models of a sweep in one process. A graph with a part that
+    cannot be hashed (a module field holding an array) equals itself only.
+
     Attributes:
       task_names: task names in insertion order.
       module_pool: module name -> module, merged over tasks (first definition kept).
@@ -110,6 +117,22 @@ class ModelGraph:
     nodes: Mapping[str, Node] = dataclasses.field(default_factory=dict)
     task_nodes: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     nnx_specs: Mapping[str, NnxSpec] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_structure", _structure_key(self))
+
+    def __eq__(self, other: object) -> bool:
+        if self is other:
+            return True
+        if not isinstance(other, ModelGraph) or self._structure is None:
+            return False
+        try:
+            return bool(self._structure == other._structure)
+        except Exception:  # a part whose __eq__ fails cannot be shown equal
+            return False
+
+    def __hash__(self) -> int:
+        return id(self) if self._structure is None else hash(self._structure)
 
     @property
     def op_names(self) -> tuple[str, ...]:
@@ -171,6 +194,20 @@ class ModelGraph:
     def takes_train(self, module_name: str) -> bool:
         """Whether the module's ``__call__`` takes a train/eval keyword."""
         return bool(self.train_keywords(module_name))
+
+
+def _structure_key(graph: ModelGraph) -> tuple | None:
+    """Everything the graph's computation depends on, as one hashable tuple (None if a
+    part cannot be hashed)."""
+    key = (graph.task_names,
+           *(tuple(part.items()) for part in (
+               graph.module_pool, graph.op_sequences, graph.loss_funcs, graph.output_funcs,
+               graph.loss_weights, graph.nodes, graph.task_nodes, graph.nnx_specs)))
+    try:
+        hash(key)
+    except Exception:
+        return None
+    return key
 
 
 def _resolve(op_input: Any, view: Mapping[str, str]) -> Any:

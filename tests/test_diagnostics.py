@@ -300,6 +300,7 @@ def two_device_diagnostics(tmp_path_factory):
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow  # a 2-device subprocess, ~13 s (pmap equality: test_parallel.py)
 @pytest.mark.parametrize("balancer", ["equal", "pcgrad"])
 def test_pmap_gives_the_single_device_diagnostics(two_device_diagnostics, balancer):
     # 15 rows on 2 devices: one padded row; per-task gradients are summed across the

@@ -203,8 +203,9 @@ def test_tuple_dict_and_whole_outputs_inputs():
 def test_compiled_init_is_one_program_with_init_variables_values():
     from conftest import count_compiles
 
-    from jaxmtl.model import compiled_init_variables
+    from jaxmtl.model import _init_program, compiled_init_variables
 
+    _init_program.cache_clear()  # an equal graph of an earlier test may have compiled it
     graph = build_graph([make_task("task1", ("A", "B")), make_task("task2", ("C", "D"))])
     X = {"data": jnp.asarray(np.random.default_rng(1).normal(size=(4, 2)), jnp.float32)}
     eager = init_variables(graph, X, jax.random.PRNGKey(3))
@@ -231,3 +232,69 @@ def test_one_shot_programs_compile_without_llvm_optimisation_on_the_cpu():
     assert options == {"xla_backend_optimization_level": 0}  # the suite runs on the CPU
     options["xla_backend_optimization_level"] = 3  # a copy: the next program is unaffected
     assert one_shot_compiler_options() == {"xla_backend_optimization_level": 0}
+
+
+# --- graph equality: programs kept per graph are shared by equal graphs -------------------
+def test_graphs_built_from_equal_tasks_are_equal_and_share_the_init_program():
+    from conftest import count_compiles
+
+    from jaxmtl.model import compiled_init_variables
+
+    def graph(**kwargs):
+        return build_graph([make_task("t1", **kwargs), make_task("t2", ("A", "C"), **kwargs)])
+
+    first, second = graph(), graph()
+    assert first is not second and first == second and hash(first) == hash(second)
+    X = {"data": jnp.ones((4, 2))}
+    batches = [(X, ("t1", "t2"))]
+    want = compiled_init_variables(first, batches, jax.random.PRNGKey(3))
+    got = {}
+    assert count_compiles(lambda: got.update(
+        v=compiled_init_variables(second, batches, jax.random.PRNGKey(3)))) == 0
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got["v"]), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # A different module configuration is a different graph with a program of its own.
+    wider = graph(hidden=11)
+    assert wider != first
+    assert count_compiles(lambda: got.update(
+        v=compiled_init_variables(wider, batches, jax.random.PRNGKey(3)))) == 1
+    assert got["v"]["params"]["linear1A"]["kernel"].shape == (2, 11)
+
+
+def test_graphs_differing_in_any_part_are_unequal():
+    base = build_graph([make_task("t1")])
+    other_loss = make_task("t1", loss_func=lambda logits, y, mask: 0.0)
+    other_weight = make_task("t1", loss_weight=2.0)
+    other_name = make_task("t9")
+    renamed_op = Task("t1", {"linear1A": nn.Dense(10), "linear2B": nn.Dense(2)},
+                      [Operation("linear1A", [("_input_", "data")], name="op1A"),
+                       Operation("linear2B", ["op1A"], name="op2t1")])
+    for task in (other_loss, other_weight, other_name, renamed_op):
+        assert build_graph([task]) != base
+
+
+def test_a_graph_with_an_unhashable_module_equals_only_itself():
+    class Scaled(nn.Module):
+        scales: list  # a list field: the Linen dataclass cannot be hashed
+
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(2)(x) * self.scales[0]
+
+    def graph():
+        return build_graph([Task("t", {"m": Scaled([2.0])},
+                                 [Operation("m", [("_input_", "data")])])])
+
+    first, second = graph(), graph()
+    assert first == first and first != second
+    assert hash(first) != hash(second)
+
+
+def test_graphs_with_distinct_nnx_modules_are_unequal():
+    from flax import nnx
+
+    def graph():
+        return build_graph([Task("t", {"m": nnx.Linear(2, 2, rngs=nnx.Rngs(0))},
+                                 [Operation("m", [("_input_", "data")])])])
+
+    assert graph() != graph()
