@@ -101,7 +101,8 @@ class MultitaskClassifier:
         self.graph: ModelGraph = build_graph([])
         self.variables: PyTree | None = None
         self._created: set[str] = set()  # modules init ran for (some have no variables)
-        self._eval_programs = EvalPrograms(self.graph)
+        # (the graph they were fetched for, its programs); fetched on first use.
+        self._eval_programs: tuple[ModelGraph, EvalPrograms] | None = None
         self._parallel: DataParallel | None = None
         for task in tasks:
             self.add_task(task)
@@ -145,7 +146,7 @@ class MultitaskClassifier:
             raise ValueError(f"add_task expects a Task, got {type(task).__name__}")
         self.graph = build_graph([*self._tasks, task])
         self._tasks.append(task)
-        self._eval_programs = EvalPrograms(self.graph)
+        self._eval_programs = None
         self._parallel = None
         if self.variables is not None:
             logger.info("Task '%s' added to an initialised model; its new modules are "
@@ -354,10 +355,11 @@ class MultitaskClassifier:
 
     @property
     def eval_programs(self) -> EvalPrograms:
-        """The jitted evaluation programs of the current graph (rebuilt when it changes)."""
-        if self._eval_programs.graph is not self.graph:
-            self._eval_programs = EvalPrograms(self.graph)
-        return self._eval_programs
+        """The jitted evaluation programs of the current graph (another when it changes),
+        shared with the models of equal graphs (``EvalPrograms.shared``)."""
+        if self._eval_programs is None or self._eval_programs[0] is not self.graph:
+            self._eval_programs = (self.graph, EvalPrograms.shared(self.graph))
+        return self._eval_programs[1]
 
     def forward(self, X_dict: Mapping[str, Any], task_names: Sequence[str]) -> dict[str, Any]:
         """Evaluation-mode outputs of every op the tasks need, plus "_input_" -> X_dict."""

@@ -7,12 +7,13 @@ variables, so every member of the family shares one compile. ``calculate_loss``,
 ``predict`` and ``score`` are the bodies of the ``MultitaskClassifier`` methods of the
 same names (which document them); the classifier holds the programs and calls these::
 
-    programs = EvalPrograms(model.graph)
+    programs = EvalPrograms.shared(model.graph)
     probs_fn, variables = programs.probs_fn(("task_a",), parallel, model.variables)
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -98,6 +99,14 @@ class EvalPrograms:
         self._programs: dict[Any, Any] = {}
         self._families: tuple | None = None
 
+    @staticmethod
+    def shared(graph: ModelGraph) -> EvalPrograms:
+        """The ``EvalPrograms`` of ``graph``, one for equal graphs (``ModelGraph``'s
+        equality: the same computation), so a new model of an earlier model's tasks, as in
+        a sweep, traces and compiles no evaluation program again. The last few graphs'
+        are kept."""
+        return _shared_eval_programs(graph)
+
     def family_view(self, task_names: Sequence[str]) -> tuple[str, dict[str, str]] | None:
         """For a single task with a ``TaskFamily``: (the representative, the task's view).
 
@@ -169,6 +178,11 @@ class EvalPrograms:
             return {tasks[0]: program(variables, X_dict, *shape)[representative]}
 
         return probs, view_variables(variables, view)
+
+
+@functools.lru_cache(maxsize=8)
+def _shared_eval_programs(graph: ModelGraph) -> EvalPrograms:
+    return EvalPrograms(graph)
 
 
 def calculate_loss(model: MultitaskClassifier, X_dict: Mapping[str, Any],

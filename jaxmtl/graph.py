@@ -119,7 +119,10 @@ class ModelGraph:
     nnx_specs: Mapping[str, NnxSpec] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_structure", _structure_key(self))
+        structure = _structure_key(self)
+        object.__setattr__(self, "_structure", structure)
+        # Kept: the graph is a cache key on every evaluation and initialisation call.
+        object.__setattr__(self, "_hash", id(self) if structure is None else hash(structure))
 
     def __eq__(self, other: object) -> bool:
         if self is other:
@@ -132,7 +135,7 @@ class ModelGraph:
             return False
 
     def __hash__(self) -> int:
-        return id(self) if self._structure is None else hash(self._structure)
+        return self._hash
 
     @property
     def op_names(self) -> tuple[str, ...]:
@@ -205,7 +208,7 @@ def _structure_key(graph: ModelGraph) -> tuple | None:
                graph.loss_weights, graph.nodes, graph.task_nodes, graph.nnx_specs)))
     try:
         hash(key)
-    except Exception:
+    except Exception:  # e.g. a Linen module with a list or array field
         return None
     return key
 

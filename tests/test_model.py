@@ -298,3 +298,21 @@ def test_graphs_with_distinct_nnx_modules_are_unequal():
                                  [Operation("m", [("_input_", "data")])])])
 
     assert graph() != graph()
+
+
+def test_a_new_model_of_equal_tasks_initialises_and_scores_without_compiling():
+    from conftest import count_compiles, linear_data
+
+    X, Y = linear_data(40, 0)
+    loader = jaxmtl.DictDataLoader(jaxmtl.DictDataset("d", "valid", {"data": X}, {"q1": Y}),
+                                   batch_size=16)
+    first = jaxmtl.MultitaskClassifier([make_task("q1")], seed=5)
+    want = first.score([loader])
+    second = jaxmtl.MultitaskClassifier([make_task("q1")], seed=5)
+    got = {}
+    assert count_compiles(lambda: got.update(second.score([loader]))) == 0
+    assert got == want
+    assert second.eval_programs is first.eval_programs
+    # A model with one more task has programs of its own.
+    third = jaxmtl.MultitaskClassifier([make_task("q1"), make_task("q2", ("A", "C"))])
+    assert third.eval_programs is not first.eval_programs
