@@ -15,6 +15,7 @@ outputs keyed by node id.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -73,7 +74,8 @@ def train_keywords(module: Any) -> dict[str, bool]:
 
 
 def same_module(a: Any, b: Any) -> bool:
-    """Whether two module-pool entries (or loss/output functions) are one and the same.
+    """Whether two module-pool entries (or loss/output functions, or two graphs'
+    structures) are one and the same.
 
     The same object, or equal ones (Flax modules compare by configuration); an entry
     whose ``__eq__`` raises is equal only to itself.
@@ -118,21 +120,23 @@ class ModelGraph:
     task_nodes: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     nnx_specs: Mapping[str, NnxSpec] = dataclasses.field(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        structure = _structure_key(self)
-        object.__setattr__(self, "_structure", structure)
+    @functools.cached_property
+    def _structure(self) -> tuple | None:
+        # Worked out when the graph is first used as a key, not for every graph that
+        # add_task builds on the way.
+        return _structure_key(self)
+
+    @functools.cached_property
+    def _hash(self) -> int:
         # Kept: the graph is a cache key on every evaluation and initialisation call.
-        object.__setattr__(self, "_hash", id(self) if structure is None else hash(structure))
+        return id(self) if self._structure is None else hash(self._structure)
 
     def __eq__(self, other: object) -> bool:
         if self is other:
             return True
         if not isinstance(other, ModelGraph) or self._structure is None:
             return False
-        try:
-            return bool(self._structure == other._structure)
-        except Exception:  # a part whose __eq__ fails cannot be shown equal
-            return False
+        return same_module(self._structure, other._structure)
 
     def __hash__(self) -> int:
         return self._hash
