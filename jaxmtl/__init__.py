@@ -21,13 +21,13 @@ from .analysis import Scorer, metric_score, metrics_dict_to_dataframe
 from .classifier import MultitaskClassifier
 from .compilation_cache import disable_compilation_cache, enable_compilation_cache
 from .data import DictDataset
+from .initialisation import init_variables
 from .loader import Batch, DictDataLoader
 from .losses import cross_entropy, cross_entropy_with_probs
 from .model import (
     ModelGraph,
     apply_ops,
     build_graph,
-    init_variables,
     task_loss_terms,
     task_probs,
     total_loss,

@@ -18,16 +18,9 @@ import numpy as np
 
 from . import evaluation
 from .evaluation import EvalPrograms, labels_to_tasks
+from .initialisation import abstract_init_variables, compiled_init_variables, init_variables
 from .loader import DictDataLoader
-from .model import (
-    ModelGraph,
-    PyTree,
-    abstract_init_variables,
-    build_graph,
-    compiled_init_variables,
-    init_variables,
-    with_module_variables,
-)
+from .model import ModelGraph, PyTree, build_graph, with_module_variables
 from .nnx_modules import is_nnx_module, reinitialised_variables
 from .parallel import DataParallel, choose_parallel
 from .persistence import load_variables, save_params

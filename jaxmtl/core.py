@@ -29,11 +29,11 @@ jaxmtl's public API has three layers:
 
 from __future__ import annotations
 
+from .initialisation import init_variables
 from .model import (
     ModelGraph,
     apply_ops,
     build_graph,
-    init_variables,
     task_loss_terms,
     task_probs,
     total_loss,

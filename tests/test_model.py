@@ -203,9 +203,9 @@ def test_tuple_dict_and_whole_outputs_inputs():
 def test_compiled_init_is_one_program_with_init_variables_values():
     from conftest import count_compiles
 
-    from jaxmtl.model import _init_program, compiled_init_variables
+    from jaxmtl.initialisation import compiled_init_variables, init_program
 
-    _init_program.cache_clear()  # an equal graph of an earlier test may have compiled it
+    init_program.cache_clear()  # an equal graph of an earlier test may have compiled it
     graph = build_graph([make_task("task1", ("A", "B")), make_task("task2", ("C", "D"))])
     X = {"data": jnp.asarray(np.random.default_rng(1).normal(size=(4, 2)), jnp.float32)}
     eager = init_variables(graph, X, jax.random.PRNGKey(3))
@@ -226,7 +226,7 @@ def test_compiled_init_is_one_program_with_init_variables_values():
 
 
 def test_one_shot_programs_compile_without_llvm_optimisation_on_the_cpu():
-    from jaxmtl.model import one_shot_compiler_options
+    from jaxmtl.initialisation import one_shot_compiler_options
 
     options = one_shot_compiler_options()
     assert options == {"xla_backend_optimization_level": 0}  # the suite runs on the CPU
@@ -238,7 +238,7 @@ def test_one_shot_programs_compile_without_llvm_optimisation_on_the_cpu():
 def test_graphs_built_from_equal_tasks_are_equal_and_share_the_init_program():
     from conftest import count_compiles
 
-    from jaxmtl.model import compiled_init_variables
+    from jaxmtl.initialisation import compiled_init_variables
 
     def graph(**kwargs):
         return build_graph([make_task("t1", **kwargs), make_task("t2", ("A", "C"), **kwargs)])

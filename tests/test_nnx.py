@@ -16,7 +16,8 @@ from conftest import linear_data
 from flax import nnx
 
 import jaxmtl
-from jaxmtl.model import apply_ops, build_graph, init_variables
+from jaxmtl.initialisation import init_variables
+from jaxmtl.model import apply_ops, build_graph
 
 ROOT = Path(__file__).resolve().parents[1]
 

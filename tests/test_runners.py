@@ -127,7 +127,7 @@ def test_the_step_compiles_while_the_model_initialises(monkeypatch):
     the loop's arrays would compile the step twice)."""
     from conftest import count_compiles
 
-    import jaxmtl.model as model_module
+    import jaxmtl.initialisation as initialisation
     import jaxmtl.training.runners as runners
     events = []
     real_compile = runners.compile_in_background
@@ -140,7 +140,7 @@ def test_the_step_compiles_while_the_model_initialises(monkeypatch):
 
     def run():
         # Each run compiles (or loads) its own initialisation: equal graphs share it.
-        model_module._init_program.cache_clear()
+        initialisation.init_program.cache_clear()
         model = jaxmtl.MultitaskClassifier([make_task("task1"), make_task("task2")])
         trainer = Trainer(n_epochs=1, lr=1e-2, seed=0, progress_bar=False)
         trainer.fit(model, loaders())

@@ -18,7 +18,8 @@ import optax
 from flax import struct
 
 from .. import registry
-from ..model import PyTree, one_shot_compiler_options
+from ..initialisation import one_shot_compiler_options
+from ..model import PyTree
 from .balancers import Balancer
 from .config import OptimizerConfig, TrainerConfig
 from .module_optimizers import (
