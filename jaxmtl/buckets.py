@@ -8,6 +8,8 @@ the user. The second half: how one compiled program serves all of a loader's sha
 
 from __future__ import annotations
 
+import dataclasses
+import numbers
 from typing import Any
 
 import numpy as np
@@ -113,6 +115,73 @@ def explicit_boundaries(key: str, value: Any, longest: int) -> tuple[int, ...]:
             f"DictDataLoader: length_buckets for '{key}' must be a non-empty list of ints "
             f">= 1 (bucket lengths), got {value!r}")
     return tuple(sorted({min(v, longest) for v in values} | {longest}))
+
+
+@dataclasses.dataclass(frozen=True)
+class BucketPlan:
+    """A loader's buckets: its variable-length inputs, their bucket lengths, every batch
+    shape, and each row's bucket (``plan_buckets``)."""
+
+    ragged_keys: tuple[str, ...]
+    bucket_lengths: dict[str, tuple[int, ...]]  # input name -> ascending bucket lengths
+    bucket_shapes: list[tuple[int, ...]]  # every combination, in ``ragged_keys`` order
+    row_buckets: np.ndarray  # [K, N] each row's bucket index per input
+    shape_strides: np.ndarray  # [K] strides turning bucket indices into a shape index
+    row_shape: np.ndarray  # [N] each row's shape index
+
+
+def plan_buckets(lengths: dict[str, np.ndarray], length_buckets: Any, dataset_name: str,
+                 n_rows: int, batch_size: int, shuffle: bool, bucket_by_length: bool
+                 ) -> BucketPlan:
+    """The buckets of a loader over a dataset with variable-length inputs ``lengths``.
+
+    Args:
+      lengths: input name -> [N] row lengths (``DictDataset.lengths``; empty when every
+        input has a fixed shape).
+      length_buckets: the loader's setting: an int n (at most n shapes in all, the bucket
+        lengths chosen by ``auto_boundaries``), a list of bucket lengths (one
+        variable-length input), or a dict input name -> list.
+      dataset_name, n_rows: the dataset's, for messages and shapes.
+      batch_size, shuffle, bucket_by_length: the loader's settings.
+
+    Raises:
+      ValueError: a dict naming an input that is not variable-length; a list with
+        several variable-length inputs; bucket lengths that are not ints >= 1.
+    """
+    if isinstance(length_buckets, dict):
+        unknown = sorted(set(length_buckets) - set(lengths))
+        if unknown:
+            raise ValueError(
+                f"DictDataLoader: length_buckets names {unknown}, which are not "
+                f"variable-length inputs of dataset '{dataset_name}' (those are "
+                f"{list(lengths)})")
+    elif not isinstance(length_buckets, numbers.Integral) and len(lengths) > 1:
+        raise ValueError(
+            f"DictDataLoader: a list length_buckets={length_buckets!r} is ambiguous for "
+            f"dataset '{dataset_name}' with variable-length inputs {list(lengths)}; "
+            f"pass a dict input name -> bucket lengths")
+    counted = isinstance(length_buckets, numbers.Integral)
+    per_key = max(1, int(int(length_buckets) ** (1 / max(len(lengths), 1)) + 1e-9)) \
+        if counted else DEFAULT_LENGTH_BUCKETS
+    bucket_lengths: dict[str, tuple[int, ...]] = {}
+    for key, row_lengths in lengths.items():
+        longest = max(int(row_lengths.max()), 1)
+        given = length_buckets.get(key) if isinstance(length_buckets, dict) else (
+            None if counted else length_buckets)
+        bucket_lengths[key] = (
+            explicit_boundaries(key, given, longest) if given is not None else
+            auto_boundaries(row_lengths, per_key, batch_size, shuffle, bucket_by_length))
+    keys = tuple(lengths)
+    # Each row's bucket index per key [K, N], and its combination as one int [N].
+    row_buckets = np.array([np.searchsorted(bucket_lengths[k], lengths[k]) for k in keys],
+                           np.int64).reshape(len(keys), n_rows)
+    sizes = [len(bucket_lengths[k]) for k in keys]
+    strides = np.array([int(np.prod(sizes[i + 1 :])) for i in range(len(sizes))], np.int64)
+    shapes = [tuple(bucket_lengths[k][int(i)] for k, i in zip(
+        keys, np.unravel_index(s, sizes) if sizes else (), strict=True))
+        for s in range(int(np.prod(sizes)))]
+    return BucketPlan(keys, bucket_lengths, shapes, row_buckets, strides,
+                      (strides[:, None] * row_buckets).sum(axis=0))
 
 
 # --- one program for every bucket shape -----------------------------------------------------

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .buckets import DEFAULT_LENGTH_BUCKETS, auto_boundaries, explicit_boundaries
+from .buckets import DEFAULT_LENGTH_BUCKETS, plan_buckets
 from .data import DictDataset, mask_key
 
 
@@ -230,47 +230,15 @@ class DictDataLoader:
 
     def _init_buckets(self, length_buckets: Any) -> None:
         """Sets ``ragged_keys``, ``bucket_lengths``, ``bucket_shapes`` and each row's bucket."""
-        lengths = getattr(self.dataset, "lengths", {}) or {}
-        self.ragged_keys = tuple(lengths)
-        if isinstance(length_buckets, dict):
-            unknown = sorted(set(length_buckets) - set(lengths))
-            if unknown:
-                raise ValueError(
-                    f"DictDataLoader: length_buckets names {unknown}, which are not "
-                    f"variable-length inputs of dataset '{self.dataset.name}' (those are "
-                    f"{list(lengths)})")
-        elif not isinstance(length_buckets, numbers.Integral) and len(lengths) > 1:
-            raise ValueError(
-                f"DictDataLoader: a list length_buckets={length_buckets!r} is ambiguous for "
-                f"dataset '{self.dataset.name}' with variable-length inputs {list(lengths)}; "
-                f"pass a dict input name -> bucket lengths")
         if isinstance(length_buckets, numbers.Integral):
-            n_shapes = _check_count("length_buckets", length_buckets, 1)
-            per_key = max(1, int(n_shapes ** (1 / max(len(lengths), 1)) + 1e-9))
-        self.bucket_lengths: dict[str, tuple[int, ...]] = {}
-        for key, row_lengths in lengths.items():
-            longest = max(int(row_lengths.max()), 1)
-            given = length_buckets.get(key) if isinstance(length_buckets, dict) else (
-                None if isinstance(length_buckets, numbers.Integral) else length_buckets)
-            if given is not None:
-                self.bucket_lengths[key] = explicit_boundaries(key, given, longest)
-            else:
-                n = per_key if isinstance(length_buckets, numbers.Integral) else \
-                    DEFAULT_LENGTH_BUCKETS
-                self.bucket_lengths[key] = auto_boundaries(
-                    row_lengths, n, self.batch_size, self.shuffle, self.bucket_by_length)
-        # Each row's bucket index per key [K, N], and its combination as one int [N].
-        self._row_buckets = np.array(
-            [np.searchsorted(self.bucket_lengths[k], lengths[k]) for k in self.ragged_keys],
-            np.int64).reshape(len(self.ragged_keys), len(self.dataset))
-        sizes = [len(self.bucket_lengths[k]) for k in self.ragged_keys]
-        self._shape_strides = np.array(
-            [int(np.prod(sizes[i + 1 :])) for i in range(len(sizes))], np.int64)
-        self._row_shape = (self._shape_strides[:, None] * self._row_buckets).sum(axis=0)
-        self.bucket_shapes: list[tuple[int, ...]] = [
-            tuple(self.bucket_lengths[k][int(i)] for k, i in zip(
-                self.ragged_keys, np.unravel_index(s, sizes) if sizes else (), strict=True))
-            for s in range(int(np.prod(sizes)))]
+            _check_count("length_buckets", length_buckets, 1)
+        plan = plan_buckets(getattr(self.dataset, "lengths", {}) or {}, length_buckets,
+                            self.dataset.name, len(self.dataset), self.batch_size,
+                            self.shuffle, self.bucket_by_length)
+        self.ragged_keys, self.bucket_lengths = plan.ragged_keys, plan.bucket_lengths
+        self.bucket_shapes = plan.bucket_shapes
+        self._row_buckets, self._shape_strides = plan.row_buckets, plan.shape_strides
+        self._row_shape = plan.row_shape
 
     def __len__(self) -> int:
         n = len(self.dataset)
