@@ -384,7 +384,12 @@ class MultitaskClassifier:
           remap_labels: label name -> task name whose head predicts it (None drops it).
 
         Returns:
-          {"golds": {label: [N] or [N, K]}, "probs": {label: [N, K]}[, "preds": {label: [N]}]}
+          {"golds": {label: [N] or [N, K]}, "probs": {label: [N, K]}[, "preds": {label: [N]}]},
+          rows in the order of the loader's pass: the dataset's order for a loader with
+          ``shuffle=False`` and ``bucket_by_length=False``, else ``dataloader.order(e)``
+          with ``e`` the loader's epoch before the call (the pass advances it:
+          ``dataloader.epoch - 1`` after it); ``my_array[dataloader.order(e)]`` lines an
+          array of your own up with them.
         """
         return evaluation.predict(self, dataloader, return_preds, remap_labels)
 

@@ -23,9 +23,13 @@ def mask_key(key: str) -> str:
 
 
 def _is_ragged(value: Any) -> bool:
-    """A list/tuple of 1-D rows of more than one length: a variable-length input."""
-    return isinstance(value, (list, tuple)) and bool(value) and np.ndim(value[0]) == 1 and (
-        len({len(v) for v in value}) > 1)
+    """A list/tuple of 1-D rows: a variable-length input, whatever lengths the rows have.
+
+    Rows that happen to share one length (a single comment to predict on, a batch of
+    sentences of one length) still get their lengths and mask, so a model that reads the
+    mask runs on them as on any other rows; a stacked array is a fixed-shape input.
+    """
+    return isinstance(value, (list, tuple)) and bool(value) and np.ndim(value[0]) == 1
 
 
 def _pad_ragged(key: str, rows: Sequence[Any]) -> np.ndarray:
@@ -204,12 +208,14 @@ class DictDataset:
     Args:
       name: dataset name; appears in metric keys ``task/dataset/split/metric``.
       split: split name, e.g. "train", "valid", "test".
-      X_dict: input name -> array [N, ...] (float inputs become float32), or a list of
-        1-D arrays of different lengths: a variable-length input, stored zero-padded to
-        the longest row [N, max_len], with its row lengths in ``lengths[key]`` and a mask
+      X_dict: input name -> array [N, ...] (float inputs become float32), or a list (or
+        tuple) of 1-D rows: a variable-length input, stored zero-padded to the longest
+        row [N, max_len], with its row lengths in ``lengths[key]`` and a mask
         ``X_dict["<key>_mask"]`` [N, max_len] bool (True on real positions). Loaders cut
         each batch of it (and of its mask) to a bucket length (see ``DictDataLoader``).
-        A list whose rows all have one length is an ordinary fixed-shape input.
+        Rows that all have one length are still a variable-length input with a mask (all
+        True), so one new row to predict on feeds a model that reads the mask; pass one
+        stacked array [N, L] for a fixed-shape input.
       Y_dict: label name (usually a task name) -> hard labels int [N] (-1 = no label) or
         soft labels float [N, K] (rows sum to 1; a row of all -1 = no label).
 

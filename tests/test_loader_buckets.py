@@ -219,6 +219,31 @@ def test_predict_with_buckets_equals_padding_to_the_longest_row():
     np.testing.assert_array_equal(got["golds"]["task"], ds.Y_dict["task"])
 
 
+def test_rows_of_one_length_keep_their_mask_and_predict_as_in_a_ragged_set():
+    # A user's most common call after training: predict on one new comment (or a few of
+    # one length). Its dataset must still give the mask the model reads.
+    rows, labels = ragged_rows(90, seed=3)
+    model, _ = fit([jaxmtl.DictDataLoader(ragged_dataset(), batch_size=16, shuffle=True,
+                                          seed=2, length_buckets=2)], n_epochs=1)
+    reference = model.predict(jaxmtl.DictDataLoader(
+        jaxmtl.DictDataset("text", "test", {"tokens": rows}, {"task": labels}), 32))
+    same_length = [i for i, row in enumerate(rows) if len(row) == 4][:3]
+    assert len(same_length) == 3
+    for picked in ([0], same_length):
+        ds = jaxmtl.DictDataset("new", "test", {"tokens": [rows[i] for i in picked]},
+                                {"task": labels[picked]})
+        np.testing.assert_array_equal(ds.lengths["tokens"], [len(rows[i]) for i in picked])
+        assert ds.X_dict["tokens_mask"].shape == ds.X_dict["tokens"].shape
+        assert ds.X_dict["tokens_mask"].all()
+        got = model.predict(jaxmtl.DictDataLoader(ds, 32))
+        np.testing.assert_allclose(got["probs"]["task"], reference["probs"]["task"][picked],
+                                   rtol=1e-5, atol=1e-7)
+    # A stacked array stays a fixed-shape input, without a mask.
+    stacked = jaxmtl.DictDataset("d", "test", {"tokens": np.ones((2, 4), np.int32)},
+                                 {"task": np.array([0, 1])})
+    assert list(stacked.X_dict) == ["tokens"] and stacked.lengths == {}
+
+
 def test_fused_mode_with_buckets_matches_per_step():
     def loaders():
         return [jaxmtl.DictDataLoader(ragged_dataset(), batch_size=16, shuffle=True, seed=2,
