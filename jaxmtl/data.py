@@ -7,6 +7,7 @@ that would corrupt training silently is an error here. Batching is in ``loader.p
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -15,6 +16,8 @@ import numpy as np
 INPUT_KEY = "_input_"
 SOFT_LABEL_TOLERANCE = 1e-3
 MASK_SUFFIX = "_mask"
+
+logger = logging.getLogger(__name__)
 
 
 def mask_key(key: str) -> str:
@@ -267,6 +270,14 @@ class DictDataset:
         for key in ragged:
             lengths = np.array([len(row) for row in X_dict[key]], np.int32)
             self.lengths[key] = lengths
+            empty = np.flatnonzero(lengths == 0)
+            if len(empty):
+                # Legal (an empty comment), but a masked pooling over no real position
+                # gives its fill value (e.g. -1e9 for a masked max) as the representation.
+                logger.warning(
+                    "DictDataset '%s' (%s): %d row(s) of X_dict['%s'] are empty (first: row "
+                    "%d); their mask is all False, so a model pooling over the mask sees no "
+                    "real position there", name, split, len(empty), key, int(empty[0]))
             width = self.X_dict[key].shape[1]
             self.X_dict[mask_key(key)] = np.arange(width)[None, :] < lengths[:, None]
         self.Y_dict = {key: as_label_array(key, value) for key, value in (Y_dict or {}).items()}

@@ -1,3 +1,4 @@
+import logging
 import re
 import threading
 import time
@@ -36,6 +37,21 @@ def test_ragged_inputs_are_zero_padded_to_dataset_max():
     ds = DictDataset("d", "train", {"tokens": [np.array([1, 2, 3]), np.array([4])]},
                      {"t": np.array([0, 1])})
     np.testing.assert_array_equal(ds.X_dict["tokens"], [[1, 2, 3], [4, 0, 0]])
+
+
+def test_empty_rows_of_a_variable_length_input_are_kept_with_a_warning(caplog):
+    with caplog.at_level(logging.WARNING, logger="jaxmtl.data"):
+        ds = DictDataset("d", "train", {"tokens": [np.array([1, 2]), np.array([], np.int32),
+                                                   np.array([3]), np.array([], np.int32)]},
+                         {"t": np.array([0, 1, 0, 1])})
+    np.testing.assert_array_equal(ds.lengths["tokens"], [2, 0, 1, 0])
+    np.testing.assert_array_equal(ds.X_dict["tokens_mask"].sum(axis=1), [2, 0, 1, 0])
+    assert "2 row(s) of X_dict['tokens'] are empty (first: row 1)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="jaxmtl.data"):
+        DictDataset("d", "train", {"tokens": [np.array([1, 2]), np.array([3])]},
+                    {"t": np.array([0, 1])})
+    assert caplog.text == ""
 
 
 @pytest.mark.parametrize(
