@@ -83,6 +83,20 @@ def test_task_metrics_each_keep_their_best(model, tmp_path):
     checkpointer.close()
 
 
+def test_a_slice_task_metric_with_a_colon_is_a_checkpoint_metric(model, tmp_path):
+    # Slice tasks are named "task_slice:<slice>_pred"; the mode follows the last ":".
+    slice_metric = "task_slice:short_pred/dataset/valid/accuracy"
+    checkpointer = Checkpointer("epochs", 1.0, checkpoint_dir=str(tmp_path),
+                                checkpoint_metric=f"{slice_metric}:max")
+    for iteration, value in [(1, 0.6), (2, 0.9), (3, 0.7)]:
+        checkpointer.checkpoint(iteration, with_kernel(model, value), {slice_metric: value})
+    assert checkpointer.best_metric_dict == {slice_metric: 0.9}
+    assert kernel(checkpointer.load_best_model(with_kernel(model, -1.0))) == pytest.approx(0.9)
+    checkpointer.clear()
+    checkpointer.close()
+    assert os.listdir(tmp_path) == ["best_model_task_slice_short_pred_dataset_valid_accuracy"]
+
+
 def test_no_best_model_keeps_model(model, tmp_path):
     checkpointer = Checkpointer(checkpoint_dir=str(tmp_path), checkpoint_metric=f"{METRIC}:max")
     with_kernel(model, 7.0)

@@ -7,7 +7,7 @@ Layout of ``checkpoint_dir``::
         train/              (from the Trainer) params, model_state, opt_state, step, rng,
                             loss accumulator: everything an exact resume needs
         meta/               JSON: iteration, unit, metrics, best metrics, trainer position
-    best_model_<metric>/<n>/    the best checkpoint for each tracked metric ("/" -> "_"):
+    best_model_<metric>/<n>/    the best checkpoint for each tracked metric ("/", ":" -> "_"):
         model/, meta/
 
 One run owns the directory at a time: the writing process holds the lock file
@@ -267,7 +267,7 @@ class Checkpointer:
     @staticmethod
     def best_subdir(metric: str) -> str:
         """Directory (under ``checkpoint_dir``) of the best model by ``metric``."""
-        return f"best_model_{metric.replace('/', '_')}"
+        return f"best_model_{metric.replace('/', '_').replace(':', '_')}"
 
     def _new_best(self, metric_dict: Metrics) -> set[str]:
         improved = set()

@@ -86,19 +86,21 @@ def parse_metric_modes(metric_modes: Iterable[str] | None, where: str) -> dict[s
     Returns:
       ``{"task/dataset/split/metric": "min" | "max"}`` in the given order.
 
+    The mode follows the last ":", so a task name with a colon (a slice task such as
+    ``task_slice:short_pred``) can be checkpointed on.
+
     Raises:
-      ValueError: for a string without exactly one ":", a mode other than "min"/"max", or a
-        metric name without four "/"-separated parts.
+      ValueError: for a string without ":" (or nothing before it), a mode other than
+        "min"/"max", or a metric name without four "/"-separated parts.
     """
     modes: dict[str, str] = {}
     for metric_mode in metric_modes or ():
-        parts = str(metric_mode).split(":")
-        if len(parts) != 2:
+        metric, colon, mode = str(metric_mode).rpartition(":")
+        if not colon or not metric:
             raise ValueError(
                 f"{where}: metric must be of the form 'metric_name:mode' where mode is "
                 f"'max' or 'min', got {metric_mode!r}"
             )
-        metric, mode = parts
         registry.METRIC_MODES.check(mode, f"{where}, metric {metric!r}")
         if len(metric.split("/")) != 4:
             raise ValueError(
