@@ -30,6 +30,10 @@ class CheckpointMismatchError(CheckpointError):
     """A readable checkpoint whose trees do not match the model (another model's)."""
 
 
+#: The tree items a ``Checkpointer`` checkpoint holds besides ``"meta"`` (JSON).
+TREE_ITEMS = ("model", "train")
+
+
 def _this_process_only() -> ocp.options.MultiprocessingOptions:
     # In a multi-process run one process writes and each reads for itself: no manager
     # may wait on a barrier that the other processes never reach.
@@ -108,7 +112,10 @@ def restore_checkpoint(directory: str, step: int | None, target: Mapping[str, Py
     """
     if not os.path.isdir(directory):
         raise CheckpointError(f"{directory}: not a jaxmtl checkpoint directory (it does not exist)")
-    handlers = {name: ocp.StandardCheckpointHandler() for name in target}
+    # A handler for every item a Checkpointer writes, read or not: Orbax warns about each
+    # item on disk it has no handler for ("could not be restored") on every restore.
+    handlers = {name: ocp.StandardCheckpointHandler()
+                for name in dict.fromkeys([*target, *TREE_ITEMS])}
     handlers["meta"] = ocp.JsonCheckpointHandler()
     manager = open_manager(directory, None, async_save=False, item_handlers=handlers)
     try:
