@@ -4,6 +4,8 @@ features (balancer, checkpoint, exact resume, save/load) on slice tasks."""
 
 from __future__ import annotations
 
+import logging
+
 import flax.linen as nn
 import jax
 import numpy as np
@@ -77,6 +79,20 @@ def test_constructor_errors():
         make_model(num_classes=1)
     with pytest.raises(ValueError, match="slice_names repeat \\['f'\\]"):
         make_model(slice_names=["f", "f"])
+
+
+def test_head_dim_other_than_the_representation_width_is_an_error():
+    # Snorkel's Linear(head_dim, head_dim) fails on such a body; it must not be ignored.
+    model = make_model()
+    model.init({"test_data": np.zeros((2, 2), np.float32)})  # head_dim 10 = the body's
+    assert model.params["test_task_slice:f_pred_transform"]["kernel"].shape == (10, 10)
+    narrow = SliceAwareClassifier(nn.Sequential([nn.Dense(10), nn.relu]), head_dim=16,
+                                  slice_names=SLICES, input_data_key="test_data",
+                                  task_name="test_task")
+    with pytest.raises(ValueError, match=r"head_dim=16, but the base architecture's "
+                                         r"representation is 10 wide \(shape \(2, 10\)\); "
+                                         r"the slice heads are as wide as it: pass head_dim=10"):
+        narrow.init({"test_data": np.zeros((2, 2), np.float32)})
 
 
 def test_scores_pipeline():
@@ -212,7 +228,7 @@ class InterruptingLoader(jaxmtl.DictDataLoader):
 # test_trainer_balancers.py's test_uncertainty_state_is_checkpointed_and_resumed checks that
 # the balancer state resumes exactly, and test_resume.py the SIGKILL resume.
 @pytest.mark.slow
-def test_balancer_checkpoint_and_exact_resume_work_on_slice_tasks(tmp_path):
+def test_balancer_checkpoint_and_exact_resume_work_on_slice_tasks(tmp_path, caplog):
     X, Y, S = synthetic(160, 0, 2)
 
     def run(checkpoint_dir, stop_at=-1, resume=False):
@@ -231,7 +247,10 @@ def test_balancer_checkpoint_and_exact_resume_work_on_slice_tasks(tmp_path):
     reference, reference_balancer = run(tmp_path / "reference")
     with pytest.raises(Interrupt):
         run(tmp_path / "ck", stop_at=8)  # epoch 2 of 2 (5 batches an epoch)
-    resumed, resumed_balancer = run(tmp_path / "ck", resume=True)
+    with caplog.at_level(logging.WARNING):
+        resumed, resumed_balancer = run(tmp_path / "ck", resume=True)
+    # Orbax warns about each item on disk without a handler; every item has one.
+    assert "could not be restored" not in caplog.text
     for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(resumed), strict=True):
         np.testing.assert_array_equal(a, b)
     # One log-variance per task: 7 tasks, trained away from their initial zeros.

@@ -50,7 +50,9 @@ class SliceAwareClassifier(MultitaskClassifier):
     Args:
       base_architecture: a module mapping the input to a representation [B, head_dim].
       head_dim: the width of that representation (the input size of Snorkel's
-        ``nn.Linear(head_dim, 2)``); kept for Snorkel's signature: Flax infers it.
+        ``nn.Linear(head_dim, 2)`` and of its slice transforms). Flax infers the
+        modules' shapes; a representation of another width fails when the model is
+        initialised (as Snorkel's Linear would), naming both widths.
       slice_names: the slices; ``base`` (all rows) is added.
       input_data_key: the input key (Snorkel's default "input_data").
       task_name: the base task's name and label key (Snorkel's default "task").
@@ -95,7 +97,8 @@ class SliceAwareClassifier(MultitaskClassifier):
             ],
             scorer=scorer if scorer is not None else _default_scorer(self.num_classes))
         multitask_kwargs.setdefault("name", f"{task_name}_sliceaware_classifier")
-        super().__init__(tasks=convert_to_slice_tasks(self.base_task, slice_names),
+        super().__init__(tasks=convert_to_slice_tasks(self.base_task, slice_names,
+                                                      self.head_dim),
                          **multitask_kwargs)
         self.slice_names = list(slice_names)
 

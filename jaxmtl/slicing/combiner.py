@@ -159,12 +159,30 @@ class SliceTransform(nn.Module):
     Snorkel's ``nn.Linear(neck_size, neck_size)``; Flax infers the input width, so the
     neck size need not be known when the tasks are built. Parameters as ``nn.Dense``'s
     (``kernel`` [H, H], lecun-normal; ``bias`` [H], zeros).
+
+    Attributes:
+      neck_size: the width the input must have (``SliceAwareClassifier``'s ``head_dim``),
+        or None for any width.
     """
+
+    neck_size: int | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        """x: [B, H] -> [B, H]."""
+        """x: [B, H] -> [B, H].
+
+        Raises:
+          ValueError: ``neck_size`` is set and H differs from it.
+        """
         width = x.shape[-1]
+        if self.neck_size is not None and width != self.neck_size:
+            # Snorkel's Linear(head_dim, head_dim) fails on this shape; ignoring head_dim
+            # would train heads of another size than the user asked for.
+            raise ValueError(
+                f"SliceAwareClassifier: head_dim={self.neck_size}, but the base "
+                f"architecture's representation is {width} wide (shape {tuple(x.shape)}); "
+                f"the slice heads are as wide as it: pass head_dim={width}, or change the "
+                f"base architecture's output width")
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (width, width))
         bias = self.param("bias", nn.initializers.zeros_init(), (width,))
         return x @ kernel + bias

@@ -79,13 +79,17 @@ def _body_pool(base_task: Task, body_ops: Sequence[Operation]) -> dict[str, Any]
     return {name: module for name, module in base_task.module_pool.items() if name in used}
 
 
-def convert_to_slice_tasks(base_task: Task, slice_names: Sequence[str]) -> list[Task]:
+def convert_to_slice_tasks(base_task: Task, slice_names: Sequence[str],
+                           neck_size: int | None = None) -> list[Task]:
     """The slice indicator and predictor tasks of ``base_task`` and its master task.
 
     Args:
       base_task: a Task whose last op is its head, applied to the body's representation
         ``[B, H]`` (the "neck") and returning ``[B, K]`` logits, K >= 2.
       slice_names: the slices (``base``, all rows, is added when absent).
+      neck_size: H, if known (``SliceAwareClassifier``'s ``head_dim``): initialising
+        the model then fails with a clear error on a representation of another width.
+        None (Snorkel's signature) takes H from the representation.
 
     Returns:
       ``2 * (len(slice_names) + 1) + 1`` tasks (one fewer pair if ``base`` was given):
@@ -123,7 +127,8 @@ def convert_to_slice_tasks(base_task: Task, slice_names: Sequence[str]) -> list[
         head = Operation(pred_head_module, [transform_op.name], name=f"{pred_name}_head")
         pred_tasks.append(Task(
             name=pred_name,
-            module_pool={**body_pool, transform_op.module_name: SliceTransform(),
+            module_pool={**body_pool,
+                         transform_op.module_name: SliceTransform(neck_size),
                          pred_head_module: pred_head},
             op_sequence=[*body_ops, transform_op, head], scorer=base_task.scorer,
             loss_func=base_task.loss_func, output_func=base_task.output_func))
