@@ -293,6 +293,29 @@ def test_tensorboard_continue_log_purges_points_after_the_checkpoint(tmp_path) -
     assert starts == [21]
 
 
+def test_a_new_run_replaces_an_earlier_runs_event_files_and_a_resumed_one_keeps_them(
+        tmp_path) -> None:
+    # TensorBoard shows every event file of a directory as one run: two runs' curves
+    # overlaid, had the second run of a run_name kept the first's files.
+    with TensorBoardWriter(log_dir=str(tmp_path), run_name="r") as first:
+        first.add_scalar("loss", 0.9, 10)
+    with TensorBoardWriter(log_dir=str(tmp_path), run_name="r") as second:
+        assert len(glob.glob(str(tmp_path / "r" / "events.out.tfevents.*"))) == 2
+        second.write_config({"seed": 1})  # its first write: the first run's file goes
+        second.add_scalar("loss", 0.5, 10)
+    files = glob.glob(str(tmp_path / "r" / "events.out.tfevents.*"))
+    assert len(files) == 1
+    assert _scalars(str(tmp_path / "r"))["loss"] == [(10, 0.5)]
+    with TensorBoardWriter(log_dir=str(tmp_path), run_name="r") as resumed:
+        resumed.continue_log(str(tmp_path / "r"), up_to_step=10)
+        resumed.add_scalar("loss", 0.4, 20)
+    files = sorted(glob.glob(str(tmp_path / "r" / "events.out.tfevents.*")))
+    assert len(files) == 2  # the second run's, continued by the resumed one's
+    scalars = [(e.step, round(v.simple_value, 6)) for path in files
+               for e in read_events(path) for v in e.summary.value if v.tag == "loss"]
+    assert sorted(scalars) == [(10, 0.5), (20, 0.4)]
+
+
 def test_log_dir_held_by_a_live_process_fails_fast(tmp_path) -> None:
     sleeper = subprocess.Popen(["sleep", "30"])
     try:

@@ -24,6 +24,8 @@ class TensorBoardWriter(RunDirectoryWriter):
 
     Scalars go only to TensorBoard (as Snorkel's ``TensorBoardWriter``; there is no
     ``log.json``); ``write_config`` writes ``config.json`` and adds the config as text.
+    A new run in the directory of an earlier one (the same ``run_name``) removes that
+    run's event files when it first writes; a resumed run (``continue_log``) keeps them.
 
     Args:
       log_dir, run_name, config: as ``RunDirectoryWriter`` (and ``LogWriter``).
@@ -35,7 +37,20 @@ class TensorBoardWriter(RunDirectoryWriter):
     def __init__(self, log_dir: str | None = None, run_name: str | None = None,
                  config: LogWriterConfig | dict[str, Any] | None = None) -> None:
         super().__init__(log_dir=log_dir, run_name=run_name, config=config)
+        # An earlier run's event files in this run directory (the same run_name): a new
+        # run replaces them when it first writes (TensorBoard would overlay both runs'
+        # curves as one run), a resumed one continues them (``continue_log``).
+        self._earlier = self._event_files()
         self.writer = self._open_event_file()
+
+    def _event_files(self) -> list[str]:
+        return sorted(glob.glob(os.path.join(self.log_dir, "events.out.tfevents.*")))
+
+    def _replace_earlier_run(self) -> None:
+        for path in self._earlier:
+            if os.path.exists(path):
+                os.remove(path)
+        self._earlier = []
 
     def _open_event_file(self, purge_step: int | None = None) -> tensorboardX.SummaryWriter:
         # A unique suffix: tensorboardX names files by the second and the host, so two
@@ -60,6 +75,7 @@ class TensorBoardWriter(RunDirectoryWriter):
             raise ValueError(
                 f"TensorBoardWriter.add_scalar('{name}'): step must be an integer, got {step}"
             )
+        self._replace_earlier_run()
         self.writer.add_scalar(name, as_number(value), int(step))
         self._added += 1
 
@@ -71,6 +87,7 @@ class TensorBoardWriter(RunDirectoryWriter):
           config_filename: file name inside the run directory.
         """
         jsonable = to_jsonable(config)
+        self._replace_earlier_run()
         self.write_json(jsonable, config_filename)
         self.writer.add_text(tag="config", text_string=json.dumps(jsonable))
         self._added += 1
@@ -91,6 +108,7 @@ class TensorBoardWriter(RunDirectoryWriter):
           previous_log_dir: the interrupted run's directory; None starts a fresh run.
           up_to_step: the resumed checkpoint's step (``LogManager.point_total``).
         """
+        self._earlier = []  # the interrupted run's event files: this run continues them
         self.writer.close()
         if not self._added:  # the file opened at construction holds nothing: drop it
             for path in glob.glob(os.path.join(self.log_dir, f"events.out.tfevents.*{self._suffix}")):
