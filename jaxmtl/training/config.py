@@ -108,8 +108,9 @@ class TrainerConfig(NestedConfig):
       batch_scheduler: order of batches across train loaders: "sequential", "shuffled",
         "proportional", or "mixed" (one batch of every loader per step).
       balancer: multi-task gradient balancing: "equal" (the plain summed loss),
-        "uncertainty", "dwa", "rlw", "gradnorm", "pcgrad", "cagrad", "mgda", "famo", or a
-        ``Balancer`` object; ``balancer_config`` holds its settings (``num_tasks`` and,
+        "uncertainty", "dwa", "rlw", "gradnorm", "pcgrad", "cagrad", "mgda", "famo",
+        "nash_mtl", "imtl", "aligned_mtl", "upgrad", "db_mtl" (``registry.BALANCERS``),
+        or a ``Balancer`` object; ``balancer_config`` holds its settings (``num_tasks`` and,
         for gradient methods, ``shared`` = the modules used by several tasks, are filled
         in from the model). Methods that compare tasks need several tasks per step
         ("mixed" scheduler); with one task per step they reduce to that task's gradient.

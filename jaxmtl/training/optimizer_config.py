@@ -100,7 +100,18 @@ class StepConfig:
 
 @dataclass(frozen=True)
 class LRSchedulerConfig(NestedConfig):
-    """Learning-rate schedule settings, as Snorkel's ``LRSchedulerConfig``."""
+    """Learning-rate schedule settings, as Snorkel's ``LRSchedulerConfig``.
+
+    Attributes:
+      warmup_steps: linear warm-up from 0 to ``lr`` over this many ``warmup_unit``s
+        (0: none).
+      warmup_unit: "batches" or "epochs".
+      warmup_percentage: warm-up as a fraction of all training steps, in [0, 1]; used
+        when ``warmup_steps`` is 0 (as Snorkel).
+      min_lr: the decaying schedules' floor (the learning rate never goes below it).
+      exponential_config: ``gamma`` of ``lr_scheduler="exponential"``.
+      step_config: ``step_size`` and ``gamma`` of ``lr_scheduler="step"``.
+    """
 
     warmup_steps: float = 0
     warmup_unit: str = "batches"

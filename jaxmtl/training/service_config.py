@@ -18,7 +18,13 @@ from .config_base import check_finite, check_finite_non_negative
 
 @dataclass(frozen=True)
 class LogManagerConfig:
-    """When to evaluate: every ``evaluation_freq`` ``counter_unit``s (Snorkel's semantics)."""
+    """When to evaluate: every ``evaluation_freq`` ``counter_unit``s (Snorkel's semantics).
+
+    Attributes:
+      counter_unit: "points", "batches" or "epochs".
+      evaluation_freq: evaluate (score the valid loaders, log, checkpoint) every this
+        many units, > 0 (e.g. 0.5 epochs, 25 batches).
+    """
 
     counter_unit: str = "epochs"
     evaluation_freq: float = 1.0
