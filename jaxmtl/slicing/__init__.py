@@ -10,8 +10,9 @@ representations weighted by the indicators' confidence::
                                  input_data_key="x", task_name="task")
     train = model.make_slice_dataloader(train_dataset, S_train, batch_size=32, shuffle=True)
 
-``S`` is Snorkel's ``SFApplier``/``PandasSFApplier`` output or a [N, n_slices] 0/1
-array: jaxmtl does not re-implement slicing functions. The lower-level pieces
+``S`` is an ``SFApplier``/``PandasSFApplier`` output (``jaxmtl.slicing.functions``:
+Snorkel's ``slicing_function`` and appliers, without torch; Snorkel's own work too) or a
+[N, n_slices] 0/1 array. The lower-level pieces
 (``add_slice_labels``, ``convert_to_slice_tasks``, ``SliceCombinerModule``) build the
 same model from any base Task; the slice tasks are ordinary tasks, so every Trainer
 feature applies. Multi-class base tasks work too (Snorkel 0.10's model is binary only).
@@ -21,6 +22,7 @@ Not imported by ``import jaxmtl``; ``import jaxmtl.slicing`` loads it.
 
 from .classifier import SliceAwareClassifier
 from .combiner import SliceCombinerModule, SliceTransform, combine_slice_representations
+from .functions import PandasSFApplier, SFApplier, SlicingFunction, slicing_function
 from .labels import (
     BASE_SLICE,
     add_slice_labels,
@@ -33,9 +35,12 @@ from .tasks import convert_to_slice_tasks
 
 __all__ = [
     "BASE_SLICE",
+    "PandasSFApplier",
+    "SFApplier",
     "SliceAwareClassifier",
     "SliceCombinerModule",
     "SliceTransform",
+    "SlicingFunction",
     "add_slice_labels",
     "combine_slice_representations",
     "convert_to_slice_tasks",
@@ -43,4 +48,5 @@ __all__ = [
     "pred_task_name",
     "slice_label_dict",
     "slice_matrix",
+    "slicing_function",
 ]
