@@ -122,10 +122,11 @@ class DataParallel:
         return Mesh(np.array(self.devices), (DEVICE_AXIS,))
 
     def compile(self, fn: Callable, donate_argnums: tuple[int, ...] = ()) -> Callable:
-        """``fn`` compiled for this mode: ``jax.pmap`` (with ``axis_name``) or ``jax.jit``."""
+        """``fn`` compiled for this mode: ``jax.pmap`` (with ``axis_name``) or ``jax.jit``;
+        either has ``_cache_size()``, the number of programs it compiled."""
         if self.mode == "pmap":
-            return jax.pmap(fn, axis_name=DEVICE_AXIS, devices=self.devices,
-                            donate_argnums=donate_argnums)
+            return CountedPmap(jax.pmap(fn, axis_name=DEVICE_AXIS, devices=self.devices,
+                                        donate_argnums=donate_argnums))
         return jax.jit(fn, donate_argnums=donate_argnums)
 
     def padded_size(self, batch_size: int) -> int:
@@ -208,6 +209,34 @@ class DataParallel:
         if self.mode != "pmap":
             return array
         return array.reshape(-1, *array.shape[2:])
+
+
+def call_signature(args: Any) -> tuple:
+    """What a jitted program is compiled for: the tree structure and each leaf's spec
+    (a Python scalar counts by its type: jit traces it as a weak-typed array)."""
+    leaves, treedef = jax.tree.flatten(args)
+    return treedef, tuple(
+        (leaf.shape, str(leaf.dtype), getattr(leaf, "weak_type", False))
+        if hasattr(leaf, "shape") else type(leaf) for leaf in leaves)
+
+
+class CountedPmap:
+    """A ``jax.pmap`` function that counts the programs it compiled (``_cache_size``, as
+    a jitted function has): one per call signature. Other attributes are pmap's."""
+
+    def __init__(self, pmapped: Callable) -> None:
+        self._pmapped = pmapped
+        self._signatures: set[tuple] = set()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self._signatures.add(call_signature((args, kwargs)))
+        return self._pmapped(*args, **kwargs)
+
+    def _cache_size(self) -> int:
+        return len(self._signatures)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pmapped, name)
 
 
 def choose_parallel(mode: str = "auto", dataparallel: bool = True,

@@ -64,8 +64,10 @@ def train_and_write(parallel, out):
     loss_dict, count_dict = model.calculate_loss(X, Y)
     leaves = jax.tree_util.tree_flatten_with_path(model.params)[0]
     arrays = {jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves}
+    # Compiled train programs: counted under pmap as under jit (one per call signature).
     np.savez(out + ".npz", losses=losses, probs=probs, loss=np.asarray(loss_dict["task2"]),
-             count=np.asarray(count_dict["task2"]), **arrays)
+             count=np.asarray(count_dict["task2"]),
+             programs=np.asarray(trainer.compiled_programs()), **arrays)
     json.dump(model.score(valid), open(out + ".json", "w"))
 
 

@@ -38,7 +38,7 @@ from ..buckets import BucketShapes, bucket_widths, pad_to_longest, switches_buck
 from ..data import is_active
 from ..loader import Batch, DictDataLoader
 from ..model import ModelGraph
-from ..parallel import DataParallel, prefetch
+from ..parallel import DataParallel, call_signature, prefetch
 from ..signatures import TaskFamily
 from .accumulate import (
     Accumulator,
@@ -146,15 +146,6 @@ class StepPrograms:
                                     axis_name=axis_name, in_view=True, shapes=shapes))
             self.switched[key] = self.parallel.compile(fn, donate_argnums=(0, 1))
         return self.switched[key]
-
-
-def _call_signature(args: Any) -> tuple:
-    """What a jitted program is compiled for: the tree structure and each leaf's spec
-    (a Python scalar counts by its type: jit traces it as a weak-typed array)."""
-    leaves, treedef = jax.tree.flatten(args)
-    return treedef, tuple(
-        (leaf.shape, str(leaf.dtype), getattr(leaf, "weak_type", False))
-        if hasattr(leaf, "shape") else type(leaf) for leaf in leaves)
 
 
 class PerStepRunner:
@@ -271,7 +262,7 @@ class PerStepRunner:
                     args = abstract((state_view(state, route.view, self._modules), accumulator,
                                      *self._put_member(batch, route), route.member,
                                      loader_index), placement)
-                key = (id(program), _call_signature(args))
+                key = (id(program), call_signature(args))
                 if key not in seen:
                     seen.add(key)
                     jobs.append((program, args, abstract(extra)))
