@@ -71,6 +71,40 @@ def _diverging_trainer(tmp_path, on_nonfinite: str) -> jaxmtl.Trainer:
                              "checkpoint_metric": "model/all/valid/accuracy:max"})
 
 
+def test_an_interrupt_python_ignored_is_raised_at_the_next_step():
+    # A SIGINT handled while Python runs a weakref callback or __del__ (garbage collection
+    # can run anywhere) raises KeyboardInterrupt there, and Python prints and drops it: once,
+    # in CI, a Ctrl-C was lost this way and the run trained on.
+    from jaxmtl.training.guards import InterruptGuard
+
+    def swallowed_sigint(guard):
+        try:  # what Python does to an exception raised in a weakref callback
+            guard._handle(signal.SIGINT, None)
+        except KeyboardInterrupt:
+            return
+        raise AssertionError("the guard did not forward the interrupt")
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with InterruptGuard() as guard:
+            swallowed_sigint(guard)
+            with pytest.raises(KeyboardInterrupt):
+                with guard.critical():
+                    raise AssertionError("the step ran after a lost interrupt")
+            with guard.critical():  # raised once
+                pass
+        # A user's own SIGINT handler that does not raise (a graceful stop) is left alone.
+        calls = []
+        signal.signal(signal.SIGINT, lambda *_: calls.append(1))
+        with InterruptGuard() as guard:
+            guard._handle(signal.SIGINT, None)
+            with guard.critical():
+                pass
+        assert calls == [1]
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_divergence_stops_the_run_and_is_never_the_best_model(tmp_path):
     model = jaxmtl.MultitaskClassifier(tutorial_tasks())
     with pytest.raises(FloatingPointError, match=r"Training diverged: the train loss became "

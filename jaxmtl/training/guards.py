@@ -39,6 +39,11 @@ class InterruptGuard:
         self._installed = False
         self._depth = 0
         self._pending = False
+        # A KeyboardInterrupt raised for a SIGINT and still not seen by the loop: Python
+        # ignores an exception raised inside a weakref callback or ``__del__`` (a signal
+        # handler runs wherever the interpreter is, garbage collection included), so the
+        # next critical section raises it again.
+        self._raised = False
 
     def __enter__(self) -> InterruptGuard:
         if threading.current_thread() is threading.main_thread():
@@ -60,13 +65,24 @@ class InterruptGuard:
 
     def _forward(self, signum: int, frame: Any) -> None:
         if callable(self._previous):
+            # Only Python's own handler raises; a user's handler may stop gracefully.
+            self._raised = self._previous is signal.default_int_handler
             self._previous(signum, frame)
         elif self._previous != signal.SIG_IGN:
+            self._raised = True
             raise KeyboardInterrupt
 
     @contextlib.contextmanager
     def critical(self) -> Iterator[None]:
-        """A section that a SIGINT does not cut: it is delivered when the section ends."""
+        """A section that a SIGINT does not cut: it is delivered when the section ends.
+
+        Raises:
+          KeyboardInterrupt: an interrupt raised earlier was lost (ignored by Python in a
+            weakref callback or ``__del__``): it is raised here, before the section.
+        """
+        if self._raised:
+            self._raised = False
+            raise KeyboardInterrupt
         self._depth += 1
         try:
             yield
