@@ -19,6 +19,11 @@ from .base import RunDirectoryWriter
 tensorboardX = lazy_module("tensorboardX")
 
 
+def _event_files(directory: str, suffix: str = "") -> list[str]:
+    """The TensorBoard event files in ``directory`` (those ending in ``suffix``), sorted."""
+    return sorted(glob.glob(os.path.join(directory, f"events.out.tfevents.*{suffix}")))
+
+
 class TensorBoardWriter(RunDirectoryWriter):
     """Writes scalars to a TensorBoard event file in ``{log_dir}/{run_name}``.
 
@@ -40,11 +45,8 @@ class TensorBoardWriter(RunDirectoryWriter):
         # An earlier run's event files in this run directory (the same run_name): a new
         # run replaces them when it first writes (TensorBoard would overlay both runs'
         # curves as one run), a resumed one continues them (``continue_log``).
-        self._earlier = self._event_files()
+        self._earlier = _event_files(self.log_dir)
         self.writer = self._open_event_file()
-
-    def _event_files(self) -> list[str]:
-        return sorted(glob.glob(os.path.join(self.log_dir, "events.out.tfevents.*")))
 
     def _replace_earlier_run(self) -> None:
         for path in self._earlier:
@@ -111,13 +113,12 @@ class TensorBoardWriter(RunDirectoryWriter):
         self._earlier = []  # the interrupted run's event files: this run continues them
         self.writer.close()
         if not self._added:  # the file opened at construction holds nothing: drop it
-            for path in glob.glob(os.path.join(self.log_dir, f"events.out.tfevents.*{self._suffix}")):
+            for path in _event_files(self.log_dir, self._suffix):
                 os.remove(path)
         if previous_log_dir is not None and os.path.isdir(previous_log_dir) and (
                 os.path.realpath(previous_log_dir) != os.path.realpath(self.log_dir)):
-            for name in sorted(os.listdir(previous_log_dir)):
-                if name.startswith("events.out.tfevents."):
-                    shutil.copy2(os.path.join(previous_log_dir, name), self.log_dir)
+            for path in _event_files(previous_log_dir):
+                shutil.copy2(path, self.log_dir)
         self.writer = self._open_event_file(purge_step=int(up_to_step) + 1)
 
     def release(self) -> None:
