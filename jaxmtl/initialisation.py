@@ -31,6 +31,12 @@ __all__ = ["abstract_init_variables", "compiled_init_variables", "init_program",
            "init_variables", "one_shot_compiler_options"]
 
 
+def _own_copy(variables: PyTree | None) -> PyTree:
+    """A dict of dicts the caller may add modules to (``{"params": {}}`` for None)."""
+    return {"params": {}} if variables is None else {
+        col: dict(tree) for col, tree in variables.items()}
+
+
 def init_variables(
     graph: ModelGraph,
     X_dict: Mapping[str, Any],
@@ -55,8 +61,7 @@ def init_variables(
       modules'); parameter-free modules have no entry.
     """
     task_names = graph.task_names if task_names is None else tuple(task_names)
-    variables = {"params": {}} if variables is None else {
-        col: dict(tree) for col, tree in variables.items()}
+    variables = _own_copy(variables)
     variables.setdefault("params", {})
     existing = {name for tree in variables.values() for name in tree}
     outputs: dict[str, Any] = {INPUT_KEY: dict(X_dict)}
@@ -147,8 +152,7 @@ def _with_nnx_values(graph: ModelGraph, task_lists: Sequence[Sequence[str]],
                      variables: PyTree | None) -> PyTree:
     """``variables`` (a fresh dict of dicts) plus the own values of the NNX modules the
     tasks run that it lacks: constants of the init program, not computed by it."""
-    variables = {"params": {}} if variables is None else {
-        col: dict(tree) for col, tree in variables.items()}
+    variables = _own_copy(variables)
     existing = {name for tree in variables.values() for name in tree}
     for name in graph.modules_for(list(dict.fromkeys(t for ts in task_lists for t in ts))):
         if name not in existing and is_nnx_module(graph.module_pool[name]):
