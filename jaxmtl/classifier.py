@@ -16,15 +16,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import evaluation
-from .evaluation import EvalPrograms, labels_to_tasks
+from . import evaluation, init_plan
+from .evaluation import EvalPrograms
 from .initialisation import abstract_init_variables, compiled_init_variables, init_variables
 from .loader import DictDataLoader
-from .model import ModelGraph, PyTree, build_graph, with_module_variables
-from .nnx_modules import is_nnx_module, reinitialised_variables
+from .model import ModelGraph, PyTree, build_graph
 from .parallel import DataParallel, choose_parallel
 from .persistence import load_variables, save_params
-from .task import Operation, Task, is_flax_module
+from .task import Operation, Task
 from .training.guards import InterruptGuard
 
 if TYPE_CHECKING:  # pandas is imported only when a DataFrame is asked for
@@ -34,10 +33,6 @@ logger = logging.getLogger(__name__)
 
 #: Up to this many loaders creating modules, ``init_from_loaders`` compiles one program.
 COMPILED_INIT_LOADERS = 4
-
-
-def _as_device_batch(tree: Mapping[str, Any]) -> dict[str, jax.Array]:
-    return {key: jnp.asarray(value) for key, value in tree.items()}
 
 
 def _devices_for(device: int | None, dataparallel: bool) -> tuple[Any, ...] | None:
@@ -152,15 +147,9 @@ class MultitaskClassifier:
             return int(self.seed)
         return 0 if fallback is None else int(fallback)
 
-    def _missing_modules(self, task_names: Sequence[str],
-                         planned: set[str] = frozenset()) -> list[str]:
-        """Flax modules the tasks run that have no variables and were never initialised
-        (nor are ``planned`` to be)."""
-        known = set(self._created) | planned
-        if self.variables is not None:
-            known |= {name for tree in self.variables.values() for name in tree}
-        return [name for name in self.graph.modules_for(task_names)
-                if name not in known and is_flax_module(self.graph.module_pool[name])]
+    def _missing_modules(self, task_names: Sequence[str]) -> list[str]:
+        """Flax modules the tasks run that were never initialised."""
+        return init_plan.missing_modules(self.graph, self.variables, self._created, task_names)
 
     def init(self, X_dict: Mapping[str, Any], seed: int | None = None,
              task_names: Sequence[str] | None = None) -> PyTree:
@@ -198,24 +187,12 @@ class MultitaskClassifier:
                     f"init: X_dict has keys {sorted(X_dict)}, which hold the inputs of no "
                     f"task; the tasks read {needed}")
         resolved = self.init_seed() if seed is None else int(seed)
-        variables = (self.variables if seed is None else
-                     self._with_seeded_nnx(self._missing_modules(task_names), resolved))
-        self._compiled_init([(_as_device_batch(X_dict), task_names)],
+        variables = (self.variables if seed is None else init_plan.with_seeded_nnx(
+            self.graph, self.variables, self._missing_modules(task_names), resolved))
+        self._compiled_init([(init_plan.device_batch(X_dict), task_names)],
                             jax.random.PRNGKey(resolved), variables)
         self._created |= set(self.graph.modules_for(task_names))
         return self.variables
-
-    def _with_seeded_nnx(self, module_names: Sequence[str], seed: int) -> PyTree | None:
-        """The model's variables plus the NNX modules among ``module_names`` redrawn from
-        ``seed`` (``init_variables`` then keeps them; without this it creates NNX modules
-        from their own values). ``self.variables`` is not changed."""
-        variables = self.variables
-        for name in module_names:
-            module = self.graph.module_pool[name]
-            if is_nnx_module(module):
-                drawn = reinitialised_variables(self.graph.nnx_specs[name], module, seed)
-                variables = with_module_variables(variables or {"params": {}}, name, drawn)
-        return variables
 
     def _compiled_init(self, batches: list[tuple[dict, Sequence[str]]], rng: jax.Array,
                        variables: PyTree | None) -> None:
@@ -255,11 +232,13 @@ class MultitaskClassifier:
           ValueError: with ``seed``, if an NNX parameter's initializer cannot be found
             (naming the module and the path).
         """
-        batches, planned = self._init_batches(dataloaders, remap_labels)
+        plan, planned = init_plan.loader_plan(self.graph, self.variables, self._created,
+                                              dataloaders, remap_labels)
+        batches = init_plan.first_batches(plan)
         if batches:
             resolved = self.init_seed(seed if seed is not None else fallback_seed)
-            variables = (self.variables if seed is None else
-                         self._with_seeded_nnx(sorted(planned), resolved))
+            variables = (self.variables if seed is None else init_plan.with_seeded_nnx(
+                self.graph, self.variables, sorted(planned), resolved))
             rng = jax.random.PRNGKey(resolved)
             # One compiled program for a few loaders; with many (a head each, typically),
             # the first loader's modules (the shared body, most weights) compiled and the
@@ -274,30 +253,6 @@ class MultitaskClassifier:
             self._created |= planned
         return self.variables
 
-    def _init_batches(self, dataloaders: Sequence[DictDataLoader],
-                      remap_labels: Mapping[str, str | None] | None
-                      ) -> tuple[list[tuple[dict, list[str]]], set[str]]:
-        """``init_from_loaders``' plan: ``(X_dict, tasks)`` of the first batch of each
-        loader whose tasks run modules not created yet, and the modules it creates."""
-        plan, planned = self._init_plan(dataloaders, remap_labels)
-        return [(_as_device_batch(dataloader.batch_at(dataloader.order(0), 0)[0]), tasks)
-                for dataloader, tasks in plan], planned
-
-    def _init_plan(self, dataloaders: Sequence[DictDataLoader],
-                   remap_labels: Mapping[str, str | None] | None
-                   ) -> tuple[list[tuple[DictDataLoader, list[str]]], set[str]]:
-        """The loaders whose tasks run modules not created yet (with those tasks), each
-        creating the modules no earlier one does, and all the modules they create."""
-        plan, planned = [], set()
-        for dataloader in dataloaders:
-            tasks = list(dict.fromkeys(labels_to_tasks(
-                self.graph, list(dataloader.dataset.Y_dict), remap_labels or {}).values()))
-            missing = self._missing_modules(tasks, planned) if tasks else []
-            if missing:
-                plan.append((dataloader, tasks))
-                planned |= set(missing)
-        return plan, planned
-
     def abstract_variables(self, dataloaders: Sequence[DictDataLoader], *,
                            fallback_seed: int | None = None) -> PyTree:
         """The variables ``init_from_loaders(dataloaders, fallback_seed=...)`` would give
@@ -309,12 +264,11 @@ class MultitaskClassifier:
           None when more than ``COMPILED_INIT_LOADERS`` loaders create modules: their
           trace alone would cost about what the overlap saves (64 heads: 1.6 s).
         """
-        plan, _ = self._init_plan(dataloaders, None)
+        plan, _ = init_plan.loader_plan(self.graph, self.variables, self._created,
+                                        dataloaders, None)
         if len(plan) > COMPILED_INIT_LOADERS:
             return None
-        # Batches of the first batches' shapes and dtypes, drawn by nobody (only shapes count).
-        batches = [(_as_device_batch(dl.example_batch(dl.shape_index(
-            dl.rows_at(dl.order(0), 0)[0]))[0]), tasks) for dl, tasks in plan]
+        batches = init_plan.example_first_batches(plan)
         if not batches:
             return jax.eval_shape(lambda v: v, self.variables or {"params": {}})
         rng = jax.random.PRNGKey(self.init_seed(fallback_seed))
@@ -359,7 +313,7 @@ class MultitaskClassifier:
         variables = self.ensure_variables(X_dict, task_names)
         single = choose_parallel("single", devices=self.devices)
         return self.eval_programs.program("forward", tuple(task_names), single)(
-            variables, _as_device_batch(X_dict))
+            variables, init_plan.device_batch(X_dict))
 
     def calculate_loss(
         self, X_dict: Mapping[str, Any], Y_dict: Mapping[str, Any]
