@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+from collections.abc import Iterator, Mapping
 from typing import Any, Protocol, TypeVar
 
 from jaxmtl.training.config import LogManagerConfig, from_dict, merge_config
@@ -207,6 +209,23 @@ class LogManager:
             except Exception:
                 logger.exception("Closing the %s after a failed fit raised too; the "
                                  "original error follows", name)
+
+    @contextlib.contextmanager
+    def closed_on_failure(self) -> Iterator[LogManager]:
+        """A context that, on an error inside it, flushes what was logged and finishes
+        pending checkpoint writes (``close_after_failure``) before the error propagates
+        (the original one, even if closing fails)."""
+        try:
+            yield self
+        except BaseException:
+            self.close_after_failure()
+            raise
+
+    def write_metrics(self, metrics: Mapping[str, float]) -> None:
+        """Writes every metric to the log writer (if any) at the current ``point_total``."""
+        if self.log_writer is not None:
+            for name, value in metrics.items():
+                self.log_writer.add_scalar(name, value, self.point_total)
 
     def state_dict(self) -> dict[str, Any]:
         """Returns the counters (and the settings they depend on) as a JSON-serialisable dict.

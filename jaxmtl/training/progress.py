@@ -64,6 +64,19 @@ class EpochProgress:
         """Real rows trained per second since the epoch started."""
         return self.points / max(time.perf_counter() - self.started, 1e-9)
 
+    def show_running_loss(self, accumulated: Mapping[str, Any],
+                          train_loaders: Sequence[DictDataLoader], task_names: Sequence[str],
+                          last_logged: Metrics) -> None:
+        """Shows the running train loss (from the host copy of the accumulator) and the
+        throughput on the bar; right after an evaluation the accumulator is empty, so the
+        loss ``last_logged`` holds is shown instead."""
+        if self.bar is None:
+            return
+        running = train_loss_metrics(accumulated, train_loaders, task_names)
+        loss = running.get("model/all/train/loss",
+                           last_logged.get("model/all/train/loss", float("nan")))
+        self.bar.set_postfix(loss=f"{loss:.4g}", points_per_s=round(self.points_per_second()))
+
 
 def train_loss_metrics(accumulator: Mapping[str, Any], train_loaders: Sequence[DictDataLoader],
                        task_names: Sequence[str], lr_schedule: Callable[[int], Any] | None = None,

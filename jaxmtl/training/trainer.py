@@ -49,17 +49,6 @@ from .writers import make_log_writer
 logger = logging.getLogger(__name__)
 
 
-@contextlib.contextmanager
-def _closed_on_failure(log_manager: LogManager) -> Iterator[LogManager]:
-    """On an error: flush what was logged and finish pending checkpoint writes before
-    failing (the original error propagates even if closing fails)."""
-    try:
-        yield log_manager
-    except BaseException:
-        log_manager.close_after_failure()
-        raise
-
-
 def _where(position: tuple[int, int]) -> str:
     """"epoch E, batch B" for messages (B counts from 1: the batches done)."""
     return f"epoch {position[0]}, batch {position[1]}"
@@ -148,7 +137,7 @@ class Trainer:
             # 2. Ctrl-C is restored (inside, it never cuts a donating call in half);
             guard = services.enter_context(InterruptGuard())
             # 1. on an error, the logs and pending checkpoint writes are closed.
-            services.enter_context(_closed_on_failure(log_manager))
+            services.enter_context(log_manager.closed_on_failure())
             for epoch in range(start_epoch, self.config.n_epochs):
                 first = start_batch if epoch == start_epoch else 0
                 scheduled = self._scheduled(run, runner, scheduler, epoch, first)
@@ -325,7 +314,7 @@ class Trainer:
                                           self.lr_schedule, int(host_state.step))
         self.metrics.update(diagnostics_metrics(accumulated, model.task_names))
         self.metrics.update(self._evaluate(model, run.dataloaders))
-        self._log_metrics(log_manager.log_writer, log_manager, self.metrics)
+        log_manager.write_metrics(self.metrics)
         accumulator = runner.zero_accumulator()
         if log_manager.trigger_checkpointing() and finite and monitor.check(
                 all_finite(host_state.params), _where(position), "the parameters"):
@@ -397,16 +386,5 @@ class Trainer:
         second (and at the end of each epoch), never per step.
         """
         monitor.check_losses(accumulated["loss_sum"], position)
-        if progress.bar is None:
-            return
-        running = train_loss_metrics(accumulated, run.train_loaders, model.task_names)
-        # Right after an evaluation the accumulator is empty: show what it logged.
-        loss = running.get("model/all/train/loss",
-                           self.metrics.get("model/all/train/loss", float("nan")))
-        progress.bar.set_postfix(loss=f"{loss:.4g}",
-                                 points_per_s=round(progress.points_per_second()))
-
-    def _log_metrics(self, log_writer: Any, log_manager: LogManager, metrics: Metrics) -> None:
-        if log_writer is not None:
-            for name, value in metrics.items():
-                log_writer.add_scalar(name, value, log_manager.point_total)
+        progress.show_running_loss(accumulated, run.train_loaders, model.task_names,
+                                   self.metrics)
