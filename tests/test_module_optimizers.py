@@ -439,7 +439,7 @@ def test_pmap_and_sharded_on_two_devices_match_one_device():
 
 def test_a_group_with_the_global_settings_trains_as_without_groups(two_task_loaders):
     """One task per step (shuffled): the heads take turns being unused, and an unused
-    module's Adam moments must stay as they are (``step.keep_modules`` finds them by
+    module's Adam moments must stay as they are (``update.keep_modules`` finds them by
     module name, also inside the per-group states)."""
     grouped, _ = fit(two_task_loaders, grad_clip=1.0, module_optimizers={"linear2B": {}})
     plain, _ = fit(two_task_loaders, grad_clip=1.0)

@@ -5,7 +5,7 @@ gradient, as pure functions over a ``StepContext``.
     out = plain_grads(graph, state, batches, ctx)      # or weighted_grads, per_task_grads,
                                                        # representation_grads (balancers)
 
-Each gradient function returns a ``StepGrads``; ``step.finish_step`` applies it. The
+Each gradient function returns a ``StepGrads``; ``update.finish_step`` applies it. The
 steps that combine them are in ``step.py``.
 """
 

@@ -115,7 +115,7 @@ class ModuleOptimizersState(NamedTuple):
     Attributes:
       group_states: each group's (masked) optimizer state. A tuple, not
         ``optax.PartitionState``'s dict of labels: so the first dict key on a leaf's path
-        stays its module's name (what ``step.keep_modules`` reads).
+        stays its module's name (what ``update.keep_modules`` reads).
       members: per group, ``{module: GroupMember() or optax.MaskedNode()}`` over every
         module: which modules the group holds, in the state's *structure* (no leaves).
         A member's view of the state (``signatures.view_of``, shared task-family
