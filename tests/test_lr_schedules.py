@@ -175,3 +175,41 @@ def test_warmup_covering_all_updates_is_finite() -> None:
 def test_unknown_scheduler() -> None:
     with pytest.raises(ValueError, match="Unrecognized lr scheduler option 'foo'"):
         make_lr_schedule(LR, "foo", LRSchedulerConfig(), N_BATCHES, N_EPOCHS)
+
+
+def _sgd_moves(tx: optax.GradientTransformation, params: dict, n: int) -> list[dict]:
+    """The parameter moves of ``n`` updates by a gradient of ones (SGD: -move = lr)."""
+    state = tx.init(params)
+    moves = []
+    for _ in range(n):
+        updates, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+        moves.append({name: -float(value) for name, value in updates.items()})
+    return moves
+
+
+def test_gradient_accumulation_keeps_the_schedule_in_batches() -> None:
+    """With k = 2, update c (made of batches 2c, 2c+1) applies the rate of batch 2c: the
+    one-epoch warm-up lasts 5 batches and the cosine reaches its end at batch 10, as with
+    k = 1 (the schedule used to advance once per update: twice as slow). A module group
+    with its own lr follows the same clock, and the logged rate is the applied one."""
+    from jaxmtl import MultitaskClassifier
+    from jaxmtl.training.config import TrainerConfig
+    from jaxmtl.training.fit_setup import compile_settings
+
+    config = TrainerConfig(
+        n_epochs=N_EPOCHS, lr=LR, optimizer="sgd", grad_clip=None,
+        optimizer_config={"sgd_config": {"momentum": 0.0}}, lr_scheduler="cosine",
+        lr_scheduler_config={"warmup_steps": 1, "warmup_unit": "epochs"},
+        grad_accumulation_steps=2, module_optimizers={"head": {"lr": 2 * LR}})
+    settings = compile_settings(config, MultitaskClassifier([]), N_BATCHES)
+    moves = _sgd_moves(settings.tx, {"body": jnp.zeros(()), "head": jnp.zeros(())},
+                       N_BATCHES * N_EPOCHS)
+    by_hand = [LR * s / 5 if s < 5 else _cosine(s - 5, 5, 0.0) for s in range(10)]
+    applied = [by_hand[2 * (s // 2)] for s in range(10)]  # the rate of the update's first batch
+    for s, move in enumerate(moves):
+        expected = applied[s] if s % 2 == 1 else 0.0  # parameters move every 2nd batch
+        np.testing.assert_allclose(move["body"], expected, rtol=RTOL, atol=1e-9)
+        np.testing.assert_allclose(move["head"], 2 * expected, rtol=RTOL, atol=1e-9)
+    logged = [float(settings.lr_schedule(s)) for s in range(10)]
+    np.testing.assert_allclose(logged, applied, rtol=RTOL, atol=1e-9)
+    assert settings.warmup_steps == 5

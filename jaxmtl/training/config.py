@@ -114,8 +114,10 @@ class TrainerConfig(NestedConfig):
         for gradient methods, ``shared`` = the modules used by several tasks, are filled
         in from the model). Methods that compare tasks need several tasks per step
         ("mixed" scheduler); with one task per step they reduce to that task's gradient.
-      grad_accumulation_steps: apply the optimizer every k steps on the summed gradients
-        (``optax.MultiSteps``).
+      grad_accumulation_steps: apply the optimizer every k steps on the mean of the k
+        batches' gradients (``optax.MultiSteps``). The learning-rate schedule still
+        counts batches: an update applies the rate of its first batch, and
+        ``model/all/train/lr`` logs the rate applied to the next batch.
       precision: "fp32", or "bf16" (bfloat16 forward/backward on float32 parameters;
         losses and metrics stay float32).
       steps_per_call: with K > 1, the train datasets are put on the device and each

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from ..loader import DictDataLoader
 from .balancers import Balancer, balancer_for_tasks
 from .config import TrainerConfig
-from .lr_schedules import make_lr_schedule
+from .lr_schedules import applied_schedule, make_lr_schedule
 from .module_optimizers import lr_schedule_for
 from .step import make_optimizer
 
@@ -102,4 +102,5 @@ def compile_settings(config: TrainerConfig, model: MultitaskClassifier,
         n_batches_per_epoch, config.n_epochs,
     )
     tx = make_optimizer(config, lr_schedule, lr_schedule_for(config, n_batches_per_epoch))
-    return CompiledFit(tx, lr_schedule, warmup_steps, make_fit_balancer(config, model), None)
+    logged = applied_schedule(lr_schedule, config.grad_accumulation_steps)
+    return CompiledFit(tx, logged, warmup_steps, make_fit_balancer(config, model), None)

@@ -163,5 +163,34 @@ def make_lr_schedule(lr: float, lr_scheduler: str, config: LRSchedulerConfig,
     return schedule, warmup_steps
 
 
-__all__ = ["constant_decay", "cosine_decay", "exponential_decay", "linear_decay",
-           "make_lr_schedule", "resolve_warmup_steps", "step_decay"]
+def per_update_schedule(schedule: optax.ScalarOrSchedule, accumulation_steps: int
+                        ) -> optax.ScalarOrSchedule:
+    """``schedule`` (counted in batches) as the optimizer inside ``optax.MultiSteps`` sees
+    it: its count ``c`` counts updates, update ``c`` is made of batches ``c*k .. c*k+k-1``
+    (``k = accumulation_steps``) and applies the learning rate of its first batch,
+    ``schedule(c * k)``. Warm-up and decay are thus as long in batches as configured,
+    whatever ``k``. A number, or ``k == 1``, is returned as it is."""
+    if accumulation_steps == 1 or not callable(schedule):
+        return schedule
+
+    def per_update(count: jax.typing.ArrayLike) -> jax.Array:
+        return schedule(jnp.asarray(count) * accumulation_steps)
+
+    return per_update
+
+
+def applied_schedule(schedule: optax.Schedule, accumulation_steps: int) -> optax.Schedule:
+    """The learning rate applied to batch ``step`` (0-based): that of the update the batch
+    goes into, ``schedule((step // k) * k)`` (``per_update_schedule``); ``schedule``
+    itself when ``k == 1``. What the Trainer logs as ``model/all/train/lr``."""
+    if accumulation_steps == 1:
+        return schedule
+
+    def applied(step: jax.typing.ArrayLike) -> jax.Array:
+        return schedule((jnp.asarray(step) // accumulation_steps) * accumulation_steps)
+
+    return applied
+
+
+__all__ = ["applied_schedule", "constant_decay", "cosine_decay", "exponential_decay", "linear_decay",
+           "make_lr_schedule", "per_update_schedule", "resolve_warmup_steps", "step_decay"]

@@ -22,6 +22,7 @@ from ..initialisation import one_shot_compiler_options
 from ..model import PyTree
 from .balancers import Balancer
 from .config import OptimizerConfig, TrainerConfig
+from .lr_schedules import per_update_schedule
 from .module_optimizers import (
     module_optimizers_transform,
     optimizer_transforms,
@@ -123,7 +124,9 @@ def make_optimizer(config: TrainerConfig, learning_rate: optax.ScalarOrSchedule,
     gradients are zeroed before the clip): see ``training.module_optimizers``.
     With ``grad_accumulation_steps = k > 1`` the whole chain is wrapped in
     ``optax.MultiSteps``: parameters change every k-th step, on the mean of the k
-    gradients.
+    gradients, and a schedule (counted in batches, as the Trainer builds it) is read at
+    the update's first batch (``lr_schedules.per_update_schedule``), so warm-up and decay
+    last as many batches as configured.
 
     Args:
       config: the trainer settings.
@@ -132,6 +135,14 @@ def make_optimizer(config: TrainerConfig, learning_rate: optax.ScalarOrSchedule,
         overrides set ``lr`` (the Trainer passes ``module_optimizers.lr_schedule_for``);
         without it, ``learning_rate`` scaled by ``lr / config.lr``.
     """
+    k = config.grad_accumulation_steps
+    if k > 1:  # schedules count batches; the optimizer inside MultiSteps counts updates
+        learning_rate = per_update_schedule(learning_rate, k)
+        if schedule_for is not None:
+            per_batch = schedule_for
+
+            def schedule_for(lr: float) -> optax.ScalarOrSchedule:
+                return per_update_schedule(per_batch(lr), k)
     chain: list[optax.GradientTransformation] = []
     if config.module_optimizers and config.grad_clip:
         zero_frozen = zero_frozen_gradients(config.module_optimizers)
