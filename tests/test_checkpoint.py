@@ -185,6 +185,29 @@ def test_trainer_loads_best_model_at_end(two_task_loaders, tmp_path):
     assert sorted(os.listdir(tmp_path / "ck")) == ["best_model_task2_d2_valid_accuracy"]
 
 
+def test_a_checkpoint_metric_no_evaluation_computes_is_an_error(two_task_loaders, tmp_path):
+    """A typo in checkpoint_metric used to train to the end and keep the last model (an
+    INFO line only); the first checkpointing evaluation now names it and the nearest
+    metric, the logs are closed and the model keeps readable weights."""
+    model = MultitaskClassifier([make_task("task1"), make_task("task2", ("A", "C"))])
+    trainer = Trainer(n_epochs=2, lr=0.5, seed=0, progress_bar=False, checkpointing=True,
+                      optimizer="sgd",
+                      log_manager_config={"counter_unit": "batches", "evaluation_freq": 7},
+                      checkpointer_config={"checkpoint_dir": str(tmp_path / "ck"),
+                                           "checkpoint_metric": "task2/d2/valid/acuracy:max"})
+    with pytest.raises(ValueError, match=r"^CheckpointerConfig.checkpoint_metric: "
+                       r"'task2/d2/valid/acuracy' is not among the metrics this evaluation "
+                       r"computed.*did you mean 'task2/d2/valid/accuracy' or "):
+        trainer.fit(model, two_task_loaders)
+    assert np.isfinite(model.score(two_task_loaders)["task2/d2/valid/accuracy"])
+    trainer = Trainer(n_epochs=1, seed=0, progress_bar=False, checkpointing=True,
+                      checkpointer_config={"checkpoint_dir": str(tmp_path / "ck"),
+                                           "checkpoint_task_metrics": ["task3/d2/valid/f1:max"]})
+    with pytest.raises(ValueError, match=r"^CheckpointerConfig.checkpoint_task_metrics: "
+                       r"'task3/d2/valid/f1' is not among"):
+        trainer.fit(model, two_task_loaders)
+
+
 def test_trainer_save_load_continues_optimizer(two_task_loaders, tmp_path):
     model = MultitaskClassifier([make_task("task1")])
     trainer = Trainer(n_epochs=1, lr=0.01, seed=0, progress_bar=False, l2=0.001)

@@ -8,6 +8,7 @@ uninterrupted one.
 
 from __future__ import annotations
 
+import difflib
 import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -60,6 +61,27 @@ def make_checkpointer(config: TrainerConfig, log_writer: Any) -> Checkpointer:
                         log_writer=log_writer)
 
 
+def check_tracked_metrics(checkpointer: Checkpointer, metrics: dict[str, float]) -> None:
+    """Raises if a tracked metric (``checkpoint_metric``, ``checkpoint_task_metrics``) is
+    not among an evaluation's ``metrics``: a typo that would silently keep no best model
+    (the Checkpointer alone, as Snorkel's, skips it).
+
+    Raises:
+      ValueError: naming the metric, the closest metric names and all of them.
+    """
+    for metric in checkpointer.checkpoint_task_metrics:
+        if metric in metrics:
+            continue
+        field = ("checkpoint_metric" if metric in checkpointer.checkpoint_metric
+                 else "checkpoint_task_metrics")
+        close = difflib.get_close_matches(metric, list(metrics), n=3, cutoff=0.6)
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        raise ValueError(
+            f"CheckpointerConfig.{field}: '{metric}' is not among the metrics this "
+            f"evaluation computed, so no best model would ever be kept{hint} "
+            f"(metrics: {sorted(metrics)})")
+
+
 def checkpoint_run(checkpointer: Checkpointer, model: MultitaskClassifier, state: TrainState,
                    accumulator: dict[str, jax.Array], log_manager: LogManager,
                    train_loaders: Sequence[DictDataLoader], position: tuple[int, int],
@@ -76,7 +98,11 @@ def checkpoint_run(checkpointer: Checkpointer, model: MultitaskClassifier, state
       position: (epoch, batches done in it).
       seed: the fit's seed.
       metrics: the metrics of this evaluation (the checkpoint metric among them).
+
+    Raises:
+      ValueError: if a tracked checkpoint metric is not in ``metrics`` (a typo).
     """
+    check_tracked_metrics(checkpointer, metrics)
     epoch, next_batch = position
     if next_batch == log_manager.n_batches_per_epoch:
         epoch, next_batch = epoch + 1, 0
