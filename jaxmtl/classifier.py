@@ -349,11 +349,12 @@ class MultitaskClassifier:
 
     def score(
         self,
-        dataloaders: Sequence[DictDataLoader],
+        dataloaders: DictDataLoader | Sequence[DictDataLoader],
         remap_labels: Mapping[str, str | None] | None = None,
         as_dataframe: bool = False,
     ) -> dict[str, float] | pd.DataFrame:
-        """Scores every label set with its task's Scorer, per dataloader.
+        """Scores every label set with its task's Scorer, per dataloader (a list of
+        DictDataLoaders, or one).
 
         Returns:
           ``{"label/dataset/split/metric": value}`` plus, per split and metric, the macro

@@ -265,12 +265,32 @@ def predict(model: MultitaskClassifier, dataloader: DictDataLoader, return_preds
     return results
 
 
+def loader_list(dataloaders: DictDataLoader | Sequence[DictDataLoader], caller: str
+                ) -> list[DictDataLoader]:
+    """``dataloaders`` as a list: one DictDataLoader, or a list/tuple of them.
+
+    Raises:
+      TypeError: for anything else, naming ``caller``, the offending value's type and
+        its position.
+    """
+    if isinstance(dataloaders, DictDataLoader):
+        return [dataloaders]
+    if not isinstance(dataloaders, (list, tuple)):
+        raise TypeError(f"{caller} expects a DictDataLoader or a list of them, got "
+                        f"{type(dataloaders).__name__}")
+    for index, dataloader in enumerate(dataloaders):
+        if not isinstance(dataloader, DictDataLoader):
+            raise TypeError(f"{caller} expects a DictDataLoader or a list of them; item "
+                            f"{index} is a {type(dataloader).__name__}")
+    return list(dataloaders)
+
+
 def score(model: MultitaskClassifier, dataloaders: Sequence[DictDataLoader],
           remap_labels: Mapping[str, str | None] | None, as_dataframe: bool
           ) -> dict[str, float] | pd.DataFrame:
     """``model.score``: every label set scored by its task's Scorer, per dataloader."""
     scores: dict[str, float] = {}
-    for dataloader in dataloaders:
+    for dataloader in loader_list(dataloaders, "score"):
         dataset = dataloader.dataset
         label_tasks = labels_to_tasks(model.graph, list(dataset.Y_dict), remap_labels or {})
         extra = set(dataset.Y_dict) - set(label_tasks)

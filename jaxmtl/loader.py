@@ -384,3 +384,4 @@ class DictDataLoader:
             # Runs at the end, on an error, and when the consumer closes or drops the
             # iterator early: no thread outlives the pass.
             executor.shutdown(wait=True, cancel_futures=True)
+

@@ -74,6 +74,7 @@ def test_score_matches_sklearn(model):
     assert list(frame.columns) == ["label", "dataset", "split", "metric", "score"]
     assert frame.iloc[0].tolist() == ["task1", "ds", "valid", "accuracy", pytest.approx(expected)]
     assert frame.iloc[1].tolist()[:4] == ["model", "all", "valid", "accuracy"]
+    assert model.score(dl) == model.score([dl])  # one loader, as predict takes
 
 
 def test_score_ignores_unlabelled_rows_and_soft_golds(model):

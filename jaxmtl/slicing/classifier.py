@@ -22,6 +22,7 @@ import numpy as np
 from ..analysis.scorer import Scorer
 from ..classifier import MultitaskClassifier
 from ..data import DictDataset
+from ..evaluation import loader_list
 from ..loader import DictDataLoader
 from ..task import Operation, Task
 from .labels import BASE_SLICE, add_slice_labels, check_slice_names
@@ -147,8 +148,8 @@ class SliceAwareClassifier(MultitaskClassifier):
                     remap[label] = target
         return remap
 
-    def score_slices(self, dataloaders: Sequence[DictDataLoader], as_dataframe: bool = False
-                     ) -> Mapping[str, float] | pd.DataFrame:
+    def score_slices(self, dataloaders: DictDataLoader | Sequence[DictDataLoader],
+                     as_dataframe: bool = False) -> Mapping[str, float] | pd.DataFrame:
         """Scores every slice's rows with the master head (``base_task``), not the slice heads.
 
         Each ``{task}_slice:{s}_pred`` label set is scored on the master task's
@@ -158,6 +159,7 @@ class SliceAwareClassifier(MultitaskClassifier):
         Returns:
           As ``score``: ``{"label/dataset/split/metric": value}`` or a DataFrame.
         """
+        dataloaders = loader_list(dataloaders, "score_slices")
         labels = [label for dataloader in dataloaders for label in dataloader.dataset.Y_dict]
         return self.score(dataloaders, remap_labels=self.slice_label_remap(labels),
                           as_dataframe=as_dataframe)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from ..evaluation import loader_list
 from ..loader import DictDataLoader
 from .balancers import Balancer, balancer_for_tasks
 from .config import TrainerConfig
@@ -52,14 +53,13 @@ def check_dataloaders(config: TrainerConfig, dataloaders: Sequence[DictDataLoade
     """The loaders of ``config.train_split``, after checking every loader's split.
 
     Raises:
-      ValueError: for a value that is not a DictDataLoader, a dataset whose split is not
-        the train, valid or test split (naming the dataset and its split), or no train
-        loader.
+      TypeError: for a value that is not a DictDataLoader (``evaluation.loader_list``).
+      ValueError: for a dataset whose split is not the train, valid or test split (naming
+        the dataset and its split), or no train loader.
     """
     all_splits = [config.train_split, config.valid_split, config.test_split]
+    dataloaders = loader_list(dataloaders, "Trainer.fit")
     for dl in dataloaders:
-        if not isinstance(dl, DictDataLoader):
-            raise ValueError(f"Expected DictDataLoaders, got {type(dl).__name__}")
         if dl.dataset.split not in all_splits:
             raise ValueError(
                 f"Dataloader splits must be one of {all_splits}; dataset "

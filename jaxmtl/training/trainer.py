@@ -21,6 +21,7 @@ from jax.experimental import multihost_utils
 
 from ..classifier import MultitaskClassifier
 from ..compilation_cache import ensure_compilation_cache
+from ..evaluation import loader_list
 from ..loader import DictDataLoader
 from ..parallel import check_balancer_parallel, choose_parallel
 from .accumulate import Accumulator, zero_loss_accumulator
@@ -107,20 +108,22 @@ class Trainer:
         steps = self.compiled_steps
         return 0 if steps is None else steps.programs()
 
-    def fit(self, model: MultitaskClassifier, dataloaders: Sequence[DictDataLoader],
+    def fit(self, model: MultitaskClassifier,
+            dataloaders: DictDataLoader | Sequence[DictDataLoader],
             resume_from: str | None = None) -> None:
         """Trains ``model`` on the loaders of the train split; evaluates on the valid split.
 
         Args:
           model: the classifier; initialised from the first train batch if needed.
-          dataloaders: DictDataLoaders whose ``dataset.split`` is the train, valid or
-            test split.
+          dataloaders: DictDataLoaders (a list, or one) whose ``dataset.split`` is the
+            train, valid or test split.
           resume_from: a checkpoint directory (the ``checkpoint_dir`` of an earlier run),
             or "latest" for the configured one: training continues from the batch after
             its latest checkpoint, with the same parameters, optimizer state, PRNG key,
             batch order, counters and best-metric tracking, so the result equals an
             uninterrupted run's.
         """
+        dataloaders = loader_list(dataloaders, "Trainer.fit")
         run, state, accumulator = self._set_up(model, dataloaders)
         log_manager, checkpointer = self._open_logs(run)
         state, accumulator, (start_epoch, start_batch) = self._start_position(
