@@ -1,5 +1,7 @@
 """Balancers, the "mixed" scheduler, gradient accumulation and bf16 inside the Trainer."""
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -83,11 +85,18 @@ def test_every_balancer_trains_both_tasks(two_task_loaders, equal_mixed_params, 
     assert all(np.all(np.isfinite(np.asarray(leaf, np.float64))) for leaf in leaves)
 
 
-def test_balancer_with_one_task_per_step_is_that_tasks_gradient(two_task_loaders):
-    model, _ = fit(two_task_loaders, balancer="pcgrad", n_epochs=3, lr=0.05)
+def test_balancer_with_one_task_per_step_is_that_tasks_gradient(two_task_loaders, caplog):
+    with caplog.at_level(logging.WARNING, logger="jaxmtl"):
+        model, _ = fit(two_task_loaders, balancer="pcgrad", n_epochs=3, lr=0.05)
+    # ... which the fit says, with what to do instead.
+    warned = [r.getMessage() for r in caplog.records if "reduces to the plain" in r.getMessage()]
+    assert len(warned) == 1 and "batch_scheduler='mixed'" in warned[0], warned
     assert valid_scores(model, two_task_loaders)["model/all/valid/accuracy"] > 0.85
     # One task per step: PCGrad has nothing to project, so it trains as the plain loss.
-    plain, _ = fit(two_task_loaders, n_epochs=3, lr=0.05)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="jaxmtl"):
+        plain, _ = fit(two_task_loaders, n_epochs=3, lr=0.05)
+    assert not [r for r in caplog.records if "reduces to the plain" in r.getMessage()]
     for a, b in zip(jax.tree.leaves(plain.params), jax.tree.leaves(model.params), strict=True):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
 

@@ -44,6 +44,25 @@ def warn_unused_labels(model: MultitaskClassifier, dataloaders: Sequence[DictDat
             sorted({key for dl in train for key in dl.dataset.Y_dict}), model.task_names)
 
 
+def warn_single_task_steps(balancer: Any, batch_scheduler: str, model: MultitaskClassifier,
+                           train_loaders: Sequence[DictDataLoader]) -> None:
+    """Warns when a gradient balancer (PCGrad, MGDA, ...) will only ever see one task per
+    step: each train loader labels at most one task and the scheduler is not "mixed", so
+    every step's combined gradient is that one task's, the plain summed loss's."""
+    if balancer is None or not getattr(balancer, "needs_task_grads", False) \
+            or batch_scheduler == "mixed":
+        return
+    tasks = set(model.task_names)
+    per_loader = [len(set(dl.dataset.Y_dict) & tasks) for dl in train_loaders]
+    if max(per_loader, default=0) <= 1:
+        logger.warning(
+            "The balancer compares per-task gradients, but every train loader labels one "
+            "task and batch_scheduler=%r gives each step one loader's batch: each step "
+            "trains one task and the balancer reduces to the plain summed loss. Use "
+            "batch_scheduler='mixed' (one batch of every loader per step), or datasets "
+            "that label several tasks", batch_scheduler)
+
+
 def output_widths(model: MultitaskClassifier, dataloaders: Sequence[DictDataLoader]
                   ) -> dict[str, int]:
     """Task name -> K, the width of its logits [B, K], from shapes alone (no compute).

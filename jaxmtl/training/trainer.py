@@ -40,7 +40,7 @@ from .fit_setup import (
 from .guards import DivergenceMonitor, InterruptGuard, all_finite
 from .log_manager import LogManager
 from .module_optimizers import check_module_names, uses_user_transformation
-from .preflight import check_labels_fit_heads, warn_unused_labels
+from .preflight import check_labels_fit_heads, warn_single_task_steps, warn_unused_labels
 from .progress import EpochProgress, Metrics, train_loss_metrics
 from .resume import continue_optimizer, load_optimizer_state, save_optimizer_state
 from .runners import Runner, make_runner
@@ -210,6 +210,7 @@ class Trainer:
         finally:  # the steps' XLA compile waits for the model's: both at once, +75 MiB
             model_compiled.set()
         check_labels_fit_heads(model, dataloaders)
+        warn_single_task_steps(compiled.balancer, config.batch_scheduler, model, train_loaders)
         variables = model.variables if model.variables is not None else {"params": {}}
         check_module_names(config.module_optimizers, variables.get("params", {}))
         state = TrainState.create(variables, compiled.tx, jax.random.PRNGKey(self.seed),
