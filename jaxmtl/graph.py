@@ -88,6 +88,37 @@ def same_module(a: Any, b: Any) -> bool:
         return False
 
 
+def module_difference(a: Any, b: Any, limit: int = 60) -> str:
+    """How two module-pool entries differ, briefly: for Flax modules of one type the
+    configuration fields that differ (``features=2 vs 10``; nested modules and lists of
+    them field by field, ``layers[0].features=2 vs 3``), else their types."""
+    def short(value: Any) -> str:
+        text = " ".join(repr(value).split())
+        return text if len(text) <= limit else text[: limit - 3] + "..."
+
+    def differences(left: Any, right: Any, path: str) -> list[str]:
+        if same_module(left, right):
+            return []
+        if type(left) is type(right) and dataclasses.is_dataclass(left):
+            return [line for field in dataclasses.fields(left)
+                    if field.name not in ("parent", "name")
+                    for line in differences(getattr(left, field.name, None),
+                                            getattr(right, field.name, None),
+                                            f"{path}.{field.name}".lstrip("."))]
+        if isinstance(left, (list, tuple)) and isinstance(right, (list, tuple)) \
+                and len(left) == len(right):
+            return [line for index, pair in enumerate(zip(left, right, strict=True))
+                    for line in differences(*pair, f"{path}[{index}]")]
+        if type(left) is not type(right) and dataclasses.is_dataclass(left):
+            return [f"{path or 'module'}: a {type(left).__name__} vs a {type(right).__name__}"]
+        return [f"{path}={short(left)} vs {short(right)}" if path
+                else f"{short(left)} vs {short(right)}"]
+
+    lines = differences(a, b, "")
+    kind = f"two {type(a).__name__}s with " if type(a) is type(b) else ""
+    return kind + ", ".join(lines[:4]) + (f" (+{len(lines) - 4} more)" if len(lines) > 4 else "")
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class ModelGraph:
     """The merged computation of a set of tasks (static: closed over by jitted functions).
@@ -249,9 +280,9 @@ def build_graph(tasks: Sequence[Task]) -> ModelGraph:
                         f"tasks that share it must put the same object in their pools")
                 raise ValueError(
                     f"Module name '{name}' is used for two different modules: "
-                    f"{module_pool[name]!r} and {module!r} (task '{task.name}'); modules "
-                    f"under one name share weights and must have the same configuration"
-                )
+                    f"{module_difference(module_pool[name], module)} (task '{task.name}'); "
+                    f"modules under one name share weights and must have the same "
+                    f"configuration")
             module_pool.setdefault(name, module)
         view: dict[str, str] = {}
         sequence: list[str] = []

@@ -35,7 +35,8 @@ def test_graph_errors():
     with pytest.raises(ValueError, match="Found duplicate task 'task1'"):
         build_graph([make_task("task1"), make_task("task1")])
     wide = make_task("task2", hidden=20)
-    with pytest.raises(ValueError, match="Module name 'linear1A' is used for two different modules"):
+    with pytest.raises(ValueError, match=r"^Module name 'linear1A' is used for two different "
+                       r"modules: two Denses with features=10 vs 20 \(task 'task2'\); "):
         build_graph([make_task("task1"), wide])
 
 

@@ -41,7 +41,9 @@ def test_dict_metric():
 
 
 def test_invalid_metric():
-    with pytest.raises(ValueError, match="Unrecognized metric: f2"):
+    with pytest.raises(ValueError, match=r"^Unrecognized metric: f2; the metrics are "
+                       r"\['accuracy', 'coverage', 'f1', .*'roc_auc'\]; pass your own in "
+                       r"custom_metric_funcs$"):
         Scorer(metrics=["accuracy", "f2"])
 
 

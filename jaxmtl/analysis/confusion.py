@@ -192,7 +192,8 @@ CONFUSION_METRICS = tuple(_FROM_CONFUSION)
 def score_confusion(confusion: ConfusionMatrix, metric: str, **kwargs: Any) -> float:
     """One metric of ``CONFUSION_METRICS`` (NaN on an empty matrix); kwargs: pos_label, beta."""
     if metric not in _FROM_CONFUSION:
-        raise ValueError(f"Unrecognized metric: {metric}")
+        raise ValueError(f"Unrecognized metric: {metric}; the metrics are "
+                         f"{sorted(_FROM_CONFUSION)}")
     if confusion.num_points == 0:
         return float("nan")
     return _FROM_CONFUSION[metric](confusion, **kwargs)

@@ -185,7 +185,8 @@ def metric_score(
         ValueError: unknown metric, missing required input, malformed labels.
     """
     if metric not in METRICS:
-        raise ValueError(f"Unrecognized metric: {metric}")
+        raise ValueError(f"Unrecognized metric: {metric}; the metrics are "
+                         f"{sorted(METRICS)}")
     golds = to_label_array(golds, "golds", allow_soft=True) if golds is not None else None
     preds = to_label_array(preds, "preds") if preds is not None else None
     probs = np.asarray(probs) if probs is not None else None

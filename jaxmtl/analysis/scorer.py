@@ -52,7 +52,8 @@ class Scorer:
     ) -> None:
         for metric in metrics or ():
             if metric not in METRICS:
-                raise ValueError(f"Unrecognized metric: {metric}")
+                raise ValueError(f"Unrecognized metric: {metric}; the metrics are "
+                                 f"{sorted(METRICS)}; pass your own in custom_metric_funcs")
         self.custom_metric_funcs: dict[str, CustomMetric] = dict(custom_metric_funcs or {})
         self.abstain_label = abstain_label
         # Snorkel keeps one dict where a custom func overrides a standard metric in place.
