@@ -122,9 +122,9 @@ def main(argv: list[str] | None = None) -> None:
     created = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
     machine = {**machine_info(), **git_state()}
     if args.varlen:
-        spec = varlen.spec(args.repeats)
-        records = run_set(_select(varlen.IMPLEMENTATIONS, args.only), spec, args.python,
-                          torch_python, args.max_other_load, args.retries)
+        spec, records = varlen.run_per_distribution(
+            run_set, _select(varlen.IMPLEMENTATIONS, args.only), args.repeats, args.python,
+            torch_python, args.max_other_load, args.retries)
         run = {"created": created, "machine": machine, "spec": spec, "records": records}
         stem = "varlen"
         markdown, png_note = varlen.render_markdown(run), "no plot for --varlen"

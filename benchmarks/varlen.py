@@ -5,7 +5,8 @@ The workload (issue 14): token ids with lognormal lengths, 8,000 rows, model emb
 with global-norm clipping 1.0, shuffled, one task. Two length distributions: median 24
 with the tail clipped at 239 (mean ~31) and at 512 (mean ~40).
 
-Rows (implementations), each in its own child process (``runner.run_child``):
+Rows (implementations), each in its own child process per distribution
+(``runner.run_child``):
 
 - ``snorkel``: Snorkel 0.10 ``Trainer.fit``; its ``DictDataLoader`` pads each batch to the
   batch's longest row (``collate_dicts``); the module masks token id 0.
@@ -257,12 +258,12 @@ def render_markdown(run_record: dict[str, Any]) -> str:
              f"Machine: {machine.get('cpu_model')}, {machine.get('usable_cores')} usable "
              f"cores, load average at start {machine.get('load_average')}; commit "
              f"{machine.get('commit')}.", ""]
-    by_key = {r["key"]: r for r in run_record["records"]}
+    records = run_record["records"]  # one per implementation and distribution
     checks = []
     for name, _, _ in spec["distributions"]:
         rows = {}
-        for key, record in by_key.items():
-            result = record["result"]
+        for record in records:
+            key, result = record["key"], record["result"]
             for item in result.get("results", []):
                 if item["distribution"] == name:
                     rows[key] = (item, record)
@@ -301,8 +302,8 @@ def render_markdown(run_record: dict[str, Any]) -> str:
                     programs = item["compiled_train_programs"]
                     checks.append(f"- {key} compiled train programs <= 8: {programs} "
                                   f"{'PASS' if programs <= 8 else 'FAIL'}")
-    errors = [f"- {key}: {r['result'].get('error') or r['result'].get('skipped')}"
-              for key, r in by_key.items() if "results" not in r["result"]]
+    errors = [f"- {r['key']}: {r['result'].get('error') or r['result'].get('skipped')}"
+              for r in records if "results" not in r["result"]]
     lines += ["## Targets (max512)", "", *checks]
     if errors:
         lines += ["", "## Not measured", "", *errors]
@@ -312,6 +313,18 @@ def render_markdown(run_record: dict[str, Any]) -> str:
 def spec(repeats: int | None) -> dict[str, Any]:
     """The run specification the children get."""
     return {"distributions": DISTRIBUTIONS, "repeats": repeats or 3}
+
+
+def run_per_distribution(run_set: Any, impls: list[Implementation], repeats: int | None,
+                         *run_set_args: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The spec and the records of one child per implementation *and* distribution
+    (``run_set(impls, spec, *run_set_args)`` per distribution), so that no figure carries
+    what an earlier distribution left in its process (allocator state, caches)."""
+    full = spec(repeats)
+    records = []
+    for distribution in full["distributions"]:
+        records += run_set(impls, {**full, "distributions": [distribution]}, *run_set_args)
+    return full, records
 
 
 if __name__ == "__main__":
