@@ -21,6 +21,10 @@ def _interrupt_after(seconds: float) -> None:
     signal.setitimer(signal.ITIMER_REAL, seconds)
 
 
+# A timed SIGINT can land inside a weakref callback, where Python prints and drops the
+# KeyboardInterrupt ("Exception ignored in ... WeakKeyDictionary remove"); the guard raises
+# it again at the next step (test_an_interrupt_python_ignored_is_raised_at_the_next_step).
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_ctrl_c_never_leaves_deleted_arrays(tmp_path):
     loaders = disjoint_loaders()
     model = jaxmtl.MultitaskClassifier(tutorial_tasks())
