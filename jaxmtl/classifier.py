@@ -383,8 +383,9 @@ class MultitaskClassifier:
         """Loads variables from a ``save`` file or a Checkpointer directory; all or nothing.
 
         Works on an uninitialised model. ``model_path`` may be a file written by ``save``
-        (version 1 or 2), a ``best_model_<metric>`` directory, a step directory inside it,
-        or a ``checkpoints/<n>`` step of a checkpoint_dir.
+        (version 1 or 2), a ``best_model_<metric>`` directory, a numbered checkpoint inside
+        it, or a ``checkpoints/<n>`` of a checkpoint_dir (``<n>`` numbers a run's
+        checkpoints from 0; its ``meta/`` holds the iteration it was taken at).
 
         Raises:
           FileNotFoundError: if ``model_path`` does not exist.

@@ -21,7 +21,7 @@ from jaxmtl.training.checkpoint import (
 )
 from jaxmtl.training.config import CheckpointerConfig, TrainerConfig
 from jaxmtl.training.locks import DirectoryLockedError
-from jaxmtl.training.orbax_io import restore_checkpoint
+from jaxmtl.training.orbax_io import CheckpointError, restore_checkpoint
 from jaxmtl.training.resume import save_optimizer_state
 from jaxmtl.training.state import make_optimizer
 
@@ -183,6 +183,12 @@ def test_trainer_loads_best_model_at_end(two_task_loaders, tmp_path):
     valid = [dl for dl in two_task_loaders if dl.dataset.split == "valid"]
     assert model.score(valid)["task2/d2/valid/accuracy"] == pytest.approx(best)
     assert sorted(os.listdir(tmp_path / "ck")) == ["best_model_task2_d2_valid_accuracy"]
+    # checkpoint_clear=True (the default) removed the resume checkpoints: continuing the
+    # finished run says so (it used to say "not a jaxmtl checkpoint directory").
+    with pytest.raises(CheckpointError, match=r"no resume checkpoints \(checkpoints/\), only "
+                       r"the best models \['best_model_task2_d2_valid_accuracy'\]: the run "
+                       r"that wrote them finished with checkpoint_clear=True"):
+        trainer.fit(model, two_task_loaders, resume_from=str(tmp_path / "ck"))
 
 
 def test_a_checkpoint_metric_no_evaluation_computes_is_an_error(two_task_loaders, tmp_path):

@@ -84,6 +84,16 @@ def restore_training(root: str, task_names: Sequence[str], n_train_loaders: int,
         (tasks, number of loaders, position).
     """
     directory = os.path.join(root, CHECKPOINTS_SUBDIR)
+    if os.path.isdir(root) and not os.path.isdir(directory):
+        best = sorted(entry for entry in os.listdir(root) if entry.startswith("best_model_"))
+        if best:
+            raise CheckpointError(
+                f"{root}: no resume checkpoints ({CHECKPOINTS_SUBDIR}/), only the best models "
+                f"{best}: the run that wrote them finished with checkpoint_clear=True (the "
+                f"default), which removes the resume checkpoints at the end. To continue "
+                f"a finished run later, train it with checkpointer_config="
+                f"{{'checkpoint_clear': False}}; to start from a best model, "
+                f"model.load('{os.path.join(root, best[0])}') and fit without resume_from")
     # The metadata first: a run that does not match is named as such, before its arrays
     # are compared leaf by leaf.
     _, meta = restore_checkpoint(directory, None, {})
