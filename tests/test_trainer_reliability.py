@@ -67,6 +67,46 @@ def _interrupt_each(trainer, model, loaders, delays, steps) -> None:
             assert np.all(np.isfinite(np.asarray(leaf)))
 
 
+def test_ctrl_c_during_a_checkpoint_save_waits_for_it(tmp_path, monkeypatch):
+    """A SIGINT while a checkpoint is being written is delivered once the save call has
+    returned: fit stops with KeyboardInterrupt, the checkpoint is complete (no Orbax
+    temporary directory; an interrupt inside Orbax left one and printed its threads'
+    errors) and the run resumes from it."""
+    from jaxmtl.training.checkpoint import Checkpointer
+
+    original = Checkpointer._save
+    saves = []
+
+    def interrupted_save(self, *args, **kwargs):
+        if not saves:
+            os.kill(os.getpid(), signal.SIGINT)  # handled at once: inside the save
+        saves.append(args[0])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Checkpointer, "_save", interrupted_save)
+    loaders = disjoint_loaders()
+    checkpoint_dir = tmp_path / "ck"
+    settings = dict(n_epochs=2, lr=0.01, seed=0, progress_bar=False, checkpointing=True,
+                    checkpointer_config={"checkpoint_dir": str(checkpoint_dir),
+                                         "checkpoint_clear": False})
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            jaxmtl.Trainer(**settings).fit(jaxmtl.MultitaskClassifier(tutorial_tasks()),
+                                           loaders)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    # The first checkpoint (resume state and best model) was written whole; nothing after.
+    assert saves == ["checkpoints", "best_model_model_all_train_loss"]
+    leftovers = [path for path in checkpoint_dir.rglob("*") if "tmp" in path.name]
+    assert sorted(os.listdir(checkpoint_dir / "checkpoints")) == ["0"] and not leftovers
+    model = jaxmtl.MultitaskClassifier(tutorial_tasks())
+    trainer = jaxmtl.Trainer(**settings)
+    trainer.fit(model, loaders, resume_from=str(checkpoint_dir))
+    per_epoch = sum(len(dl) for dl in loaders if dl.dataset.split == "train")
+    assert int(trainer.state.step) == 2 * per_epoch  # epoch 1 resumed and finished
+
+
 def _diverging_trainer(tmp_path, on_nonfinite: str) -> jaxmtl.Trainer:
     return jaxmtl.Trainer(
         n_epochs=3, lr=1e30, optimizer="sgd", seed=0, progress_bar=False,

@@ -159,7 +159,7 @@ class Trainer:
                                 state, accumulator = runner.flush(state, accumulator)
                             accumulator = self._evaluate_and_checkpoint(
                                 model, run, runner, state, accumulator, log_manager,
-                                checkpointer, monitor, position)
+                                checkpointer, monitor, position, guard)
                         if progress.due():
                             self._show_progress(progress, runner.host(accumulator), run,
                                                 model, monitor, _where(position))
@@ -171,7 +171,9 @@ class Trainer:
                                         monitor, f"the end of epoch {epoch}")
             monitor.check(all_finite(runner.host(state).params), "the end of training",
                           "the parameters")
-        self._finish_run(model, log_manager, checkpointer)
+        # A Ctrl-C now waits for the last checkpoint writes and the best model's load.
+        with InterruptGuard() as guard, guard.critical():
+            self._finish_run(model, log_manager, checkpointer)
 
     # --- set-up, evaluation and teardown of a fit -----------------------------------------
     def _set_up(self, model: MultitaskClassifier, dataloaders: Sequence[DictDataLoader]
@@ -307,10 +309,12 @@ class Trainer:
     def _evaluate_and_checkpoint(self, model: MultitaskClassifier, run: FitRun, runner: Runner,
                                  state: TrainState, accumulator: Accumulator,
                                  log_manager: LogManager, checkpointer: Checkpointer | None,
-                                 monitor: DivergenceMonitor, position: tuple[int, int]
-                                 ) -> Accumulator:
+                                 monitor: DivergenceMonitor, position: tuple[int, int],
+                                 guard: InterruptGuard) -> Accumulator:
         """Logs the train losses and valid metrics (``self.metrics``), checkpoints when
-        due and the run is finite; returns the zeroed accumulator."""
+        due and the run is finite; returns the zeroed accumulator. A Ctrl-C during the
+        checkpoint's save waits for it (Orbax cut mid-save leaves a temporary directory
+        and prints its threads' errors); one during the evaluation stops at once."""
         host_state, accumulated = runner.host(state), runner.host(accumulator)
         finite = monitor.check_losses(accumulated["loss_sum"], _where(position))
         model.variables = host_state.variables
@@ -322,8 +326,10 @@ class Trainer:
         accumulator = runner.zero_accumulator()
         if log_manager.trigger_checkpointing() and finite and monitor.check(
                 all_finite(host_state.params), _where(position), "the parameters"):
-            checkpoint_run(checkpointer, model, host_state, runner.host(accumulator),
-                           log_manager, run.train_loaders, position, self.seed, self.metrics)
+            with guard.critical():
+                checkpoint_run(checkpointer, model, host_state, runner.host(accumulator),
+                               log_manager, run.train_loaders, position, self.seed,
+                               self.metrics)
             monitor.last_checkpoint = f"{checkpointer.checkpoint_dir} at {_where(position)}"
         return accumulator
 
