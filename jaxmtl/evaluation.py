@@ -78,10 +78,18 @@ def labels_to_tasks(graph: ModelGraph, label_names: Sequence[str],
       label_names: a dataset's label names.
       remap_labels: label name -> task name (None drops the label); other labels map to
         the task of their own name, if any.
+
+    Raises:
+      ValueError: if ``remap_labels`` maps a label to a name that is not a task (Snorkel
+        raises a KeyError there; a typo would silently drop the label set).
     """
     mapping = {}
     for label in label_names:
         task = remap_labels.get(label, label)
+        if label in remap_labels and task is not None and task not in graph.op_sequences:
+            raise ValueError(f"remap_labels maps label '{label}' to '{task}', which is not a "
+                             f"task of the model; the tasks are {list(graph.task_names)} "
+                             f"(map a label to None to skip it)")
         if task is not None and task in graph.op_sequences:
             mapping[label] = task
     return mapping

@@ -104,6 +104,13 @@ def test_remap_labels(model):
     task2_probs = model.predict(loader(n=8, labels={"task2": np.ones(8, int)}))["probs"]["task2"]
     np.testing.assert_allclose(probs["other"], task2_probs)
     assert model.score([dl], remap_labels={"task1": None}) == {}
+    # A target that is no task (a typo) is an error, as Snorkel's KeyError; it used to
+    # drop the label set from the scores with an INFO line.
+    with pytest.raises(ValueError, match=r"^remap_labels maps label 'other' to 'taks2', which "
+                       r"is not a task of the model; the tasks are \['task1', 'task2'\]"):
+        model.score([dl], remap_labels={"other": "taks2"})
+    with pytest.raises(ValueError, match="'taks2', which is not a task"):
+        model.predict(dl, remap_labels={"other": "taks2"})
 
 
 def test_calculate_loss_counts_and_empty_batches(model):
