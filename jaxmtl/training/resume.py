@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from .._lazy import lazy_module
 from .checkpoint import CHECKPOINTS_SUBDIR
@@ -182,7 +183,9 @@ def load_optimizer_state(path: str, current: TrainerConfig, params: Any
                                                            current.module_optimizers)
     config = from_dict(TrainerConfig, _tuples(saved))
     if params is None:
-        logger.warning("Trainer.load: model is not initialised; restored the config only")
+        logger.warning("Trainer.load: no model, or a model without parameters, was given; "
+                       "restored the config only (pass the trained model to restore the "
+                       "optimizer state)")
         return config, None
     tx = make_optimizer(config, lambda count: config.lr)
     target = {"opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
@@ -195,7 +198,10 @@ def load_optimizer_state(path: str, current: TrainerConfig, params: Any
 
 
 def continue_optimizer(state: TrainState, loaded: dict[str, Any] | None) -> TrainState:
-    """``state`` with the optimizer state and update count of ``load_optimizer_state``.
+    """``state`` with the optimizer state of ``load_optimizer_state``: the moments (and
+    Adam's bias-correction count) continue, while the learning-rate schedule and the step
+    count start again with the new fit, as every fit's do (a schedule continued from a
+    finished run would stay at its end: a linear decay's lr 0, nothing trained).
 
     A loaded state whose shapes do not match (another model) is ignored with a warning.
     """
@@ -205,4 +211,15 @@ def continue_optimizer(state: TrainState, loaded: dict[str, Any] | None) -> Trai
         logger.warning("The loaded optimizer state does not match this model's parameters; "
                        "starting a fresh optimizer.")
         return state
-    return state.replace(opt_state=loaded["opt_state"], step=loaded["step"])
+    return state.replace(opt_state=restart_schedules(loaded["opt_state"]))
+
+
+def restart_schedules(opt_state: Any) -> Any:
+    """``opt_state`` with every learning-rate schedule's count (``optax``'s
+    ``ScaleByScheduleState``) at 0; every other leaf as it is."""
+    def is_schedule(node: Any) -> bool:
+        return isinstance(node, optax.ScaleByScheduleState)
+
+    return jax.tree.map(
+        lambda node: node._replace(count=jnp.zeros_like(node.count)) if is_schedule(node)
+        else node, opt_state, is_leaf=is_schedule)

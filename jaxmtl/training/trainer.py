@@ -373,10 +373,11 @@ class Trainer:
     def load(self, trainer_path: str, model: MultitaskClassifier | None) -> None:
         """Restores the config and, when it fits ``model``, the optimizer state.
 
-        The next ``fit`` continues from the loaded optimizer state (moments and update
-        count) instead of a fresh optimizer. If ``model`` is None, uninitialised or its
-        parameters do not match the saved optimizer state, only the config is restored and
-        a warning says so.
+        The next ``fit`` continues the loaded optimizer's moments (and Adam's
+        bias-correction count) instead of a fresh optimizer's; its learning-rate schedule
+        and step count start again. If ``model`` is None, uninitialised or its parameters
+        do not match the saved optimizer state, only the config is restored and a warning
+        says so.
         """
         params = None if model is None else model.params
         self.config, self._loaded_optimizer = load_optimizer_state(trainer_path, self.config,
