@@ -3,10 +3,12 @@ seeds, errors that name the mistake (issue 11)."""
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -107,6 +109,33 @@ def test_scalar_loss_func_trains_like_the_per_example_form():
         params.append(model.params)
     for a, b in zip(jax.tree.leaves(params[0]), jax.tree.leaves(params[1]), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def _weighted_cross_entropy(logits, labels):
+    """torch's F.cross_entropy(weight=[1, 10]): sum(w[y] * ce) / sum(w[y])."""
+    weights = jnp.asarray([1.0, 10.0])[labels]
+    return jnp.sum(weights * jaxmtl.cross_entropy(logits, labels, "none")) / jnp.sum(weights)
+
+
+def test_a_scalar_loss_that_is_not_a_mean_of_rows_is_refused():
+    """Row by row, a class-weighted mean (torch's weight=) or a sum trains as the plain
+    mean: the weights cancel. fit refuses it before the first step, saying what to write;
+    plain means (F.cross_entropy's form) and per-row losses pass."""
+    from jaxmtl.training.preflight import check_scalar_losses
+
+    loaders = disjoint_loaders()
+    widths = {"circle_task": 2, "square_task": 2}
+    for loss_func in (None, jaxmtl.cross_entropy, lambda x, y: jaxmtl.cross_entropy(x, y) * 3):
+        check_scalar_losses(jaxmtl.MultitaskClassifier(tutorial_tasks(loss_func)), loaders,
+                            widths)
+    summed = functools.partial(jaxmtl.cross_entropy, reduction="sum")
+    with pytest.raises(ValueError, match=r"^Task 'circle_task': loss_func returns a scalar that is "
+                       r"not the mean of its rows' losses \(.* on 8 rows, their mean .*\): "
+                       r"a weighted mean \(torch's weight=\) or a sum\?"):
+        check_scalar_losses(jaxmtl.MultitaskClassifier(tutorial_tasks(summed)), loaders, widths)
+    model = jaxmtl.MultitaskClassifier(tutorial_tasks(_weighted_cross_entropy))
+    with pytest.raises(ValueError, match="Return per-row losses"):
+        jaxmtl.Trainer(n_epochs=1, seed=0, progress_bar=False).fit(model, loaders)
 
 
 def test_fit_keeps_the_arrays_the_user_holds():

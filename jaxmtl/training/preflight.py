@@ -101,8 +101,11 @@ def _logits(graph: ModelGraph, tasks: tuple[str, ...], variables: Any, X_dict: A
 
 
 def check_labels_fit_heads(model: MultitaskClassifier,
-                           dataloaders: Sequence[DictDataLoader]) -> None:
+                           dataloaders: Sequence[DictDataLoader]) -> dict[str, int]:
     """Hard labels must lie in [0, K) and soft labels have K columns, K the head's width.
+
+    Returns:
+      Task name -> K, for the tasks the loaders label (``output_widths``).
 
     Raises:
       ValueError: naming the task, the dataset, the offending value and K (a label K on
@@ -130,3 +133,45 @@ def check_labels_fit_heads(model: MultitaskClassifier,
                     f"{where}: label {bad} (row {row}) is outside the head's K = {k} "
                     f"classes; hard labels must be 0 .. {k - 1} (-1 = no label). "
                     f"1-indexed labels? Subtract 1.")
+    return widths
+
+
+def check_scalar_losses(model: MultitaskClassifier, dataloaders: Sequence[DictDataLoader],
+                        widths: dict[str, int], rows: int = 8) -> None:
+    """A ``loss_func`` that returns a scalar must be the mean of its rows' losses.
+
+    jaxmtl evaluates such a loss row by row (``loss_terms.per_example_loss``) and averages
+    over the active rows of each batch, which reproduces a plain mean (``F.cross_entropy``)
+    but not a weighted mean (torch's ``weight=``: ``sum(w[y] * ce) / sum(w[y])``) or a
+    sum: those would train as the unweighted mean, silently. Checked on up to ``rows``
+    labelled rows of each task's first loader, with random logits.
+
+    Raises:
+      ValueError: naming the task, both values and what to write instead.
+    """
+    rng = np.random.default_rng(0)
+    checked = set()
+    for dl in dataloaders:
+        for task, labels in dl.dataset.Y_dict.items():
+            if task in checked or task not in widths:
+                continue
+            checked.add(task)
+            loss_func = model.graph.loss_funcs[task]
+            labelled = np.asarray(labels)[is_active(labels)][:rows]
+            if len(labelled) < 2:
+                continue
+            logits = rng.normal(size=(len(labelled), widths[task])).astype(np.float32)
+            if jax.eval_shape(loss_func, logits, labelled).shape != ():
+                continue  # per-row losses: used as they are
+            whole = float(loss_func(logits, labelled))
+            by_row = float(np.mean([float(loss_func(logits[i:i + 1], labelled[i:i + 1]))
+                                    for i in range(len(labelled))]))
+            if not np.isclose(whole, by_row, rtol=1e-4, atol=1e-6):
+                raise ValueError(
+                    f"Task '{task}': loss_func returns a scalar that is not the mean of its "
+                    f"rows' losses ({whole:.6g} on {len(labelled)} rows, their mean "
+                    f"{by_row:.6g}): a weighted mean (torch's weight=) or a sum? jaxmtl "
+                    f"averages per-row losses over each batch's labelled rows, so it would "
+                    f"train as the plain mean. Return per-row losses [B] instead (class "
+                    f"weights: w[labels] * cross entropy, averaged over rows as Snorkel's "
+                    f"cross_entropy_with_probs(weight=) does) or a plain mean")

@@ -24,6 +24,7 @@ from ..compilation_cache import ensure_compilation_cache
 from ..evaluation import loader_list
 from ..loader import DictDataLoader
 from ..parallel import check_balancer_parallel, choose_parallel
+from . import preflight
 from .accumulate import Accumulator, zero_loss_accumulator
 from .batch_schedulers import make_batch_scheduler
 from .checkpoint import Checkpointer
@@ -40,7 +41,6 @@ from .fit_setup import (
 from .guards import DivergenceMonitor, InterruptGuard, all_finite
 from .log_manager import LogManager
 from .module_optimizers import check_module_names, uses_user_transformation
-from .preflight import check_labels_fit_heads, warn_single_task_steps, warn_unused_labels
 from .progress import EpochProgress, Metrics, train_loss_metrics
 from .resume import continue_optimizer, load_optimizer_state, save_optimizer_state
 from .runners import Runner, make_runner
@@ -182,7 +182,7 @@ class Trainer:
         and balancer, initialises the model and returns the fresh state and accumulator."""
         config = self.config
         train_loaders = check_dataloaders(config, dataloaders)
-        warn_unused_labels(model, dataloaders, config.train_split)
+        preflight.warn_unused_labels(model, dataloaders, config.train_split)
         # Steps per epoch do not depend on the scheduler's seed (known only after resume).
         n_batches_per_epoch = make_batch_scheduler(config.batch_scheduler, 0).epoch_length(
             train_loaders)
@@ -211,8 +211,10 @@ class Trainer:
             model.init_from_loaders(init_loaders, fallback_seed=self.seed)
         finally:  # the steps' XLA compile waits for the model's: both at once, +75 MiB
             model_compiled.set()
-        check_labels_fit_heads(model, dataloaders)
-        warn_single_task_steps(compiled.balancer, config.batch_scheduler, model, train_loaders)
+        widths = preflight.check_labels_fit_heads(model, dataloaders)
+        preflight.check_scalar_losses(model, dataloaders, widths)
+        preflight.warn_single_task_steps(compiled.balancer, config.batch_scheduler, model,
+                                         train_loaders)
         variables = model.variables if model.variables is not None else {"params": {}}
         check_module_names(config.module_optimizers, variables.get("params", {}))
         state = TrainState.create(variables, compiled.tx, jax.random.PRNGKey(self.seed),
