@@ -231,7 +231,7 @@ def test_trainer_save_load_continues_optimizer(two_task_loaders, tmp_path):
     adam = [node for node in jax.tree.leaves(
         restored.state.opt_state, is_leaf=lambda n: isinstance(n, optax.ScaleByAdamState))
         if isinstance(node, optax.ScaleByAdamState)]
-    assert [int(node.count) for node in adam] == [38]
+    assert [int(node.count) for node in adam] == [38, 38]  # one per module
     # ... while the fit's step count and its linear decay started again: continued, the
     # decay stayed at its end (lr 0) and the second fit trained nothing.
     schedules = [node for node in jax.tree.leaves(

@@ -166,17 +166,52 @@ def scale_by_sgd(options: OptimizerConfig) -> tuple[optax.GradientTransformation
     return (optax.trace(decay=momentum, nesterov=False),) if momentum else ()
 
 
+def per_module(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``inner`` applied to each module (top-level key of a params dict) with its own state.
+
+    torch counts Adam's steps per parameter, and a parameter whose gradient is None (its
+    module not run by the batch's task) takes no step, so its bias correction does not
+    advance. Here each module keeps its own ``inner`` state (count included) under its
+    name; the train step restores the state of the modules a batch did not run
+    (``update.keep_modules``), so each module's count is the number of steps that ran
+    it, as torch's. A params tree that is not a dict gets ``inner`` as it is; a module
+    masked out (``optax.masked``, per-module optimisers) keeps no state, an
+    ``optax.MaskedNode``.
+    """
+    def init(params: PyTree) -> PyTree:
+        if not isinstance(params, dict):
+            return inner.init(params)
+        # A module without leaves here (masked out by optax.masked) keeps no state.
+        return {name: inner.init(value) if jax.tree.leaves(value) else optax.MaskedNode()
+                for name, value in params.items()}
+
+    def update(updates: PyTree, state: PyTree, params: PyTree | None = None) -> tuple:
+        if not isinstance(updates, dict):
+            return inner.update(updates, state, params)
+        new_updates, new_state = {}, {}
+        for name, value in updates.items():
+            if isinstance(state[name], optax.MaskedNode):
+                new_updates[name], new_state[name] = value, state[name]
+                continue
+            new_updates[name], new_state[name] = inner.update(
+                value, state[name], None if params is None else params[name])
+        return new_updates, new_state
+
+    return optax.GradientTransformation(init, update)
+
+
 def scale_by_torch_adam(options: OptimizerConfig) -> tuple[optax.GradientTransformation, ...]:
-    """torch's Adam (or AMSGrad) direction from ``adam_config``."""
+    """torch's Adam (or AMSGrad) direction from ``adam_config``, a step count per module
+    (``per_module``)."""
     b1, b2 = options.adam_config.betas
     scale = optax.scale_by_amsgrad if options.adam_config.amsgrad else optax.scale_by_adam
-    return (scale(b1=b1, b2=b2, eps=options.adam_config.eps),)
+    return (per_module(scale(b1=b1, b2=b2, eps=options.adam_config.eps)),)
 
 
 def scale_by_torch_adamax(options: OptimizerConfig) -> tuple[optax.GradientTransformation, ...]:
-    """torch's Adamax direction from ``adamax_config``."""
+    """torch's Adamax direction from ``adamax_config``, a step count per module."""
     b1, b2 = options.adamax_config.betas
-    return (optax.scale_by_adamax(b1=b1, b2=b2, eps=options.adamax_config.eps),)
+    return (per_module(optax.scale_by_adamax(b1=b1, b2=b2, eps=options.adamax_config.eps)),)
 
 
 def _accumulate(tx: optax.GradientTransformation, config: TrainerConfig
