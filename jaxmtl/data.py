@@ -158,7 +158,9 @@ def as_label_array(key: str, value: Any) -> np.ndarray:
                 )
             array = array.astype(np.int64)
         elif not np.issubdtype(array.dtype, np.integer):
-            raise ValueError(f"Y_dict['{key}']: labels of dtype {array.dtype} are not numeric")
+            hint = "; use labels.astype(int) (0/1 class indices)" if array.dtype == bool else ""
+            raise ValueError(
+                f"Y_dict['{key}']: labels of dtype {array.dtype} are not numeric{hint}")
         if array.size and np.any(array < -1):
             raise ValueError(
                 f"Y_dict['{key}']: hard labels must be >= -1 (-1 = no label), got {array.min()}"

@@ -75,9 +75,16 @@ def per_example_loss(loss_func: Callable, logits: jax.Array, labels: jax.Array,
     the same. Only the form that is used is compiled.
 
     Raises:
-      ValueError: for any other output shape.
+      ValueError: for any other output shape, or when ``loss_func`` fails on these
+        arguments (naming the task and the arguments' shapes).
     """
-    shape = jax.eval_shape(loss_func, logits, labels).shape
+    try:
+        shape = jax.eval_shape(loss_func, logits, labels).shape
+    except Exception as error:  # name the task: a raw TypeError from user code says little
+        raise ValueError(
+            f"Task '{task_name}': loss_func(logits {tuple(logits.shape)} {logits.dtype}, "
+            f"labels {tuple(labels.shape)} {labels.dtype}) failed: "
+            f"{type(error).__name__}: {error}") from error
     if shape == ():
         return jax.vmap(lambda row, label: loss_func(row[None], label[None]))(logits, labels)
     if shape != logits.shape[:1]:

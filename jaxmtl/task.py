@@ -272,9 +272,11 @@ class Task:
                     f"Task '{name}': {field_name} is {type(func).__name__}, expected a "
                     f"callable")
         if isinstance(loss_weight, bool) or not isinstance(loss_weight, (int, float)) \
-                or not math.isfinite(loss_weight):
+                or not math.isfinite(loss_weight) or loss_weight < 0:
+            # A negative weight would train the task to be wrong (gradient ascent).
             raise ValueError(
-                f"Task '{name}': loss_weight must be a finite number, got {loss_weight!r}")
+                f"Task '{name}': loss_weight must be a finite number >= 0, got "
+                f"{loss_weight!r}")
         self.name = name
         self.module_pool = dict(module_pool)
         self.op_sequence = list(op_sequence)

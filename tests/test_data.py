@@ -64,6 +64,8 @@ def test_empty_rows_of_a_variable_length_input_are_kept_with_a_warning(caplog):
         ({"x": np.ones((2, 1))}, {"t": np.array([0, -2])}, ">= -1"),
         ({"x": np.ones((2, 1))}, {"t": np.array([0.5, 1.0])}, "must be integers"),
         ({"x": np.array(["a", "b"])}, {"t": np.array([0, 1])}, "not numeric"),
+        ({"x": np.ones((2, 1))}, {"t": np.array([True, False])},
+         r"labels of dtype bool are not numeric; use labels.astype\(int\)"),
         ({"x": np.ones((2, 1))}, {"t": np.ones((2, 2, 2))}, r"expected \[N\] ints"),
     ],
 )

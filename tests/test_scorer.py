@@ -40,6 +40,21 @@ def test_dict_metric():
     assert scorer.score(*_labels()) == dict(a=1, b=2)
 
 
+def test_a_custom_metric_that_is_not_a_number_is_named():
+    golds, preds = np.array([0, 1, 1]), np.array([0, 1, 0])
+    scorer = Scorer(custom_metric_funcs={"nothing": lambda g, p, pr: None})
+    with pytest.raises(ValueError, match=r"^Scorer: custom metric nothing returned None; a "
+                       r"custom metric returns a number, or a dict of numbers$"):
+        scorer.score(golds, preds, None)
+    scorer = Scorer(custom_metric_funcs={
+        "pair": lambda g, p, pr: {"hits": np.int64((g == p).sum()), "rows": np.array([3])}})
+    with pytest.raises(ValueError, match=r"custom metric pair\['rows'\] returned array\(\[3\]\)"):
+        scorer.score(golds, preds, None)
+    # Numbers of any numpy kind come back as floats.
+    scorer = Scorer(custom_metric_funcs={"hits": lambda g, p, pr: np.int64((g == p).sum())})
+    assert scorer.score(golds, preds, None) == {"hits": 2.0}
+
+
 def test_invalid_metric():
     with pytest.raises(ValueError, match=r"^Unrecognized metric: f2; the metrics are "
                        r"\['accuracy', 'coverage', 'f1', .*'roc_auc'\]; pass your own in "

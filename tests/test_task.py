@@ -56,3 +56,24 @@ def test_task_bad_name_and_module():
         Task("a/b", {"a": nn.Dense(2)}, [Operation("a", [("_input_", "x")])])
     with pytest.raises(ValueError, match="expected a Flax Linen module, a Flax NNX module, or a parameter-free callable"):
         Task("t", {"a": 3}, [Operation("a", [("_input_", "x")])])
+
+
+@pytest.mark.parametrize("weight", [-1.0, float("nan"), True, "2"])
+def test_task_loss_weight_must_be_a_number_at_least_0(weight):
+    with pytest.raises(ValueError, match=r"^Task 't': loss_weight must be a finite number >= 0"):
+        Task("t", {"a": nn.Dense(2)}, [Operation("a", [("_input_", "x")])], loss_weight=weight)
+    Task("t", {"a": nn.Dense(2)}, [Operation("a", [("_input_", "x")])], loss_weight=0.0)
+
+
+def test_a_failing_loss_func_names_its_task():
+    import jax.numpy as jnp
+
+    from jaxmtl.loss_terms import per_example_loss
+
+    def swapped(labels, logits):  # arguments in the wrong order
+        return jnp.take_along_axis(logits, labels[:, None], axis=1)[:, 0]
+
+    with pytest.raises(ValueError, match=r"^Task 't': loss_func\(logits \(4, 2\) float32, labels "
+                       r"\(4,\) int32\) failed: "):
+        per_example_loss(swapped, jnp.zeros((4, 2)), jnp.zeros(4, jnp.int32), "t")
+

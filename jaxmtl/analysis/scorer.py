@@ -25,6 +25,19 @@ pd = lazy_module("pandas")  # imported when a DataFrame is asked for, not at imp
 CustomMetric = Callable[[np.ndarray, np.ndarray | None, np.ndarray | None], Any]
 
 
+def _as_score(name: str, value: Any) -> float:
+    """A custom metric's value as a float (what the logs, checkpoints and macro averages
+    need), or a ValueError naming the metric."""
+    error = ValueError(f"Scorer: custom metric {name} returned {value!r}; a custom metric "
+                       f"returns a number, or a dict of numbers")
+    if np.ndim(value) != 0:
+        raise error
+    try:
+        return float(np.asarray(value).item())
+    except (TypeError, ValueError):
+        raise error from None
+
+
 class Scorer:
     """Calculate standard and user-defined metrics, as ``snorkel.analysis.Scorer``.
 
@@ -102,9 +115,10 @@ class Scorer:
                 continue
             value = self.custom_metric_funcs[name](golds, preds, probs)
             if isinstance(value, Mapping):
-                results.update(value)
+                results.update({key: _as_score(f"{name}['{key}']", item)
+                                for key, item in value.items()})
             else:
-                results[name] = value
+                results[name] = _as_score(name, value)
         return results
 
     def _score_standard(
