@@ -107,6 +107,34 @@ def test_ctrl_c_during_a_checkpoint_save_waits_for_it(tmp_path, monkeypatch):
     assert int(trainer.state.step) == 2 * per_epoch  # epoch 1 resumed and finished
 
 
+def test_a_ctrl_c_python_drops_during_set_up_still_stops_the_fit(monkeypatch):
+    """A SIGINT handled inside a weakref callback during fit's set-up (garbage collection
+    runs anywhere) raises KeyboardInterrupt there, which Python prints and drops; the fit
+    used to train to the end (CI: "DID NOT RAISE"). The guard now covers the set-up too,
+    so the next step raises it."""
+    from jaxmtl.training import preflight
+
+    original = preflight.warn_unused_labels
+
+    def set_up_with_a_dropped_interrupt(*args, **kwargs):
+        try:  # what Python does to an exception raised in a weakref callback
+            signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
+        except KeyboardInterrupt:
+            pass
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(preflight, "warn_unused_labels", set_up_with_a_dropped_interrupt)
+    trainer = jaxmtl.Trainer(n_epochs=1, lr=0.01, seed=0, progress_bar=False)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            trainer.fit(jaxmtl.MultitaskClassifier(tutorial_tasks()), disjoint_loaders())
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert trainer.state is None or int(trainer.state.step) == 0  # stopped before any step
+
+
 def _diverging_trainer(tmp_path, on_nonfinite: str) -> jaxmtl.Trainer:
     return jaxmtl.Trainer(
         n_epochs=3, lr=1e30, optimizer="sgd", seed=0, progress_bar=False,

@@ -124,56 +124,58 @@ class Trainer:
             uninterrupted run's.
         """
         dataloaders = loader_list(dataloaders, "Trainer.fit")
-        run, state, accumulator = self._set_up(model, dataloaders)
-        log_manager, checkpointer = self._open_logs(run)
-        state, accumulator, (start_epoch, start_batch) = self._start_position(
-            resume_from, model, run, state, accumulator, log_manager, checkpointer)
-        user_variables = state.variables  # never donated: the steps get their own copies
-        runner = self._make_runner(model, run, state)
-        scheduler = make_batch_scheduler(self.config.batch_scheduler, self.seed)
-        monitor = DivergenceMonitor(self.config.on_nonfinite)
-        state, accumulator = runner.prepare(state, accumulator)
-        with contextlib.ExitStack() as services:  # closed last-in first-out:
-            # 3. the model gets the last completed step's weights (`state` read at exit);
-            services.callback(lambda: self._hand_back(model, runner.host(state),
-                                                      user_variables))
-            # 2. Ctrl-C is restored (inside, it never cuts a donating call in half);
-            guard = services.enter_context(InterruptGuard())
-            # 1. on an error, the logs and pending checkpoint writes are closed.
-            services.enter_context(log_manager.closed_on_failure())
-            for epoch in range(start_epoch, self.config.n_epochs):
-                first = start_batch if epoch == start_epoch else 0
-                scheduled = self._scheduled(run, runner, scheduler, epoch, first)
-                with EpochProgress(epoch, run.n_batches_per_epoch, first,
-                                    self.config.progress_bar) as progress:
-                    for batch_index, (item, num_valid) in enumerate(scheduled, start=first):
-                        with guard.critical():
-                            state, accumulator = runner.step(state, accumulator, item)
-                        progress.advance(num_valid)
-                        if num_valid == 0:  # no labelled row: no step, no count (as Snorkel)
-                            continue
-                        log_manager.update(num_valid)
-                        position = (epoch, batch_index + 1)
-                        if log_manager.trigger_evaluation():
+        # The whole fit, set-up included, runs under one interrupt guard: a Ctrl-C is held
+        # during each donating call, and one that Python dropped (raised inside a weakref
+        # callback during set-up, say) is raised again at the next step.
+        with InterruptGuard() as guard:
+            run, state, accumulator = self._set_up(model, dataloaders)
+            log_manager, checkpointer = self._open_logs(run)
+            state, accumulator, (start_epoch, start_batch) = self._start_position(
+                resume_from, model, run, state, accumulator, log_manager, checkpointer)
+            user_variables = state.variables  # never donated: the steps get their own copies
+            runner = self._make_runner(model, run, state)
+            scheduler = make_batch_scheduler(self.config.batch_scheduler, self.seed)
+            monitor = DivergenceMonitor(self.config.on_nonfinite)
+            state, accumulator = runner.prepare(state, accumulator)
+            with contextlib.ExitStack() as services:  # closed last-in first-out:
+                # 2. the model gets the last completed step's weights (`state` read at exit);
+                services.callback(lambda: self._hand_back(model, runner.host(state),
+                                                          user_variables))
+                # 1. on an error, the logs and pending checkpoint writes are closed.
+                services.enter_context(log_manager.closed_on_failure())
+                for epoch in range(start_epoch, self.config.n_epochs):
+                    first = start_batch if epoch == start_epoch else 0
+                    scheduled = self._scheduled(run, runner, scheduler, epoch, first)
+                    with EpochProgress(epoch, run.n_batches_per_epoch, first,
+                                        self.config.progress_bar) as progress:
+                        for batch_index, (item, num_valid) in enumerate(scheduled, start=first):
                             with guard.critical():
-                                state, accumulator = runner.flush(state, accumulator)
-                            accumulator = self._evaluate_and_checkpoint(
-                                model, run, runner, state, accumulator, log_manager,
-                                checkpointer, monitor, position, guard)
-                        if progress.due():
-                            self._show_progress(progress, runner.host(accumulator), run,
-                                                model, monitor, _where(position))
-                    with guard.critical():
-                        state, accumulator = runner.flush(state, accumulator)
-                    # Read at every epoch's end (one host sync an epoch): the running loss
-                    # for the progress bar, and the divergence check.
-                    self._show_progress(progress, runner.host(accumulator), run, model,
-                                        monitor, f"the end of epoch {epoch}")
-            monitor.check(all_finite(runner.host(state).params), "the end of training",
-                          "the parameters")
-        # A Ctrl-C now waits for the last checkpoint writes and the best model's load.
-        with InterruptGuard() as guard, guard.critical():
-            self._finish_run(model, log_manager, checkpointer)
+                                state, accumulator = runner.step(state, accumulator, item)
+                            progress.advance(num_valid)
+                            if num_valid == 0:  # no labelled row: no step, no count (as Snorkel)
+                                continue
+                            log_manager.update(num_valid)
+                            position = (epoch, batch_index + 1)
+                            if log_manager.trigger_evaluation():
+                                with guard.critical():
+                                    state, accumulator = runner.flush(state, accumulator)
+                                accumulator = self._evaluate_and_checkpoint(
+                                    model, run, runner, state, accumulator, log_manager,
+                                    checkpointer, monitor, position, guard)
+                            if progress.due():
+                                self._show_progress(progress, runner.host(accumulator), run,
+                                                    model, monitor, _where(position))
+                        with guard.critical():
+                            state, accumulator = runner.flush(state, accumulator)
+                        # Read at every epoch's end (one host sync an epoch): the running loss
+                        # for the progress bar, and the divergence check.
+                        self._show_progress(progress, runner.host(accumulator), run, model,
+                                            monitor, f"the end of epoch {epoch}")
+                monitor.check(all_finite(runner.host(state).params), "the end of training",
+                              "the parameters")
+            # A Ctrl-C now waits for the last checkpoint writes and the best model's load.
+            with guard.critical():
+                self._finish_run(model, log_manager, checkpointer)
 
     # --- set-up, evaluation and teardown of a fit -----------------------------------------
     def _set_up(self, model: MultitaskClassifier, dataloaders: Sequence[DictDataLoader]
