@@ -26,6 +26,11 @@ logger = logging.getLogger(__name__)
 NONFINITE_MODES = ("raise", "warn")
 
 
+def where(position: tuple[int, int]) -> str:
+    """"epoch E, batch B" for messages (B counts from 1: the batches done)."""
+    return f"epoch {position[0]}, batch {position[1]}"
+
+
 class InterruptGuard:
     """Defers SIGINT during critical sections; elsewhere it acts as the usual handler.
 

@@ -38,7 +38,7 @@ from .fit_setup import (
     compile_settings,
     fit_cache_key,
 )
-from .guards import DivergenceMonitor, InterruptGuard, all_finite
+from .guards import DivergenceMonitor, InterruptGuard, all_finite, where
 from .log_manager import LogManager
 from .module_optimizers import check_module_names, uses_user_transformation
 from .progress import EpochProgress, Metrics, train_loss_metrics
@@ -48,11 +48,6 @@ from .step import TrainState
 from .writers import make_log_writer
 
 logger = logging.getLogger(__name__)
-
-
-def _where(position: tuple[int, int]) -> str:
-    """"epoch E, batch B" for messages (B counts from 1: the batches done)."""
-    return f"epoch {position[0]}, batch {position[1]}"
 
 
 class Trainer:
@@ -164,7 +159,7 @@ class Trainer:
                                     checkpointer, monitor, position, guard)
                             if progress.due():
                                 self._show_progress(progress, runner.host(accumulator), run,
-                                                    model, monitor, _where(position))
+                                                    model, monitor, where(position))
                         with guard.critical():
                             state, accumulator = runner.flush(state, accumulator)
                         # Read at every epoch's end (one host sync an epoch): the running loss
@@ -320,7 +315,7 @@ class Trainer:
         checkpoint's save waits for it (Orbax cut mid-save leaves a temporary directory
         and prints its threads' errors); one during the evaluation stops at once."""
         host_state, accumulated = runner.host(state), runner.host(accumulator)
-        finite = monitor.check_losses(accumulated["loss_sum"], _where(position))
+        finite = monitor.check_losses(accumulated["loss_sum"], where(position))
         model.variables = host_state.variables
         self.metrics = train_loss_metrics(accumulated, run.train_loaders, model.task_names,
                                           self.lr_schedule, int(host_state.step))
@@ -329,12 +324,12 @@ class Trainer:
         log_manager.write_metrics(self.metrics)
         accumulator = runner.zero_accumulator()
         if log_manager.trigger_checkpointing() and finite and monitor.check(
-                all_finite(host_state.params), _where(position), "the parameters"):
+                all_finite(host_state.params), where(position), "the parameters"):
             with guard.critical():
                 checkpoint_run(checkpointer, model, host_state, runner.host(accumulator),
                                log_manager, run.train_loaders, position, self.seed,
                                self.metrics)
-            monitor.last_checkpoint = f"{checkpointer.checkpoint_dir} at {_where(position)}"
+            monitor.last_checkpoint = f"{checkpointer.checkpoint_dir} at {where(position)}"
         return accumulator
 
     def _finish_run(self, model: MultitaskClassifier, log_manager: LogManager,
