@@ -214,6 +214,32 @@ def test_a_checkpoint_metric_no_evaluation_computes_is_an_error(two_task_loaders
         trainer.fit(model, two_task_loaders)
 
 
+def test_resuming_an_optimizer_state_saved_before_per_module_counts_says_so(
+        two_task_loaders, tmp_path, monkeypatch):
+    """A checkpoint whose Adam state has one count for all modules (written before Adam
+    kept a count per module) is refused with the reason and a way on, not only a list
+    of tree paths; its weights still load."""
+    from jaxmtl.training import state as state_module
+
+    def shared_count_adam(options):  # the layout before per-module counts
+        b1, b2 = options.adam_config.betas
+        return (optax.scale_by_adam(b1=b1, b2=b2, eps=options.adam_config.eps),)
+
+    settings = dict(n_epochs=2, seed=0, progress_bar=False, checkpointing=True,
+                    checkpointer_config={"checkpoint_dir": str(tmp_path / "ck"),
+                                         "checkpoint_clear": False})
+    with monkeypatch.context() as patched:
+        patched.setattr(state_module, "scale_by_torch_adam", shared_count_adam)
+        Trainer(**{**settings, "n_epochs": 1}).fit(MultitaskClassifier([make_task("task1")]),
+                                                    two_task_loaders[:1])
+    model = MultitaskClassifier([make_task("task1")])
+    with pytest.raises(CheckpointError, match=r"The optimizer state looks like one saved "
+                       r"before Adam and Adamax kept a step count per module .*model.load\("):
+        Trainer(**settings).fit(model, two_task_loaders[:1], resume_from=str(tmp_path / "ck"))
+    model.load(str(tmp_path / "ck" / "checkpoints" / "0"))
+    assert sorted(model.params) == ["linear1A", "linear2B"]
+
+
 def test_trainer_save_load_continues_optimizer(two_task_loaders, tmp_path):
     model = MultitaskClassifier([make_task("task1")])
     trainer = Trainer(n_epochs=1, lr=0.01, seed=0, progress_bar=False, l2=0.001,

@@ -111,7 +111,16 @@ def restore_training(root: str, task_names: Sequence[str], n_train_loaders: int,
         )
     check_position(root, trainer_meta, n_epochs, n_batches_per_epoch)
     step = int(meta["save_count"]) - 1
-    items, _ = restore_checkpoint(directory, step, {"train": train_tree(state, accumulator)})
+    try:
+        items, _ = restore_checkpoint(directory, step, {"train": train_tree(state, accumulator)})
+    except CheckpointMismatchError as error:
+        if "/mu/" in str(error) and "unexpected ['opt_state/" in str(error):
+            raise CheckpointMismatchError(
+                f"{error}. The optimizer state looks like one saved before Adam and Adamax "
+                f"kept a step count per module (2026-12-02): resume it with the jaxmtl that "
+                f"wrote it, or start a new run from its weights (model.load("
+                f"'{os.path.join(directory, str(step))}'), then fit)") from error
+        raise
     tree = items["train"]
     state = state.replace(step=tree["step"], params=tree["params"],
                           model_state=tree["model_state"], opt_state=tree["opt_state"],
