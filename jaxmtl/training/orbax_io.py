@@ -27,7 +27,15 @@ class CheckpointError(ValueError):
 
 
 class CheckpointMismatchError(CheckpointError):
-    """A readable checkpoint whose trees do not match the model (another model's)."""
+    """A readable checkpoint whose trees do not match the model (another model's).
+
+    Attributes:
+      unexpected: the saved leaf paths the model has no place for (``leaf_shapes`` names).
+    """
+
+    def __init__(self, message: str, unexpected: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.unexpected = tuple(unexpected)
 
 
 #: The tree items a ``Checkpointer`` checkpoint holds besides ``"meta"`` (JSON).
@@ -130,11 +138,12 @@ def restore_checkpoint(directory: str, step: int | None, target: Mapping[str, Py
             if saved is None:
                 raise CheckpointError(f"{directory}/{step}: the checkpoint has no '{name}' item")
             saved_shapes = leaf_shapes(getattr(saved, "tree", saved), lambda m: m.shape)
-            mismatch = describe_mismatch(leaf_shapes(tree), saved_shapes)
+            expected = leaf_shapes(tree)
+            mismatch = describe_mismatch(expected, saved_shapes)
             if mismatch:
                 raise CheckpointMismatchError(
-                    f"{directory}/{step}: saved '{name}' does not match the model: {mismatch}"
-                )
+                    f"{directory}/{step}: saved '{name}' does not match the model: {mismatch}",
+                    unexpected=tuple(sorted(set(saved_shapes) - set(expected))))
             restored = manager.restore(
                 step, args=ocp.args.Composite(**{name: ocp.args.StandardRestore(_abstract(tree))})
             )

@@ -16,6 +16,7 @@ import numpy as np
 from ..classifier import MultitaskClassifier
 from ..data import is_active
 from ..loader import DictDataLoader
+from ..loss_terms import per_example_loss
 from ..model import ModelGraph, apply_ops, task_logits
 from ..signatures import family_of, task_families
 
@@ -161,11 +162,12 @@ def check_scalar_losses(model: MultitaskClassifier, dataloaders: Sequence[DictDa
             if len(labelled) < 2:
                 continue
             logits = rng.normal(size=(len(labelled), widths[task])).astype(np.float32)
-            if jax.eval_shape(loss_func, logits, labelled).shape != ():
+            whole = loss_func(logits, labelled)
+            if np.ndim(whole) != 0:
                 continue  # per-row losses: used as they are
-            whole = float(loss_func(logits, labelled))
-            by_row = float(np.mean([float(loss_func(logits[i:i + 1], labelled[i:i + 1]))
-                                    for i in range(len(labelled))]))
+            # The row-by-row losses training uses, against the loss of the rows at once.
+            by_row = float(np.mean(per_example_loss(loss_func, logits, labelled, task)))
+            whole = float(whole)
             if not np.isclose(whole, by_row, rtol=1e-4, atol=1e-6):
                 raise ValueError(
                     f"Task '{task}': loss_func returns a scalar that is not the mean of its "

@@ -114,7 +114,8 @@ def restore_training(root: str, task_names: Sequence[str], n_train_loaders: int,
     try:
         items, _ = restore_checkpoint(directory, step, {"train": train_tree(state, accumulator)})
     except CheckpointMismatchError as error:
-        if "/mu/" in str(error) and "unexpected ['opt_state/" in str(error):
+        # The shared-count layout saved Adam's moments as opt_state/<i>/mu/<module>/...
+        if any(path.startswith("opt_state/") and "/mu/" in path for path in error.unexpected):
             raise CheckpointMismatchError(
                 f"{error}. The optimizer state looks like one saved before Adam and Adamax "
                 f"kept a step count per module (2026-12-02): resume it with the jaxmtl that "
